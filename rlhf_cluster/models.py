@@ -1,0 +1,131 @@
+"""Llama-architecture models built locally, for machines with no model hub.
+
+    python -m rlhf_cluster.models build-tiny OUT [--size tiny|small] [--seed 0]
+
+writes two ordinary Hugging Face directories sharing one tokenizer:
+    OUT/base         LlamaForCausalLM (the "pretrained" policy to post-train)
+    OUT/reward_base  LlamaForSequenceClassification with one output (a reward model to train)
+Both load with `from_pretrained` and in vLLM exactly like hub models; nothing downstream
+knows they are small. The tokenizer is a byte-level BPE trained with `tokenizers` on the
+built-in task's text, with a chat template in the HF format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+from rlhf_cluster import task
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Each turn is <|role|>content</s>; generation starts after <|assistant|> and stops at </s>.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+# Llama 2 shape (RMSNorm, SwiGLU, RoPE, grouped-query attention), scaled down.
+SIZES: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4),
+}
+VOCAB_SIZE = 512
+MAX_POSITIONS = 256
+
+
+def train_tokenizer(lines: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS, model_max_length=MAX_POSITIONS,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def llama_config(size: str, tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+        **SIZES[size],
+        **extra,
+    )
+
+
+def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """Write to a temporary sibling, then rename: a crash never leaves half a model."""
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def build_tiny(out: Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(task.corpus())
+    base = LlamaForCausalLM(llama_config(size, tokenizer))
+    base.generation_config.eos_token_id = tokenizer.eos_token_id
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    reward = LlamaForSequenceClassification(llama_config(size, tokenizer, num_labels=1))
+    paths = {"base": out / "base", "reward_base": out / "reward_base"}
+    out.mkdir(parents=True, exist_ok=True)
+    _save(base, tokenizer, paths["base"])
+    _save(reward, tokenizer, paths["reward_base"])
+    return paths
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.models")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-tiny", help="build a tokenizer and Llama models locally")
+    b.add_argument("out", type=Path)
+    b.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    b.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    paths = build_tiny(args.out, args.size, args.seed)
+    for name, path in paths.items():
+        cfg = json.loads((path / "config.json").read_text())
+        print(f"{name}: {path} ({cfg['architectures'][0]}, hidden {cfg['hidden_size']}, "
+              f"{cfg['num_hidden_layers']} layers)")
+
+
+if __name__ == "__main__":
+    main()

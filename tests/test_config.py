@@ -1,0 +1,102 @@
+"""Typed configuration: bad input fails before any actor starts, naming the key."""
+
+import re
+
+import pytest
+
+from rlhf_cluster.config import (
+    CONFIG_DIR,
+    ConfigError,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    check_resources,
+    load_config,
+    parse_overrides,
+)
+
+
+def test_overrides_parse_nested_yaml_values():
+    assert parse_overrides(["trainer.zero_stage=2", "seed=3", "trainer.optim.betas=[0.9, 0.99]", "ray.address="]) == {
+        "trainer": {"zero_stage": 2, "optim": {"betas": [0.9, 0.99]}}, "seed": 3, "ray": {"address": ""}}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["trainer.zero_stage"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["trainer..x=1"])
+
+
+def test_override_wins_over_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 1\ntrainer: {zero_stage: 2, micro_batch_size: 4}\n")
+    cfg = load_config(PPOConfig, f, ["trainer.zero_stage=3"])
+    assert (cfg.seed, cfg.trainer.zero_stage, cfg.trainer.micro_batch_size) == (1, 3, 4)
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer\.zero_stag: unknown key"):
+        load_config(PPOConfig, None, ["trainer.zero_stag=3"])
+    f = tmp_path / "c.yaml"
+    f.write_text("rollout:\n  temprature: 0.7\n")
+    with pytest.raises(ConfigError, match=rf"in {f}.*\n  rollout\.temprature: unknown key"):
+        load_config(PPOConfig, f)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.zero_stage=4", "trainer.zero_stage"),
+    ("trainer.num_ranks=two", "trainer.num_ranks"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("iterations=0", "iterations"),
+    ("estimator=ppo2", "estimator"),
+    ("builtin.label_noise=0.7", "builtin.label_noise"),
+])
+def test_wrong_types_and_ranges_are_named(override, key):
+    with pytest.raises(ConfigError, match="\n  " + re.escape(key) + ": "):
+        load_config(PPOConfig, None, [override])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["estimator=grpo", "rollout.samples_per_prompt=1"], "needs rollout.samples_per_prompt >= 2"),
+    (["trainer.offload=true", "trainer.zero_stage=0"], "offload=true needs zero_stage"),
+    (["rollout.tensor_parallel_size=2"], "needs num_gpus_per_engine"),
+    (["data.max_prompt_tokens=128", "data.max_sequence_tokens=128"], "max_prompt_tokens must be smaller"),
+])
+def test_impossible_combinations(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PPOConfig, None, overrides)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(SFTConfig, f)
+
+
+def test_resource_check_rejects_more_ranks_than_the_cluster_has():
+    cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", ["trainer.num_ranks=16", "trainer.num_cpus_per_rank=1"])
+    with pytest.raises(ConfigError, match="trainer asks for 16 CPUs but the cluster has 4"):
+        check_resources(cfg, cpus=4, gpus=0)
+    cfg = load_config(SFTConfig, None, ["trainer.num_gpus_per_rank=1", "trainer.num_ranks=2"])
+    with pytest.raises(ConfigError, match="trainer asks for 2 GPUs but the cluster has 0"):
+        check_resources(cfg, cpus=8, gpus=0)
+    cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml")
+    with pytest.raises(ConfigError, match="all groups together ask for .* CPUs but the cluster has 1"):
+        check_resources(cfg, cpus=1, gpus=0)
+
+
+def test_presets_validate():
+    tiny = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml")
+    check_resources(tiny, cpus=tiny.ray.num_cpus, gpus=0)
+    assert tiny.rollout.engine == "vllm" and tiny.trainer.zero_stage == 3
+    gpu = load_config(PPOConfig, CONFIG_DIR / "llama-8b-gpu.yaml")
+    check_resources(gpu, cpus=96, gpus=8)  # one 8-GPU node
+    with pytest.raises(ConfigError, match="GPUs"):
+        check_resources(gpu, cpus=96, gpus=4)
+    assert gpu.policy.dtype == "bfloat16" and gpu.rollout.tensor_parallel_size == 2
+
+
+def test_llama2_optimiser_defaults():
+    o = RewardConfig().trainer.optim
+    assert (o.betas, o.eps, o.weight_decay, o.grad_clip, o.min_lr_ratio) == ((0.9, 0.95), 1e-5, 0.1, 1.0, 0.1)

@@ -1,0 +1,117 @@
+"""Data loading: prompt/response boundaries, masks, counted skips and clear errors."""
+
+import json
+
+import pytest
+
+from rlhf_cluster.data import DataError, encode_conversation, encode_prompt, load_tokenized, pad_batch
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_mask_covers_exactly_the_assistant_turns(tokenizer):
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Count from 1 to 3."},
+        {"role": "assistant", "content": "1 2 3"},
+        {"role": "user", "content": "List 2 fruits."},
+        {"role": "assistant", "content": "apple, pear."},
+    ]
+    ids, mask = encode_conversation(tokenizer, conv)
+    assert len(ids) == len(mask)
+    # the masked tokens decode to the two answers, each followed by the end-of-turn token
+    spans, cur = [], []
+    for t, m in zip(ids, mask):
+        if m:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans.append(cur)
+    assert [tokenizer.decode(s) for s in spans] == ["1 2 3</s>", "apple, pear.</s>"]
+    # the prompt of the first answer is exactly what generation would be given
+    first = mask.index(1)
+    assert ids[:first] == encode_prompt(tokenizer, conv[:2])
+    assert tokenizer.decode(ids[:first]) == "<s><|system|>Be brief.</s><|user|>Count from 1 to 3.</s><|assistant|>"
+
+
+def test_sft_file_with_bad_records_is_counted(tmp_path, tokenizer):
+    good = {"messages": [{"role": "user", "content": "List 2 fruits."},
+                         {"role": "assistant", "content": "apple, pear."}]}
+    rows = [
+        good,
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},  # empty response
+        {"messages": [{"role": "user", "content": "hi"}]},                                           # no answer
+        {"messages": [{"role": "user", "content": "Repeat " * 200}, {"role": "assistant", "content": "x"}]},
+        {"messages": []},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        good,
+    ]
+    samples, report = load_tokenized(_write(tmp_path / "sft.jsonl", rows), tokenizer, "sft", max_tokens=64)
+    assert report.kept == len(samples) == 2
+    assert dict(report.skipped) == {"empty_response": 1, "no_assistant_turn": 1, "too_long": 1,
+                                    "empty_messages": 1, "malformed_messages": 1}
+    assert report.examples["too_long"] == [3]
+    assert "2 samples kept" in str(report) and "1 too_long (e.g. records [3])" in str(report)
+    with pytest.raises(DataError, match=r"sft\.jsonl, record 1: empty response"):
+        load_tokenized(tmp_path / "sft.jsonl", tokenizer, "sft", max_tokens=64, on_bad_sample="error")
+
+
+def test_preference_pairs(tmp_path, tokenizer):
+    p = [{"role": "user", "content": "List 2 fruits."}]
+    a = [{"role": "assistant", "content": "apple, pear."}]
+    b = [{"role": "assistant", "content": "apple, cat."}]
+    rows = [
+        {"prompt": p, "chosen": a, "rejected": b, "edited": [{"role": "assistant", "content": "kiwi, plum."}],
+         "strength": "better"},
+        {"prompt": p, "chosen": a, "rejected": a},                                   # identical pair
+        {"prompt": p, "chosen": a, "rejected": [{"role": "assistant", "content": ""}]},
+        {"prompt": p, "chosen": None, "rejected": b},                                # missing chosen
+    ]
+    samples, report = load_tokenized(_write(tmp_path / "p.jsonl", rows), tokenizer, "preferences", max_tokens=64)
+    assert len(samples) == 1
+    assert dict(report.skipped) == {"identical_pair": 1, "empty_response": 1, "empty_chosen": 1}
+    s = samples[0]
+    assert s["strength"] == "better" and set(s) >= {"chosen", "rejected", "edited"}
+    # chosen and rejected share the prompt tokens; the response starts where they diverge
+    start = s["chosen"].response_start
+    assert s["chosen"].input_ids[:start] == s["rejected"].input_ids[:start] == encode_prompt(tokenizer, p)
+
+
+def test_missing_field_names_the_field(tmp_path, tokenizer):
+    f = _write(tmp_path / "prefs.jsonl", [{"prompt": [{"role": "user", "content": "x"}], "chosen": []}])
+    with pytest.raises(DataError, match=r"prefs\.jsonl: records have no field 'rejected'"):
+        load_tokenized(f, tokenizer, "preferences", max_tokens=64)
+    with pytest.raises(DataError, match="does not exist"):
+        load_tokenized(tmp_path / "none.jsonl", tokenizer, "sft", max_tokens=64)
+    with pytest.raises(DataError, match="unsupported extension"):
+        load_tokenized(_write(tmp_path / "x.csv", []), tokenizer, "sft", max_tokens=64)
+
+
+def test_all_bad_is_an_error(tmp_path, tokenizer):
+    f = _write(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": ""}]}])
+    with pytest.raises(DataError, match="no usable samples.*1 empty_prompt"):
+        load_tokenized(f, tokenizer, "prompts", max_tokens=64)
+
+
+def test_parquet_and_builtin_files_load(tmp_path, tokenizer, builtin_assets):
+    from datasets import Dataset
+
+    rows = [{"messages": [{"role": "user", "content": "Count from 1 to 3."}]}] * 3
+    Dataset.from_list(rows).to_parquet(tmp_path / "prompts.parquet")
+    samples, _ = load_tokenized(tmp_path / "prompts.parquet", tokenizer, "prompts", max_tokens=64)
+    assert len(samples) == 3 and samples[0]["prompt_ids"][0] == tokenizer.bos_token_id
+    for name, kind in [("sft_train.jsonl", "sft"), ("preferences_train.jsonl", "preferences"),
+                       ("prompts_eval.jsonl", "prompts")]:
+        samples, report = load_tokenized(builtin_assets.file(name), tokenizer, kind, max_tokens=128)
+        assert not report.skipped, report
+
+
+def test_pad_batch_left_and_right():
+    ids, att = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and att.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, att = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and att.tolist() == [[1, 1, 1], [0, 0, 1]]

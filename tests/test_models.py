@@ -1,0 +1,69 @@
+"""Locally built models load in transformers and vLLM exactly as hub models do."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
+
+from rlhf_cluster import models
+from rlhf_cluster.algorithms import sequence_token_logprobs
+from rlhf_cluster.data import encode_prompt
+
+
+def test_tiny_is_a_llama2_shaped_model(builtin_assets):
+    cfg = json.loads((builtin_assets.base / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_act"] == "silu"  # SwiGLU
+    assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]                      # GQA
+    assert "rope_parameters" in cfg or "rope_theta" in cfg                               # RoPE
+    model = AutoModelForCausalLM.from_pretrained(builtin_assets.base)
+    assert models.count_parameters(model) < 1_000_000
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm"
+
+
+def test_small_size_is_about_24m_parameters(tokenizer):
+    with torch.device("meta"):
+        small = LlamaForCausalLM(models.llama_config("small", tokenizer))
+    assert 22e6 < models.count_parameters(small) < 26e6
+
+
+def test_unknown_size_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="--size must be one of"):
+        models.build_tiny(tmp_path, size="huge")
+
+
+def test_transformers_round_trip(builtin_assets):
+    tok = AutoTokenizer.from_pretrained(builtin_assets.base)
+    text = "List 3 fruits. apple, pear, plum."
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level BPE is lossless
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                   tokenize=False) == "<s><|user|>hi</s><|assistant|>"
+    model = AutoModelForCausalLM.from_pretrained(builtin_assets.base)
+    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "List 3 fruits."}])])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5) or out[0, -1].item() == tok.eos_token_id
+    rm = AutoModelForSequenceClassification.from_pretrained(builtin_assets.reward_base)
+    scores = rm(input_ids=ids).logits
+    assert scores.shape == (1, 1) and torch.isfinite(scores).all()
+
+
+@pytest.mark.vllm
+def test_vllm_generates_and_agrees_with_transformers(builtin_assets, vllm_engine, tokenizer):
+    """vLLM's log-probs of the tokens it sampled equal the HF model's (fp32)."""
+    from rlhf_cluster.config import RolloutConfig
+    from rlhf_cluster.generation import generate, sampling_params
+
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p}])
+               for p in ("List 3 fruits.", "Count from 2 to 6.")]
+    cfg = RolloutConfig(max_new_tokens=8, samples_per_prompt=2)
+    samples = generate(vllm_engine, prompts, sampling_params(cfg, seed=1))
+    assert len(samples) == 4 and [s.prompt_index for s in samples] == [0, 0, 1, 1]
+    model = AutoModelForCausalLM.from_pretrained(builtin_assets.base).eval()
+    for s in samples:
+        assert 1 <= len(s.response_ids) <= 8 and len(s.logprobs) == len(s.response_ids)
+        # vLLM's incremental detokenizer holds back an unfinished UTF-8 byte sequence at the end
+        assert tokenizer.decode(s.response_ids, skip_special_tokens=True).startswith(s.text)
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            hf = sequence_token_logprobs(model, ids, torch.ones_like(ids))[0, len(s.prompt_ids) - 1:]
+        torch.testing.assert_close(torch.tensor(s.logprobs), hf, atol=2e-3, rtol=0)
