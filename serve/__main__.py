@@ -1,0 +1,56 @@
+"""python -m serve [--config configs/serve.yaml] [--port 8000]: run the reward and checkpoints apps.
+
+Joins the cluster of $RAY_ADDRESS or starts a local one, deploys the config and blocks until Ctrl-C.
+The bearer token comes from $RLHF_SERVE_TOKEN or $RLHF_SERVE_TOKEN_FILE; without either, one is
+generated into ~/.cache/rlhf-cluster/serve_token (mode 0600) and its path printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import time
+
+from rlhf_cluster.registry import default_registry_dir
+from serve.common import TOKEN_ENV, TOKEN_FILE_ENV
+from serve.launch import DEFAULT_CONFIG, deploy, load_serve_config
+
+
+def ensure_token() -> None:
+    if os.environ.get(TOKEN_ENV) or os.environ.get(TOKEN_FILE_ENV):
+        return
+    path = default_registry_dir().parent / "serve_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    os.environ[TOKEN_FILE_ENV] = str(path)  # inherited by a local cluster's workers
+    print(f"bearer token: {path} (curl -H \"Authorization: Bearer $(cat {path})\" ...)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m serve")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--port", type=int, default=None, help="override http_options.port")
+    args = ap.parse_args(argv)
+    cfg = load_serve_config(args.config)
+    ensure_token()
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    deploy(cfg, http_port=args.port)
+    port = args.port or (cfg.http_options.port if cfg.http_options else 8000)
+    print(f"serving on http://127.0.0.1:{port}  (/v1/score, /get_reward, /v1/checkpoints, /docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
