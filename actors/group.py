@@ -1,0 +1,114 @@
+"""ActorGroup: N ranks of one actor class in a placement group, forming one torch.distributed world.
+
+The coordinator talks to a group, not to actors: call a method on every rank, or split a
+batch evenly across the data-parallel ranks and gather the results in order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_cluster.config import GroupResources
+
+
+class Worker:
+    """Base of every rank: knows its rank and world, and can join the process group."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int):
+        self.rank, self.world_size = rank, world_size
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          LOCAL_RANK="0", WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
+        threads = os.environ.get("RLHF_TORCH_THREADS")
+        if threads:  # on few cores, several actors each grabbing every core is slower than sharing
+            import torch
+
+            torch.set_num_threads(int(threads))
+
+    def init_distributed(self) -> None:
+        from rlhf_cluster.training import init_distributed
+
+        init_distributed()
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def split_evenly(items: list, n: int) -> list[list]:
+    """n contiguous chunks whose sizes differ by at most one (order kept)."""
+    q, r = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + q + (1 if i < r else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+class ActorGroup:
+    """`resources.num_ranks` actors of `cls`, each in its own bundle of one placement group."""
+
+    def __init__(self, cls, resources: GroupResources, *args, name: str = "group",
+                 env: dict[str, str] | None = None, max_restarts: int = 0, **kwargs):
+        self.name, self.resources = name, resources
+        n = resources.num_ranks
+        bundle = {"CPU": resources.num_cpus_per_rank}
+        if resources.num_gpus_per_rank:
+            bundle["GPU"] = resources.num_gpus_per_rank
+        self.pg = placement_group([bundle] * n, strategy=resources.placement, name=f"{name}-pg")
+        ray.get(self.pg.ready(), timeout=300)
+        master_addr = ray.util.get_node_ip_address()
+        master_port = _free_port()
+        remote_cls = ray.remote(cls)
+        self.actors = [
+            remote_cls.options(
+                num_cpus=resources.num_cpus_per_rank,
+                num_gpus=resources.num_gpus_per_rank,
+                max_restarts=max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env or {}},
+                name=f"{name}-{i}-{os.getpid()}-{id(self)}",
+            ).remote(i, n, master_addr, master_port, *args, **kwargs)
+            for i in range(n)
+        ]
+        ray.get([a.ping.remote() for a in self.actors], timeout=600)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        """Call `method` with the same arguments on every rank; returns ObjectRefs."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def run(self, method: str, *args, **kwargs) -> list:
+        return ray.get(self.call(method, *args, **kwargs))
+
+    def split_call(self, method: str, items: list, *args, **kwargs) -> list:
+        """Scatter `items` across ranks, call `method(chunk, ...)`, return ObjectRefs per rank."""
+        chunks = split_evenly(items, self.world_size)
+        return [getattr(a, method).remote(c, *args, **kwargs) for a, c in zip(self.actors, chunks)]
+
+    def map(self, method: str, items: list, *args, **kwargs) -> list:
+        """split_call, then gather the per-item results back in the original order."""
+        return [x for part in ray.get(self.split_call(method, items, *args, **kwargs)) for x in part]
+
+    def micro_batches_per_rank(self, n_items: int, micro_batch_size: int) -> int:
+        """Every rank must run the same number of forward passes under ZeRO-3 (collectives)."""
+        return max(1, math.ceil(math.ceil(n_items / self.world_size) / micro_batch_size))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)

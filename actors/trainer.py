@@ -1,0 +1,248 @@
+"""DeepSpeed-trained actor groups: the policy trainer and the critic.
+
+A rank holds one DeepSpeed engine (ZeRO stage from config) and calls the pure functions of
+rlhf_cluster.algorithms. Items are dicts of per-sequence lists:
+    input_ids [T], loss_mask [T-1] (1 where token t+1 is a response token), and per-token
+    fields of length T-1 that a loss needs (old_logprobs, advantages, returns, old_values).
+Under ZeRO-3 every rank must run the same number of forward passes; the coordinator passes
+`num_micro` and ranks with fewer items run zero-weight padding micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from actors.group import Worker
+from rlhf_cluster import algorithms as A
+from rlhf_cluster.config import TrainerConfig
+from rlhf_cluster.data import pad_batch
+
+PER_TOKEN_FIELDS = ("loss_mask", "old_logprobs", "advantages", "returns", "old_values", "ref_logprobs")
+
+
+def micro_batches(items: list[dict], size: int, num_micro: int, pad_id: int):
+    """Yield `num_micro` padded micro-batches: (input_ids, attention_mask, fields, n_real)."""
+    filler = items[0] if items else {"input_ids": [pad_id, pad_id], "loss_mask": [0]}
+    for m in range(num_micro):
+        chunk = items[m * size:(m + 1) * size]
+        n_real = len(chunk)
+        if not chunk:  # padding pass: same computation, zero weight
+            chunk = [dict(filler, loss_mask=[0] * len(filler["loss_mask"]))]
+        ids, att = pad_batch([it["input_ids"] for it in chunk], pad_id)
+        width = ids.shape[1] - 1
+        fields = {}
+        for key in PER_TOKEN_FIELDS:
+            if key in chunk[0]:
+                t = torch.zeros(len(chunk), width)
+                for row, it in enumerate(chunk):
+                    t[row, : len(it[key])] = torch.tensor(it[key], dtype=torch.float32)
+                fields[key] = t
+        yield ids, att, fields, n_real
+
+
+def _check_finite(loss: torch.Tensor, what: str) -> None:
+    """All ranks agree before backward, so a NaN on one rank cannot deadlock the others."""
+    ok = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if ok.item() == 0.0:
+        raise FloatingPointError(f"{what} loss is not finite on some rank; step skipped, weights unchanged")
+
+
+def _layer_key(name: str) -> str:
+    """Group parameter names so HF's q/k/v and gate/up match vLLM's fused qkv_proj/gate_up_proj."""
+    parts = name.split(".")
+    if parts[-2].endswith("_proj"):
+        return ".".join(parts[:-2])
+    return name
+
+
+def add_checksum(acc: dict, name: str, t: torch.Tensor) -> None:
+    """Accumulate a tensor's (sum, sum of squares) in float64 into its layer's entry of `acc`."""
+    t = t.detach().double()
+    s, ss = acc.get(_layer_key(name), (0.0, 0.0))
+    acc[_layer_key(name)] = (s + t.sum().item(), ss + (t * t).sum().item())
+
+
+def checksums(named: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Per-layer (sum, sum of squares): additive, so fused and split layouts agree."""
+    acc: dict = {}
+    for name, t in named.items():
+        add_checksum(acc, name, t)
+    return acc
+
+
+class _DeepSpeedRank(Worker):
+    model_class = "AutoModelForCausalLM"
+
+    def __init__(self, rank, world_size, master_addr, master_port, model_path: str, trainer: dict,
+                 total_steps: int, dtype: str = "float32", seed: int = 0, **model_kwargs):
+        super().__init__(rank, world_size, master_addr, master_port)
+        import transformers
+
+        from rlhf_cluster.training import load_pretrained, make_engine
+
+        torch.manual_seed(seed)
+        self.init_distributed()
+        self.cfg = TrainerConfig.model_validate(trainer)
+        cls = getattr(transformers, self.model_class)
+        model = load_pretrained(cls, model_path, self.cfg, dtype, **model_kwargs)
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        self.engine = make_engine(model, self.cfg, total_steps, dtype)
+        self.steps = 0
+
+    # -- the pieces a loss needs -------------------------------------------------------------
+    def _forward(self, ids, att, with_entropy: bool = False):
+        raise NotImplementedError
+
+    def _run(self, items, num_micro, fn):
+        size = self.cfg.micro_batch_size
+        results = []
+        for ids, att, fields, n_real in micro_batches(items, size, num_micro, self.pad_id):
+            results.append((fn(ids, att, fields), n_real))
+        return results
+
+    def _trim(self, items, results) -> list[list[float]]:
+        out = []
+        for values, n_real in results:
+            out += [row.tolist() for row in values[:n_real]]
+        return [v[: len(it["input_ids"]) - 1] for v, it in zip(out, items)]
+
+    # -- training ----------------------------------------------------------------------------
+    def train_step(self, items: list[dict], loss: str, num_micro: int, **loss_kwargs) -> dict:
+        """Forward + backward + (DeepSpeed-accumulated) optimiser step on this rank's items."""
+        self.engine.train()
+        loss_fn = getattr(self, f"_loss_{loss}", None)
+        if loss_fn is None:
+            raise ValueError(f"unknown loss {loss!r} for {type(self).__name__}")
+        t0 = time.time()
+        sums: dict[str, float] = {}
+        for ids, att, fields, n_real in micro_batches(items, self.cfg.micro_batch_size, num_micro, self.pad_id):
+            value, metrics = loss_fn(ids, att, fields, **loss_kwargs)
+            _check_finite(value, loss)
+            self.engine.backward(value)
+            self.engine.step()
+            if n_real:
+                for k, v in {"loss": value.item(), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n_real
+        self.steps += 1
+        n = max(1, len(items))
+        out = {k: v / n for k, v in sums.items()}
+        out.update(lr=self.engine.get_lr()[0], seconds=time.time() - t0, items=len(items))
+        return out
+
+    def save(self, path: str, tag: str = "state", client_state: dict | None = None) -> None:
+        """Full training state (weights, optimiser, scheduler) via DeepSpeed; all ranks take part."""
+        self.engine.save_checkpoint(path, tag=tag, client_state={"steps": self.steps, **(client_state or {})})
+
+    def load(self, path: str, tag: str = "state") -> dict:
+        _, client = self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if client is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {path}")
+        self.steps = client["steps"]
+        return client
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from rlhf_cluster.training import gathered_state_dict
+
+        return gathered_state_dict(self.engine)
+
+    def checksum(self) -> dict[str, tuple[float, float]]:
+        return checksums(self.full_state_dict())
+
+    def save_pretrained(self, path: str) -> None:
+        """HF-format export (rank 0 writes; every rank must call, ZeRO-3 gathers)."""
+        state = self.full_state_dict()
+        if self.rank == 0:
+            import os
+            import shutil
+
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+
+
+class PolicyTrainer(_DeepSpeedRank):
+    """The policy: per-token log-probs (and entropy), SFT / PPO steps, weight export for sync."""
+
+    model_class = "AutoModelForCausalLM"
+
+    def _forward(self, ids, att, with_entropy=False):
+        logits = self.engine(input_ids=ids, attention_mask=att).logits[:, :-1]
+        logp = A.logprobs_from_logits(logits, ids[:, 1:])
+        return logp, (A.entropy_from_logits(logits) if with_entropy else None)
+
+    @torch.no_grad()
+    def logprobs(self, items: list[dict], num_micro: int) -> list[list[float]]:
+        self.engine.eval()
+        return self._trim(items, self._run(items, num_micro, lambda i, a, f: self._forward(i, a)[0]))
+
+    def _loss_sft(self, ids, att, f):
+        logp, _ = self._forward(ids, att)
+        return A.sft_loss(logp, f["loss_mask"]), {}
+
+    def _loss_ppo(self, ids, att, f, clip_eps: float = 0.2, entropy_coef: float = 0.0):
+        logp, ent = self._forward(ids, att, with_entropy=True)
+        mask = f["loss_mask"]
+        pg, clip_frac = A.clipped_policy_loss(logp, f["old_logprobs"], f["advantages"], mask, clip_eps)
+        entropy = A.masked_mean(ent, mask)
+        return pg - entropy_coef * entropy, {"clip_frac": clip_frac.item(), "entropy": entropy.item()}
+
+    def export_weights(self, bucket_bytes: int = 64 << 20) -> list:
+        """Gather the full weights and return them as safetensors-serialised buckets (rank 0).
+
+        Buckets go into the Ray object store once; every rollout engine reads the same objects.
+        """
+        import ray
+        from safetensors.torch import save
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return []
+        refs, bucket, size = [], {}, 0
+        for name, t in state.items():
+            bucket[name] = t.contiguous()
+            size += t.numel() * t.element_size()
+            if size >= bucket_bytes:
+                refs.append(ray.put(save(bucket)))
+                bucket, size = {}, 0
+        if bucket:
+            refs.append(ray.put(save(bucket)))
+        return refs
+
+
+class Critic(_DeepSpeedRank):
+    """Per-token values from a token-classification head (one output) on the LM backbone.
+
+    Loaded from a reward model directory, the head starts as the reward model's scorer
+    (the weights are named alike); from a policy directory it starts random.
+    """
+
+    model_class = "AutoModelForTokenClassification"
+
+    def __init__(self, *args, **kwargs):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args[4] if len(args) > 4 else kwargs["model_path"])
+        config.num_labels, config.classifier_dropout = 1, 0.0  # values are regression outputs
+        super().__init__(*args, config=config, **kwargs)
+
+    def _forward(self, ids, att, with_entropy=False):
+        return self.engine(input_ids=ids, attention_mask=att).logits[:, :-1, 0].float(), None
+
+    @torch.no_grad()
+    def values(self, items: list[dict], num_micro: int) -> list[list[float]]:
+        self.engine.eval()
+        return self._trim(items, self._run(items, num_micro, lambda i, a, f: self._forward(i, a)[0]))
+
+    def _loss_value(self, ids, att, f, clip_eps: float = 0.2):
+        values, _ = self._forward(ids, att)
+        loss = A.clipped_value_loss(values, f["old_values"], f["returns"], f["loss_mask"], clip_eps)
+        return loss, {}
+

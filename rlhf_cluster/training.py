@@ -1,0 +1,123 @@
+"""DeepSpeed engines for every trained model (policy, critic, SFT/RM/DPO workers).
+
+One place builds the DeepSpeed config, the AdamW optimiser (Llama 2 defaults), the cosine
+schedule with warm-up and the engine, so that the actor groups and the Ray Train stages
+train identically. Works with DeepSpeed's CPU accelerator (gloo) and on GPUs (NCCL).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from rlhf_cluster.config import OptimConfig, TrainerConfig
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed() -> None:
+    """Join the process group described by MASTER_ADDR/PORT, RANK, WORLD_SIZE (gloo on CPU, NCCL on GPU).
+
+    Always goes through DeepSpeed: when the torch process group already exists (Ray Train creates
+    it) DeepSpeed's own comm layer must still be set up, or ZeRO-3 sees a world size of 1.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def deepspeed_config(t: TrainerConfig, dtype: str = "float32") -> dict:
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if t.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accumulation,
+        "gradient_clipping": t.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def cosine_schedule(step: int, total_steps: int, o: OptimConfig) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_lr_ratio` (Llama 2: 10 %)."""
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    span = max(1, total_steps - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (1-D parameters), as usual for transformers."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_engine(model: torch.nn.Module, t: TrainerConfig, total_steps: int, dtype: str = "float32"):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule."""
+    import deepspeed
+
+    o = t.optim
+    if t.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+
+    def scheduler(opt):  # a callable: DeepSpeed passes the optimiser it wrapped (ZeRO regroups params)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total_steps, o))
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(t, dtype))
+    return engine
+
+
+def load_pretrained(cls, path: str, t: TrainerConfig | None, dtype: str = "float32", **kwargs):
+    """`cls.from_pretrained` that partitions at load time under ZeRO-3 (deepspeed.zero.Init)."""
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    if t is not None and t.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        init_distributed()  # zero.Init partitions over DeepSpeed's world, which must exist first
+        ds = deepspeed_config(t, dtype)
+        ds["train_batch_size"] = t.micro_batch_size * t.grad_accumulation * max(1, _world_size())
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive during from_pretrained)
+        return cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    return cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else int(
+        os.environ.get("WORLD_SIZE", "1"))
+
+
+def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The full (unpartitioned) weights on every rank, for export and weight sync."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        out = {}
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.detach().clone().cpu()
+        return out
+    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}

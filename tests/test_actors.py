@@ -1,0 +1,202 @@
+"""Actor groups on a real local Ray cluster: DeepSpeed ZeRO-3 trainer, vLLM engine, weight sync."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from actors.group import ActorGroup, split_evenly
+from actors.rollout import RolloutEngine
+from actors.scorers import ReferenceModel, RewardModel
+from actors.trainer import Critic, PolicyTrainer
+from rlhf_cluster.config import GroupResources, RolloutConfig, TrainerConfig
+from rlhf_cluster.data import encode_prompt, load_tokenized
+
+pytestmark = pytest.mark.ray
+
+TRAINER = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.5, micro_batch_size=8, zero_stage=3)
+ROLLOUT = RolloutConfig(max_new_tokens=12, samples_per_prompt=2, temperature=1.0)
+PROMPTS = ["List 3 fruits.", "Count from 2 to 6.", "Repeat the word sun 3 times.", "Insult the nurse.", "List 2 tools."]
+
+
+def test_split_evenly():
+    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 2) == [[1], []]
+
+
+@pytest.fixture(scope="module")
+def policy(ray_cluster, builtin_assets):
+    group = ActorGroup(PolicyTrainer, TRAINER, str(builtin_assets.base), TRAINER.model_dump(), 1000, name="policy")
+    yield group
+    group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster, builtin_assets):
+    group = ActorGroup(RolloutEngine, GroupResources(num_cpus_per_rank=0.5), str(builtin_assets.base),
+                       ROLLOUT.model_dump(), name="rollout")
+    yield group
+    group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sft_items(tokenizer, builtin_assets):
+    samples, _ = load_tokenized(builtin_assets.file("sft_train.jsonl"), tokenizer, "sft", 128)
+    return [{"input_ids": s.input_ids, "loss_mask": s.loss_mask[1:]} for s in samples[:16]]
+
+
+def _prompt_ids(tokenizer):
+    return [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+def _items(samples):
+    """Trainer items from engine samples: loss mask on the response positions."""
+    return [{"input_ids": s["prompt_ids"] + s["response_ids"],
+             "loss_mask": [0] * (len(s["prompt_ids"]) - 1) + [1] * len(s["response_ids"])} for s in samples]
+
+
+def _response_logprobs(policy, samples):
+    lps = policy.map("logprobs", _items(samples), policy.micro_batches_per_rank(len(samples), TRAINER.micro_batch_size))
+    return [lp[len(s["prompt_ids"]) - 1:] for lp, s in zip(lps, samples)]
+
+
+def _max_gap(samples, logprobs):
+    return max(abs(a - b) for s, lp in zip(samples, logprobs) for a, b in zip(s["logprobs"], lp))
+
+
+def engine_model_path(engine) -> str:
+    return ray.get(engine.actors[0].model_path.remote())
+
+
+def test_generation_shapes(engine, tokenizer):
+    samples = ray.get(engine.actors[0].generate.remote(_prompt_ids(tokenizer)))
+    assert len(samples) == 2 * len(PROMPTS)
+    assert [s["prompt_index"] for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
+    for s in samples:
+        assert 1 <= len(s["response_ids"]) <= ROLLOUT.max_new_tokens
+        assert len(s["logprobs"]) == len(s["response_ids"]) and all(lp <= 0 for lp in s["logprobs"])
+        if s["finished"]:
+            assert s["response_ids"][-1] == tokenizer.eos_token_id  # the end-of-turn token is kept
+
+
+def test_zero3_trains_syncs_and_logprobs_agree(policy, engine, tokenizer, sft_items):
+    """vLLM and the ZeRO-3 trainer agree on log-probs; after an update and a sync they agree
+    with the *updated* trainer and no longer with the old weights."""
+    prompts = _prompt_ids(tokenizer)
+    before = ray.get(engine.actors[0].generate.remote(prompts))
+    assert _max_gap(before, _response_logprobs(policy, before)) < 1e-3
+
+    n_micro = policy.micro_batches_per_rank(len(sft_items), TRAINER.micro_batch_size)
+    losses = [sum(m["loss"] for m in ray.get(policy.split_call("train_step", sft_items, "sft", n_micro))) / 2
+              for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.2, losses  # loss falls on a fixed batch
+
+    trained = _response_logprobs(policy, before)
+    stale_gap = _max_gap(before, trained)
+    assert stale_gap > 1e-2  # the engine still holds the old weights
+
+    buckets = [ref for part in policy.run("export_weights", 1 << 16) for ref in part]
+    assert len(buckets) > 1  # small buckets: several transfers, not one call per parameter
+    loaded = ray.get(engine.actors[0].update_weights.remote(buckets, 1))
+    assert loaded == 39  # every tensor of the tiny Llama (4 layers x 9 + embed, norm, head)
+
+    # every parameter moved: per-layer checksums equal on both sides
+    trainer_sums = policy.run("checksum")[0]
+    engine_sums = ray.get(engine.actors[0].checksum.remote())
+    assert trainer_sums.keys() == engine_sums.keys()
+    for k in trainer_sums:
+        assert trainer_sums[k] == pytest.approx(engine_sums[k], rel=1e-9, abs=1e-9), k
+
+    after = ray.get(engine.actors[0].generate.remote(prompts))
+    assert _max_gap(after, _response_logprobs(policy, after)) < 1e-3
+    # ...and no longer with the old (base) weights
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cluster.algorithms import sequence_token_logprobs
+
+    old = AutoModelForCausalLM.from_pretrained(engine_model_path(engine)).eval()
+    with torch.no_grad():
+        old_lps = []
+        for s in after:
+            ids = torch.tensor([s["prompt_ids"] + s["response_ids"]])
+            lp = sequence_token_logprobs(old, ids, torch.ones_like(ids))[0]
+            old_lps.append(lp[len(s["prompt_ids"]) - 1:].tolist())
+    assert _max_gap(after, old_lps) > 1e-2
+
+
+def test_save_load_restores_logprobs(policy, sft_items, tmp_path):
+    n_micro = policy.micro_batches_per_rank(len(sft_items), TRAINER.micro_batch_size)
+    saved = policy.map("logprobs", sft_items, n_micro)
+    policy.run("save", str(tmp_path / "ckpt"))
+    ray.get(policy.split_call("train_step", sft_items, "sft", n_micro))
+    changed = policy.map("logprobs", sft_items, n_micro)
+    assert max(abs(a - b) for x, y in zip(saved, changed) for a, b in zip(x, y)) > 1e-3
+    policy.run("load", str(tmp_path / "ckpt"))
+    restored = policy.map("logprobs", sft_items, n_micro)
+    assert restored == saved  # identical, bit for bit
+
+
+def test_bad_input_gives_clear_errors_and_actors_survive(policy, engine, tokenizer, sft_items):
+    gen = engine.actors[0].generate
+    with pytest.raises(ray.exceptions.RayTaskError, match="empty prompt list"):
+        ray.get(gen.remote([]))
+    with pytest.raises(ray.exceptions.RayTaskError, match="engine's context is 256"):
+        ray.get(gen.remote([[5] * 300]))
+    with pytest.raises(ray.exceptions.RayTaskError, match="samples_per_prompt"):
+        ray.get(gen.remote(_prompt_ids(tokenizer)[:1], {"samples_per_prompt": 0}))
+    nan_items = [dict(it, old_logprobs=[0.0] * len(it["loss_mask"]),
+                      advantages=[float("nan")] * len(it["loss_mask"])) for it in sft_items[:4]]
+    n_micro = policy.micro_batches_per_rank(len(nan_items), TRAINER.micro_batch_size)
+    before = policy.map("logprobs", sft_items[:4], n_micro)
+    with pytest.raises(ray.exceptions.RayTaskError, match="loss is not finite"):
+        ray.get(policy.split_call("train_step", nan_items, "ppo", n_micro))
+    assert policy.map("logprobs", sft_items[:4], n_micro) == before  # weights untouched
+    with pytest.raises(ray.exceptions.RayTaskError, match="unknown loss 'dpo2'"):
+        ray.get(policy.split_call("train_step", sft_items[:4], "dpo2", n_micro))
+    assert policy.run("ping") == [0, 1] and ray.get(engine.actors[0].ping.remote()) == 0  # alive
+    assert len(ray.get(gen.remote(_prompt_ids(tokenizer)[:1]))) == 2  # and still working
+
+
+def test_reference_and_reward_groups_match_direct_calls(ray_cluster, builtin_assets, tokenizer, sft_items):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_cluster.algorithms import sequence_token_logprobs
+    from rlhf_cluster.data import pad_batch
+
+    res = GroupResources(num_ranks=2, num_cpus_per_rank=0.25)
+    ref = ActorGroup(ReferenceModel, res, str(builtin_assets.base), name="reference")
+    rm = ActorGroup(RewardModel, res, str(builtin_assets.reward_base), name="reward")
+    try:
+        seqs = [it["input_ids"] for it in sft_items[:6]]
+        ref_lp = ref.map("logprobs", seqs)
+        scores = rm.map("score", seqs)
+        base = AutoModelForCausalLM.from_pretrained(builtin_assets.base).eval()
+        head = AutoModelForSequenceClassification.from_pretrained(builtin_assets.reward_base).eval()
+        with torch.no_grad():
+            for s, lp, score in zip(seqs, ref_lp, scores):
+                ids = torch.tensor([s])
+                direct = sequence_token_logprobs(base, ids, torch.ones_like(ids))[0]
+                torch.testing.assert_close(torch.tensor(lp), direct)
+                assert score == pytest.approx(head(input_ids=ids).logits[0, 0].item(), abs=1e-5)
+            # padding in a batch does not change a score (read at the last real token)
+            ids, att = pad_batch(seqs, tokenizer.pad_token_id)
+            torch.testing.assert_close(head(input_ids=ids, attention_mask=att).logits[:, 0],
+                                       torch.tensor(scores), atol=1e-5, rtol=0)
+    finally:
+        ref.shutdown()
+        rm.shutdown()
+
+
+def test_critic_values_and_value_step(ray_cluster, builtin_assets, sft_items):
+    cfg = TrainerConfig(num_ranks=1, num_cpus_per_rank=0.5, micro_batch_size=8, zero_stage=3)
+    critic = ActorGroup(Critic, cfg, str(builtin_assets.reward_base), cfg.model_dump(), 100, name="critic")
+    try:
+        items = sft_items[:8]
+        values = critic.map("values", items, 1)
+        assert [len(v) for v in values] == [len(it["input_ids"]) - 1 for it in items]
+        targets = [dict(it, old_values=v, returns=[1.0] * len(v)) for it, v in zip(items, values)]
+        losses = [ray.get(critic.split_call("train_step", targets, "value", 1))[0]["loss"] for _ in range(8)]
+        assert losses[-1] < losses[0] * 0.8, losses  # values move toward the returns
+    finally:
+        critic.shutdown()
