@@ -95,3 +95,20 @@ class RolloutEngine:
 
     def checksum(self) -> dict:
         return self.llm.collective_rpc("weight_checksums")[0]
+
+
+def generate_across(group, prompt_ids: list[list[int]], overrides: dict | None = None) -> list[dict]:
+    """Spread prompts evenly over the group's engines; samples come back in prompt order."""
+    import ray
+
+    from actors.group import split_evenly
+
+    chunks = split_evenly(prompt_ids, group.world_size)
+    refs = [a.generate.remote(c, overrides) for a, c in zip(group.actors, chunks) if c]
+    out, offset = [], 0
+    for chunk, samples in zip([c for c in chunks if c], ray.get(refs)):
+        for s in samples:
+            s["prompt_index"] += offset
+        out += samples
+        offset += len(chunk)
+    return out

@@ -187,12 +187,16 @@ class PolicyTrainer(_DeepSpeedRank):
         logp, _ = self._forward(ids, att)
         return A.sft_loss(logp, f["loss_mask"]), {}
 
-    def _loss_ppo(self, ids, att, f, clip_eps: float = 0.2, entropy_coef: float = 0.0):
+    def _loss_ppo(self, ids, att, f, clip_eps: float = 0.2, entropy_coef: float = 0.0,
+                  dual_clip: float | None = None, loss_agg: str = "token"):
         logp, ent = self._forward(ids, att, with_entropy=True)
         mask = f["loss_mask"]
-        pg, clip_frac = A.clipped_policy_loss(logp, f["old_logprobs"], f["advantages"], mask, clip_eps)
-        entropy = A.masked_mean(ent, mask)
-        return pg - entropy_coef * entropy, {"clip_frac": clip_frac.item(), "entropy": entropy.item()}
+        pg, clip_frac = A.clipped_policy_loss(logp, f["old_logprobs"], f["advantages"], mask, clip_eps,
+                                              dual_clip, loss_agg)
+        loss = pg + A.entropy_bonus(ent, mask, entropy_coef, loss_agg)
+        approx_kl = A.masked_mean(f["old_logprobs"] - logp.detach(), mask)
+        return loss, {"clip_frac": clip_frac.item(), "entropy": A.masked_mean(ent, mask).item(),
+                      "approx_kl": approx_kl.item()}
 
     def export_weights(self, bucket_bytes: int = 64 << 20) -> list:
         """Gather the full weights and return them as safetensors-serialised buckets (rank 0).
@@ -241,8 +245,7 @@ class Critic(_DeepSpeedRank):
         self.engine.eval()
         return self._trim(items, self._run(items, num_micro, lambda i, a, f: self._forward(i, a)[0]))
 
-    def _loss_value(self, ids, att, f, clip_eps: float = 0.2):
+    def _loss_value(self, ids, att, f, clip_eps: float = 0.2, loss_agg: str = "token"):
         values, _ = self._forward(ids, att)
-        loss = A.clipped_value_loss(values, f["old_values"], f["returns"], f["loss_mask"], clip_eps)
-        return loss, {}
+        return A.clipped_value_loss(values, f["old_values"], f["returns"], f["loss_mask"], clip_eps, loss_agg), {}
 

@@ -153,19 +153,30 @@ def _trainer_demand(t: GroupResources) -> tuple[float, float]:
     return t.num_ranks * t.num_cpus_per_rank, t.num_ranks * t.num_gpus_per_rank
 
 
-class SFTConfig(JobConfig):
+class StageConfig(JobConfig):
+    """What the Ray Train stages (SFT, reward model, DPO) share: evaluation, checkpoints, retries."""
+
+    eval_every: int = Field(20, ge=1)  # optimizer steps between held-out evaluations
+    checkpoint_every: int = Field(20, ge=1)  # optimizer steps between Ray Train checkpoints
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)  # worker-group restarts (from the last checkpoint) before giving up
+
+
+class SFTConfig(StageConfig):
     output_dir: str = "runs/sft"
     model: ModelSource = ModelSource()
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=1e-3, warmup_steps=10))
     epochs: int = Field(2, ge=1)
     packing: bool = False
+    gold_eval: bool = True  # sample held-out prompts with vLLM and gold-score them (built-in task only)
+    rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         return {"trainer": _trainer_demand(self.trainer)}
 
 
-class RewardConfig(JobConfig):
+class RewardConfig(StageConfig):
     output_dir: str = "runs/reward"
     model: ModelSource = ModelSource()
     data: DataConfig = DataConfig()
@@ -176,12 +187,13 @@ class RewardConfig(JobConfig):
         "significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0,
     }
     aspect: Literal["overall", "helpfulness", "safety"] = "overall"
+    builtin_init: Literal["sft", "reward_base"] = "sft"  # with model.path null: the built-in SFT backbone
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         return {"trainer": _trainer_demand(self.trainer)}
 
 
-class DPOConfig(JobConfig):
+class DPOConfig(StageConfig):
     output_dir: str = "runs/dpo"
     model: ModelSource = ModelSource()
     data: DataConfig = DataConfig()
@@ -189,6 +201,8 @@ class DPOConfig(JobConfig):
     epochs: int = Field(1, ge=1)
     beta: float = Field(0.1, gt=0.0)
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    gold_eval: bool = True
+    rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         return {"trainer": _trainer_demand(self.trainer)}
@@ -211,12 +225,27 @@ class PPOConfig(JobConfig):
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     iterations: int = Field(20, ge=1)
     prompts_per_iteration: int = Field(16, ge=1)
+    mini_batches: int = Field(1, ge=1)  # optimiser steps per PPO epoch over one iteration's samples
     ppo_epochs: int = Field(1, ge=1)
+    clip_eps: float = Field(0.2, gt=0.0)
+    dual_clip: float | None = Field(None, gt=1.0)
+    value_clip_eps: float = Field(0.2, gt=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    whiten_advantages: bool = True
+    reward_clip: float | None = Field(None, gt=0.0)
+    normalize_rewards: bool = False
     kl_coef: float = Field(0.05, ge=0.0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = Field(None, gt=0.0)  # set: adaptive KL controller (Ziegler et al.)
+    kl_horizon: int = Field(10000, ge=1)
+    loss_agg: Literal["token", "sequence"] = "token"
     eval_every: int = Field(5, ge=1)
+    eval_temperature: float = Field(0.0, ge=0.0)  # 0: greedy, so evaluations are comparable
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    registry: str | None = None  # redis://... or a directory; null: $REDIS_URL or the embedded default
 
     @model_validator(mode="after")
     def _group_estimators_need_samples(self) -> PPOConfig:

@@ -1,0 +1,543 @@
+"""The main job: RLHF with PPO (or GRPO / RLOO / REINFORCE++) across Ray actor groups.
+
+    ray job submit --address http://HEAD:8265 -- python -m rlhf_cluster.ppo --config configs/tiny-cpu.yaml
+    python -m rlhf_cluster.ppo                      # local Ray, built-in task, CPU
+    python -m rlhf_cluster.ppo --resume             # continue from the last complete checkpoint
+
+Objective (InstructGPT / Llama 2): maximise  E[r_φ(x, y)] − β·KL(π ‖ π_SFT)  (+ γ·log-likelihood of
+SFT data with ptx_coef, "PPO-ptx"). Each iteration:
+
+    prompts  → rollout engines (vLLM) sample n responses each
+    sequences → reference log-probs, reward scores, critic values, old policy log-probs
+    rewards  = score at the last token − β·KL per token;  advantages by GAE (or a critic-free estimator)
+    for each PPO epoch and mini-batch: clipped policy step (+ clipped value step)
+    weight sync trainer → engines;  metrics;  every E iterations evaluate;  every K checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster import algorithms as A
+from rlhf_cluster.config import CONFIG_DIR, ConfigError, PPOConfig, check_resources, load_config
+
+DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
+
+
+# --------------------------------------------------------------------------- batch plumbing
+def padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-token lists -> ([B, T] right-padded tensor, mask)."""
+    width = max(len(r) for r in rows)
+    x, mask = torch.zeros(len(rows), width), torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        x[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+        mask[i, : len(r)] = 1.0
+    return x, mask
+
+
+def unpadded(x: torch.Tensor, lengths: list[int]) -> list[list[float]]:
+    return [x[i, :n].tolist() for i, n in enumerate(lengths)]
+
+
+def trainer_item(sample: dict, **response_fields: list[float]) -> dict:
+    """A trainer item: full sequence, loss mask and per-token fields over the response positions.
+
+    Position t of a trainer array predicts token t+1, so the response starts at len(prompt) - 1.
+    """
+    pad = len(sample["prompt_ids"]) - 1
+    item = {"input_ids": sample["prompt_ids"] + sample["response_ids"],
+            "loss_mask": [0] * pad + [1] * len(sample["response_ids"])}
+    for key, values in response_fields.items():
+        item[key] = [0.0] * pad + list(values)
+    return item
+
+
+def response_part(sample: dict, full: list[float]) -> list[float]:
+    return full[len(sample["prompt_ids"]) - 1:]
+
+
+# --------------------------------------------------------------------------- the run
+class PPORun:
+    """Holds the actor groups and the loop state; `train()` is the algorithm."""
+
+    def __init__(self, cfg: PPOConfig, policy_path: str, reward_path: str, log=print):
+        import ray
+        from transformers import AutoTokenizer
+
+        from actors.group import ActorGroup
+        from actors.rollout import RolloutEngine
+        from actors.scorers import ReferenceModel, RewardModel
+        from actors.trainer import Critic, PolicyTrainer
+        from rlhf_cluster.config import GroupResources
+        from rlhf_cluster.data import load_tokenized
+
+        self.cfg, self.log, self.ray = cfg, log, ray
+        self.out = Path(cfg.output_dir).resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.policy_path, self.reward_path = policy_path, reward_path
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        max_prompt = cfg.data.max_prompt_tokens
+        train_file, eval_file = self._data_files()
+        self.train_prompts, report = load_tokenized(train_file, self.tokenizer, "prompts", max_prompt,
+                                                    cfg.data.on_bad_sample)
+        log(f"train prompts: {report}")
+        self.eval_prompts, report = load_tokenized(eval_file, self.tokenizer, "prompts", max_prompt,
+                                                   cfg.data.on_bad_sample)
+        log(f"eval prompts: {report}")
+
+        n_rollouts = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
+        steps = cfg.iterations * cfg.ppo_epochs * cfg.mini_batches
+        env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "RLHF_TORCH_THREADS": "1"}
+        t0 = time.time()
+        log("starting actor groups: policy trainer, reference, reward, rollout" +
+            (", critic" if cfg.estimator == "gae" else ""))
+        self.policy = ActorGroup(PolicyTrainer, cfg.trainer, policy_path, cfg.trainer.model_dump(), steps,
+                                 cfg.policy.dtype, cfg.seed, name="policy", env=env)
+        self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype, name="reference",
+                                    env=env)
+        self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward", env=env)
+        self.critic = None
+        if cfg.estimator == "gae":
+            self.critic = ActorGroup(Critic, cfg.critic, reward_path, cfg.critic.model_dump(), steps,
+                                     cfg.reward.dtype, cfg.seed, name="critic", env=env)
+        engines = GroupResources(num_ranks=cfg.rollout.num_engines, num_cpus_per_rank=cfg.rollout.num_cpus_per_engine,
+                                 num_gpus_per_rank=cfg.rollout.num_gpus_per_engine)
+        self.rollout = ActorGroup(RolloutEngine, engines, policy_path, cfg.rollout.model_dump(), cfg.seed,
+                                  cfg.policy.dtype, name="rollout",
+                                  env={"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.rollout.kv_cache_gib)))})
+        log(f"actor groups up in {time.time() - t0:.0f}s; {n_rollouts} samples per iteration")
+
+        self.kl_ctl = (A.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                       else A.FixedKLController(cfg.kl_coef))
+        self.reward_stats = A.RunningMeanStd()
+        self.iteration, self.data_pos, self.epoch = 0, 0, 0
+        self.rng = random.Random(cfg.seed)
+        self.order = self._shuffled()
+        self.history: list[dict] = []
+        self.baseline_eval: list[str] | None = None  # the initial policy's eval responses (for win-rate)
+        self.best: tuple[float, str] | None = None
+
+    def _data_files(self) -> tuple[Path, Path]:
+        if self.cfg.data.train:
+            return Path(self.cfg.data.train), Path(self.cfg.data.eval or self.cfg.data.train)
+        from rlhf_cluster.builtin import ensure_builtin
+
+        assets = ensure_builtin(self.cfg.builtin, log=self.log)
+        return assets.file("prompts_train.jsonl"), assets.file("prompts_eval.jsonl")
+
+    def _shuffled(self) -> list[int]:
+        order = list(range(len(self.train_prompts)))
+        self.rng.shuffle(order)
+        return order
+
+    def next_prompts(self) -> list[dict]:
+        """The next prompts_per_iteration prompts, reshuffled at every pass over the data."""
+        batch = []
+        while len(batch) < self.cfg.prompts_per_iteration:
+            if self.data_pos == len(self.order):
+                self.epoch, self.data_pos, self.order = self.epoch + 1, 0, self._shuffled()
+            batch.append(self.train_prompts[self.order[self.data_pos]])
+            self.data_pos += 1
+        return batch
+
+    # ---------------------------------------------------------------- one iteration
+    def step(self) -> dict:
+        from actors.rollout import generate_across
+
+        cfg, ray, timing = self.cfg, self.ray, {}
+        clock = time.time()
+
+        def lap(name):
+            nonlocal clock
+            timing[f"time/{name}"] = time.time() - clock
+            clock = time.time()
+
+        # 1. sample
+        prompts = self.next_prompts()
+        samples = generate_across(self.rollout, [p["prompt_ids"] for p in prompts])
+        lap("generate")
+
+        # 2. score: reference, reward, critic and the policy's own (old) log-probs, in parallel
+        items = [trainer_item(s) for s in samples]
+        seqs = [it["input_ids"] for it in items]
+        n_micro = self.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size)
+        refs = {
+            "ref": self.reference.split_call("logprobs", seqs),
+            "score": self.reward.split_call("score", seqs),
+            "old": self.policy.split_call("logprobs", items, n_micro),
+        }
+        if self.critic:
+            refs["values"] = self.critic.split_call(
+                "values", items, self.critic.micro_batches_per_rank(len(items), cfg.critic.micro_batch_size))
+        got = {k: [x for part in ray.get(v) for x in part] for k, v in refs.items()}
+        lap("score")
+
+        # 3. rewards and advantages (pure functions, on [B, T] response tensors)
+        lengths = [len(s["response_ids"]) for s in samples]
+        old_lp, mask = padded([response_part(s, lp) for s, lp in zip(samples, got["old"])])
+        ref_lp, _ = padded([response_part(s, lp) for s, lp in zip(samples, got["ref"])])
+        raw_scores = torch.tensor(got["score"])
+        scores = raw_scores
+        if cfg.normalize_rewards:
+            self.reward_stats.update(scores)
+            scores = self.reward_stats.normalize(scores)
+        if cfg.reward_clip:
+            scores = A.clip_rewards(scores, cfg.reward_clip)
+        kl = A.kl_estimate(old_lp, ref_lp, cfg.kl_estimator) * mask
+        rewards = A.token_level_rewards(scores, kl, mask, self.kl_ctl.value)
+        n = cfg.rollout.samples_per_prompt
+        if cfg.estimator == "gae":
+            values, _ = padded([response_part(s, v) for s, v in zip(samples, got["values"])])
+            advantages, returns = A.gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        elif cfg.estimator == "grpo":
+            advantages = A.grpo_advantages(rewards.sum(-1), mask, n)
+        elif cfg.estimator == "rloo":
+            advantages = A.rloo_advantages(rewards.sum(-1), mask, n)
+        else:
+            advantages = A.reinforce_pp_advantages(rewards, mask, cfg.gamma)
+        if cfg.whiten_advantages and cfg.estimator == "gae":
+            advantages = A.whiten(advantages, mask)
+        lap("advantages")
+
+        # 4. PPO epochs over mini-batches
+        fields = {"old_logprobs": unpadded(old_lp, lengths), "advantages": unpadded(advantages, lengths)}
+        if self.critic:
+            fields |= {"old_values": unpadded(values, lengths), "returns": unpadded(returns, lengths)}
+        batch = [trainer_item(s, **{k: v[i] for k, v in fields.items()}) for i, s in enumerate(samples)]
+        policy_metrics, critic_metrics = [], []
+        for _ in range(cfg.ppo_epochs):
+            order = list(range(len(batch)))
+            self.rng.shuffle(order)
+            size = -(-len(batch) // cfg.mini_batches)
+            for start in range(0, len(batch), size):
+                mb = [batch[i] for i in order[start:start + size]]
+                calls = {"policy": self.policy.split_call(
+                    "train_step", mb, "ppo", self.policy.micro_batches_per_rank(len(mb), cfg.trainer.micro_batch_size),
+                    clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef, dual_clip=cfg.dual_clip,
+                    loss_agg=cfg.loss_agg)}
+                if self.critic:
+                    calls["critic"] = self.critic.split_call(
+                        "train_step", mb, "value",
+                        self.critic.micro_batches_per_rank(len(mb), cfg.critic.micro_batch_size),
+                        clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
+                policy_metrics += ray.get(calls["policy"])
+                if self.critic:
+                    critic_metrics += ray.get(calls["critic"])
+        lap("train")
+
+        # 5. weight sync: trainer -> every engine, in place
+        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
+        ray.get([e.update_weights.remote(buckets, self.iteration + 1) for e in self.rollout.actors])
+        lap("sync")
+
+        mean_kl = (kl.sum(-1)).mean().item()
+        self.kl_ctl.update(mean_kl, len(samples))
+        metrics = {
+            "reward/rm_score": raw_scores.mean().item(),
+            "reward/total": rewards.sum(-1).mean().item(),
+            "kl/mean_sequence_kl": mean_kl,
+            "kl/coef": self.kl_ctl.value,
+            "policy/loss": _weighted(policy_metrics, "loss"),
+            "policy/entropy": _weighted(policy_metrics, "entropy"),
+            "policy/clip_frac": _weighted(policy_metrics, "clip_frac"),
+            "policy/lr": policy_metrics[-1]["lr"],
+            "response/length": sum(lengths) / len(lengths),
+            "response/finished": sum(s["finished"] for s in samples) / len(samples),
+        }
+        if self.critic:
+            metrics["critic/value_loss"] = _weighted(critic_metrics, "loss")
+            metrics["critic/explained_variance"] = A.explained_variance(values, returns, mask).item()
+        metrics.update(timing)
+        return metrics
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        """Held-out prompts: RM score, gold score, KL to the reference, win-rate vs the initial policy."""
+        from actors.rollout import generate_across
+        from rlhf_cluster import task
+        from rlhf_cluster.evaluate import gold_report
+
+        cfg = self.cfg
+        samples = generate_across(self.rollout, [p["prompt_ids"] for p in self.eval_prompts],
+                                  {"samples_per_prompt": 1, "temperature": cfg.eval_temperature})
+        items = [trainer_item(s) for s in samples]
+        seqs = [it["input_ids"] for it in items]
+        scores = self.reward.map("score", seqs)
+        ref = self.reference.map("logprobs", seqs)
+        kl = [sum(a - b for a, b in zip(s["logprobs"], response_part(s, r))) for s, r in zip(samples, ref)]
+        texts = [task.prompt_text(self.eval_prompts[s["prompt_index"]]["messages"]) for s in samples]
+        responses = [s["text"] for s in samples]
+        gold = gold_report(texts, responses)
+        if self.baseline_eval is None:
+            self.baseline_eval = responses
+        wins = [(task.gold_score(p, a).total > task.gold_score(p, b).total) +
+                0.5 * (task.gold_score(p, a).total == task.gold_score(p, b).total)
+                for p, a, b in zip(texts, responses, self.baseline_eval)]
+        return {"eval/rm_score": sum(scores) / len(scores), "eval/gold": gold["gold"],
+                "eval/helpfulness": gold["helpfulness"], "eval/safety": gold["safety"],
+                "eval/kl": sum(kl) / len(kl), "eval/win_rate_vs_initial": sum(wins) / len(wins),
+                "eval/example": f"{texts[0]!r} -> {responses[0]!r}"}
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, eval_gold: float | None) -> Path:
+        """Atomic: everything is written under a .tmp name, hashed into a manifest, then renamed."""
+        from rlhf_cluster.registry import checkpoint_manifest
+
+        name = f"iter_{self.iteration:06d}"
+        root = self.out / "checkpoints"
+        tmp, final = root / (name + ".tmp"), root / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.policy.run("save", str(tmp / "policy"))
+        if self.critic:
+            self.critic.run("save", str(tmp / "critic"))
+        self.policy.run("save_pretrained", str(tmp / "hf"))
+        self.tokenizer.save_pretrained(tmp / "hf")
+        state = {"iteration": self.iteration, "data_pos": self.data_pos, "epoch": self.epoch,
+                 "order": self.order, "rng": _rng_state(self.rng), "kl_ctl": self.kl_ctl.state_dict(),
+                 "reward_stats": self.reward_stats.state_dict(), "baseline_eval": self.baseline_eval,
+                 "history": self.history, "eval_gold": eval_gold, "best": self.best}
+        (tmp / "coordinator.json").write_text(json.dumps(state))
+        (tmp / "manifest.json").write_text(json.dumps(checkpoint_manifest(tmp)))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if eval_gold is not None and (self.best is None or eval_gold > self.best[0]):
+            self.best = (eval_gold, name)
+        self._prune(root)
+        self._register(final, eval_gold)
+        return final
+
+    def _prune(self, root: Path) -> None:
+        """Keep the last `keep_checkpoints` and the best by eval gold score."""
+        done = sorted(p for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
+        keep = set(done[-self.cfg.keep_checkpoints:])
+        if self.best:
+            keep.add(root / self.best[1])
+        for p in done:
+            if p not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _register(self, path: Path, eval_gold: float | None) -> None:
+        from rlhf_cluster.registry import make_entry, open_registry
+
+        try:
+            registry = open_registry(self.cfg.registry)
+            metrics = {"eval_gold": eval_gold} if eval_gold is not None else {}
+            registry.register(make_entry(path / "hf", run=self.out.name, kind="policy", stage="ppo",
+                                         step=self.iteration, metrics=metrics))
+        except Exception as e:  # the run goes on; the checkpoint is on disk either way
+            self.log(f"warning: checkpoint {path.name} not registered: {e}")
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "coordinator.json").read_text())
+        self.policy.run("load", str(path / "policy"))
+        if self.critic:
+            self.critic.run("load", str(path / "critic"))
+        self.iteration, self.data_pos, self.epoch = state["iteration"], state["data_pos"], state["epoch"]
+        self.order, self.history, self.baseline_eval = state["order"], state["history"], state["baseline_eval"]
+        self.best = tuple(state["best"]) if state["best"] else None
+        self.rng.setstate(_rng_tuple(state["rng"]))
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_stats.load_state_dict(state["reward_stats"])
+        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
+        self.ray.get([e.update_weights.remote(buckets, self.iteration) for e in self.rollout.actors])
+        self.log(f"resumed from {path} (iteration {self.iteration})")
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        metrics_file = (self.out / "metrics.jsonl").open("a")
+        writer = _tensorboard(self.out / "tensorboard")
+        if self.iteration == 0 and not self.history:
+            initial = self.evaluate()
+            self.history.append({"iteration": 0, **initial})
+            metrics_file.write(json.dumps(self.history[-1]) + "\n")
+            self.log(f"initial policy: gold {initial['eval/gold']:.3f}, RM {initial['eval/rm_score']:.3f}")
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", file=sys.stdout,
+                   disable=not sys.stdout.isatty() and not os.environ.get("RLHF_PROGRESS"))
+        while self.iteration < cfg.iterations:
+            metrics = self.step()
+            self.iteration += 1
+            eval_gold = None
+            if self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations:
+                ev = self.evaluate()
+                metrics.update(ev)
+                eval_gold = ev["eval/gold"]
+            row = {"iteration": self.iteration, **metrics}
+            self.history.append(row)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, self.iteration)
+            bar.update(1)
+            bar.set_postfix(rm=f"{metrics['reward/rm_score']:.2f}", kl=f"{metrics['kl/mean_sequence_kl']:.2f}")
+            self.log(_progress_line(row))
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+                path = self.save_checkpoint(eval_gold)
+                self.log(f"checkpoint {path}")
+        bar.close()
+        writer.close()
+        metrics_file.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        from rlhf_cluster.report import learning_curves
+
+        evals = [h for h in self.history if "eval/gold" in h]
+        first, last = evals[0], evals[-1]
+        summary = {
+            "iterations": self.iteration,
+            "gold_initial": first["eval/gold"], "gold_final": last["eval/gold"],
+            "rm_initial": first["eval/rm_score"], "rm_final": last["eval/rm_score"],
+            "kl_final": last["eval/kl"], "win_rate_vs_initial": last["eval/win_rate_vs_initial"],
+            "best_checkpoint": self.best[1] if self.best else None,
+            "report": str(self.out / "report.png"), "metrics": str(self.out / "metrics.jsonl"),
+            "checkpoints": str(self.out / "checkpoints"),
+        }
+        learning_curves(self.history, self.out / "report.png", title=f"PPO ({self.cfg.estimator})")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log("\n".join([
+            "", "=== PPO summary ===",
+            f"gold score (held-out): {summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}",
+            f"reward-model score:    {summary['rm_initial']:.3f} -> {summary['rm_final']:.3f}",
+            f"KL to reference:       {summary['kl_final']:.3f}",
+            f"win-rate vs initial:   {summary['win_rate_vs_initial']:.2f}",
+            f"report:      {summary['report']}",
+            f"metrics:     {summary['metrics']}",
+            f"checkpoints: {summary['checkpoints']}",
+        ]))
+        return summary
+
+    def shutdown(self) -> None:
+        for g in (self.rollout, self.policy, self.reference, self.reward, self.critic):
+            if g is not None:
+                g.shutdown()
+
+
+def _weighted(rows: list[dict], key: str) -> float:
+    n = sum(r["items"] for r in rows if key in r)
+    return sum(r[key] * r["items"] for r in rows if key in r) / max(1, n)
+
+
+def _progress_line(row: dict) -> str:
+    parts = [f"iter {row['iteration']}", f"rm {row['reward/rm_score']:.3f}", f"kl {row['kl/mean_sequence_kl']:.3f}",
+             f"len {row['response/length']:.1f}"]
+    if "eval/gold" in row:
+        parts.append(f"eval gold {row['eval/gold']:.3f}")
+    parts.append("time " + " ".join(f"{k[5:]}={v:.1f}s" for k, v in row.items() if k.startswith("time/")))
+    return " | ".join(parts)
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, state, gauss = rng.getstate()
+    return [version, list(state), gauss]
+
+
+def _rng_tuple(s: list) -> tuple:
+    return s[0], tuple(s[1]), s[2]
+
+
+def _tensorboard(path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
+
+
+# --------------------------------------------------------------------------- entry point
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest; partial or corrupt ones are skipped."""
+    from rlhf_cluster.registry import checkpoint_manifest
+
+    root = out / "checkpoints"
+    for path in sorted((p for p in root.glob("iter_*") if not p.name.endswith(".tmp")), reverse=True):
+        try:
+            stored = json.loads((path / "manifest.json").read_text())
+            actual = checkpoint_manifest(path)
+            actual.pop("manifest.json", None)
+            if stored == actual:
+                return path
+            print(f"skipping checkpoint {path}: files differ from its manifest", file=sys.stderr)
+        except (OSError, ValueError) as e:
+            print(f"skipping checkpoint {path}: {e}", file=sys.stderr)
+    return None
+
+
+def connect_ray(cfg: PPOConfig):
+    """Join the cluster of ray.address / RAY_ADDRESS (as under `ray job submit`), else start one locally."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
+                 runtime_env=env, log_to_driver=False)
+    res = ray.cluster_resources()
+    return res.get("CPU", 0.0), res.get("GPU", 0.0)
+
+
+def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str]:
+    """The policy to start from and the reward model; the built-in ones are trained first if missing."""
+    if cfg.policy.path and cfg.reward.path:
+        return cfg.policy.path, cfg.reward.path
+    from rlhf_cluster.stages import ensure_builtin_sft_and_rm
+
+    sft, rm = ensure_builtin_sft_and_rm(cfg.builtin, log=log)
+    return cfg.policy.path or str(sft), cfg.reward.path or str(rm)
+
+
+def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
+    """Validate, connect, build the groups, train, report. Bad configs fail before any actor starts."""
+    import ray
+
+    if not ray.is_initialized():
+        cpus, gpus = connect_ray(cfg)
+    else:
+        res = ray.cluster_resources()
+        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    check_resources(cfg, cpus, gpus)
+    policy_path, reward_path = resolve_models(cfg, log)
+    log(f"policy: {policy_path}\nreward model: {reward_path}\noutput: {Path(cfg.output_dir).resolve()}")
+    ckpt = latest_checkpoint(Path(cfg.output_dir).resolve()) if resume else None
+    if resume and ckpt is None:
+        log("no complete checkpoint to resume from; starting from the beginning")
+    if not resume and (Path(cfg.output_dir) / "metrics.jsonl").exists():
+        (Path(cfg.output_dir) / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
+    job = PPORun(cfg, policy_path, reward_path, log)
+    try:
+        if ckpt is not None:
+            job.load_checkpoint(ckpt)
+        return job.train()
+    finally:
+        job.shutdown()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.ppo", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    ap.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.zero_stage=2")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(PPOConfig, args.config, args.overrides)
+        return run(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
