@@ -60,7 +60,7 @@ class ActorGroup:
     """`resources.num_ranks` actors of `cls`, each in its own bundle of one placement group."""
 
     def __init__(self, cls, resources: GroupResources, *args, name: str = "group",
-                 env: dict[str, str] | None = None, max_restarts: int = 0, **kwargs):
+                 env: dict[str, str] | None = None, max_restarts: int = 0, wait: bool = True, **kwargs):
         self.name, self.resources = name, resources
         n = resources.num_ranks
         bundle = {"CPU": resources.num_cpus_per_rank}
@@ -82,7 +82,12 @@ class ActorGroup:
             ).remote(i, n, master_addr, master_port, *args, **kwargs)
             for i in range(n)
         ]
-        ray.get([a.ping.remote() for a in self.actors], timeout=600)
+        if wait:
+            self.wait()
+
+    def wait(self, timeout: float = 600) -> None:
+        """Block until every rank has finished starting (groups can start side by side first)."""
+        ray.get([a.ping.remote() for a in self.actors], timeout=timeout)
 
     @property
     def world_size(self) -> int:

@@ -66,12 +66,17 @@ class RolloutEngine:
     def ping(self) -> int:
         return self.rank
 
+    def samples_per_prompt(self) -> int:
+        return self.cfg.samples_per_prompt
+
     def model_path(self) -> str:
         """The directory the engine started from (its weights change with every sync)."""
         return self.path
 
-    def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None) -> list[dict]:
-        """Sample for token-id prompts; `overrides` are RolloutConfig fields (n, temperature, ...)."""
+    def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None,
+                 seed: int | None = None) -> list[dict]:
+        """Sample for token-id prompts; `overrides` are RolloutConfig fields (n, temperature, ...);
+        `seed` makes every sample reproducible (see rlhf_cluster.generation.generate)."""
         from dataclasses import asdict
 
         from rlhf_cluster.generation import check_prompts, generate, sampling_params
@@ -81,7 +86,7 @@ class RolloutEngine:
             cfg = RolloutConfig.model_validate(cfg.model_dump())  # re-check the overridden values
         check_prompts(prompt_ids, cfg)
         greedy = cfg.temperature == 0.0
-        return [asdict(s) for s in generate(self.llm, prompt_ids, sampling_params(cfg, greedy=greedy))]
+        return [asdict(s) for s in generate(self.llm, prompt_ids, sampling_params(cfg, greedy=greedy), seed)]
 
     def update_weights(self, bucket_refs: list, version: int) -> int:
         """Load new weights in place, bucket by bucket, without restarting the engine."""
@@ -97,14 +102,18 @@ class RolloutEngine:
         return self.llm.collective_rpc("weight_checksums")[0]
 
 
-def generate_across(group, prompt_ids: list[list[int]], overrides: dict | None = None) -> list[dict]:
+def generate_across(group, prompt_ids: list[list[int]], overrides: dict | None = None,
+                    seed: int | None = None) -> list[dict]:
     """Spread prompts evenly over the group's engines; samples come back in prompt order."""
     import ray
 
     from actors.group import split_evenly
 
     chunks = split_evenly(prompt_ids, group.world_size)
-    refs = [a.generate.remote(c, overrides) for a, c in zip(group.actors, chunks) if c]
+    n = (overrides or {}).get("samples_per_prompt") or ray.get(group.actors[0].samples_per_prompt.remote())
+    starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
+    refs = [a.generate.remote(c, overrides, None if seed is None else seed + start * n)
+            for a, c, start in zip(group.actors, chunks, starts) if c]
     out, offset = [], 0
     for chunk, samples in zip([c for c in chunks if c], ray.get(refs)):
         for s in samples:

@@ -224,6 +224,7 @@ class PPOConfig(JobConfig):
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, num_cpus_per_engine=0.25)
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     iterations: int = Field(20, ge=1)
+    stop_after_iterations: int | None = Field(None, ge=1)  # end this session early; --resume continues
     prompts_per_iteration: int = Field(16, ge=1)
     mini_batches: int = Field(1, ge=1)  # optimiser steps per PPO epoch over one iteration's samples
     ppo_epochs: int = Field(1, ge=1)
@@ -316,6 +317,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
         data = loaded
     data = _merge(data, parse_overrides(list(overrides)))
+    # Merge onto the job's own defaults, so a file that sets one key of a section keeps the
+    # job-specific defaults of the others (e.g. PPO's trainer learning rate).
+    data = _merge(cls().model_dump(), data)
     try:
         return cls.model_validate(data)
     except ValidationError as e:

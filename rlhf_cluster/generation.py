@@ -63,13 +63,27 @@ def check_prompts(prompt_ids: list[list[int]], cfg: RolloutConfig) -> None:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; the engine's context is {cfg.max_model_len}")
 
 
-def generate(llm, prompt_ids: list[list[int]], params) -> list[Sample]:
-    """Generate for token-id prompts; samples come out grouped by prompt, n per prompt."""
+def generate(llm, prompt_ids: list[list[int]], params, seed: int | None = None) -> list[Sample]:
+    """Generate for token-id prompts; samples come out grouped by prompt, n per prompt.
+
+    With `seed`, sample j of prompt i is drawn with its own seed (seed + i*n + j): the result
+    does not depend on the engine's history or on how prompts were spread over engines, which
+    is what makes a resumed run repeat an uninterrupted one.
+    """
     from vllm.inputs import TokensPrompt
 
-    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    n = params.n
+    if seed is None:
+        requests, per_request = prompt_ids, params
+    else:
+        requests = [ids for ids in prompt_ids for _ in range(n)]
+        per_request = [params.clone() for _ in requests]
+        for k, p in enumerate(per_request):
+            p.n, p.seed = 1, seed + k
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in requests], per_request, use_tqdm=False)
     samples = []
-    for i, out in enumerate(outs):
+    for r, out in enumerate(outs):
+        i = r if seed is None else r // n
         for c in out.outputs:
             lps = [lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs or [])]
             samples.append(Sample(i, list(prompt_ids[i]), list(c.token_ids), lps, c.text,

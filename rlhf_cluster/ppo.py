@@ -101,19 +101,23 @@ class PPORun:
         log("starting actor groups: policy trainer, reference, reward, rollout" +
             (", critic" if cfg.estimator == "gae" else ""))
         self.policy = ActorGroup(PolicyTrainer, cfg.trainer, policy_path, cfg.trainer.model_dump(), steps,
-                                 cfg.policy.dtype, cfg.seed, name="policy", env=env)
+                                 cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False)
         self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype, name="reference",
-                                    env=env)
-        self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward", env=env)
+                                    env=env, wait=False)
+        self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward", env=env,
+                                 wait=False)
         self.critic = None
         if cfg.estimator == "gae":
             self.critic = ActorGroup(Critic, cfg.critic, reward_path, cfg.critic.model_dump(), steps,
-                                     cfg.reward.dtype, cfg.seed, name="critic", env=env)
+                                     cfg.reward.dtype, cfg.seed, name="critic", env=env, wait=False)
         engines = GroupResources(num_ranks=cfg.rollout.num_engines, num_cpus_per_rank=cfg.rollout.num_cpus_per_engine,
                                  num_gpus_per_rank=cfg.rollout.num_gpus_per_engine)
         self.rollout = ActorGroup(RolloutEngine, engines, policy_path, cfg.rollout.model_dump(), cfg.seed,
                                   cfg.policy.dtype, name="rollout",
-                                  env={"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.rollout.kv_cache_gib)))})
+                                  env={"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.rollout.kv_cache_gib)))},
+                                  wait=False)
+        for group in self.groups():
+            group.wait()
         log(f"actor groups up in {time.time() - t0:.0f}s; {n_rollouts} samples per iteration")
 
         self.kl_ctl = (A.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
@@ -163,7 +167,8 @@ class PPORun:
 
         # 1. sample
         prompts = self.next_prompts()
-        samples = generate_across(self.rollout, [p["prompt_ids"] for p in prompts])
+        samples = generate_across(self.rollout, [p["prompt_ids"] for p in prompts],
+                                  seed=self.cfg.seed * 1_000_003 + self.iteration * 10_007)
         lap("generate")
 
         # 2. score: reference, reward, critic and the policy's own (old) log-probs, in parallel
@@ -350,6 +355,8 @@ class PPORun:
         self.reward_stats.load_state_dict(state["reward_stats"])
         buckets = [ref for part in self.policy.run("export_weights") for ref in part]
         self.ray.get([e.update_weights.remote(buckets, self.iteration) for e in self.rollout.actors])
+        # the metrics log restarts from the checkpoint: rows of iterations after it are redone
+        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resumed from {path} (iteration {self.iteration})")
 
     # ---------------------------------------------------------------- the loop
@@ -366,7 +373,8 @@ class PPORun:
             self.log(f"initial policy: gold {initial['eval/gold']:.3f}, RM {initial['eval/rm_score']:.3f}")
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", file=sys.stdout,
                    disable=not sys.stdout.isatty() and not os.environ.get("RLHF_PROGRESS"))
-        while self.iteration < cfg.iterations:
+        stop_at = min(cfg.iterations, cfg.stop_after_iterations or cfg.iterations)
+        while self.iteration < stop_at:
             metrics = self.step()
             self.iteration += 1
             eval_gold = None
@@ -384,7 +392,7 @@ class PPORun:
             bar.update(1)
             bar.set_postfix(rm=f"{metrics['reward/rm_score']:.2f}", kl=f"{metrics['kl/mean_sequence_kl']:.2f}")
             self.log(_progress_line(row))
-            if self.iteration % cfg.checkpoint_every == 0 or self.iteration == cfg.iterations:
+            if self.iteration % cfg.checkpoint_every == 0 or self.iteration in (cfg.iterations, stop_at):
                 path = self.save_checkpoint(eval_gold)
                 self.log(f"checkpoint {path}")
         bar.close()
@@ -420,10 +428,12 @@ class PPORun:
         ]))
         return summary
 
+    def groups(self) -> list:
+        return [g for g in (self.rollout, self.policy, self.reference, self.reward, self.critic) if g is not None]
+
     def shutdown(self) -> None:
-        for g in (self.rollout, self.policy, self.reference, self.reward, self.critic):
-            if g is not None:
-                g.shutdown()
+        for g in self.groups():
+            g.shutdown()
 
 
 def _weighted(rows: list[dict], key: str) -> float:
@@ -493,9 +503,10 @@ def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str]:
     """The policy to start from and the reward model; the built-in ones are trained first if missing."""
     if cfg.policy.path and cfg.reward.path:
         return cfg.policy.path, cfg.reward.path
-    from rlhf_cluster.stages import ensure_builtin_sft_and_rm
+    from rlhf_cluster.reward import ensure_builtin_sft_and_rm
 
-    sft, rm = ensure_builtin_sft_and_rm(cfg.builtin, log=log)
+    log("using the built-in SFT policy and reward model (trained first if missing)")
+    sft, rm = ensure_builtin_sft_and_rm(cfg.builtin)
     return cfg.policy.path or str(sft), cfg.reward.path or str(rm)
 
 

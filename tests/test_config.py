@@ -100,3 +100,12 @@ def test_presets_validate():
 def test_llama2_optimiser_defaults():
     o = RewardConfig().trainer.optim
     assert (o.betas, o.eps, o.weight_decay, o.grad_clip, o.min_lr_ratio) == ((0.9, 0.95), 1e-5, 0.1, 1.0, 0.1)
+
+
+def test_a_file_section_keeps_the_jobs_own_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  micro_batch_size: 4\n")
+    cfg = load_config(PPOConfig, f)
+    assert cfg.trainer.micro_batch_size == 4
+    assert cfg.trainer.optim.lr == PPOConfig().trainer.optim.lr == 1e-5  # not OptimConfig's generic 1e-4
+    assert cfg.trainer.num_ranks == 2
