@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 system:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
 
+# The main job on the embedded default: PPO on the built-in task (trains the built-in SFT policy
+# and reward model first if they are not cached yet), local Ray, CPU.
 run: install
-	$(PY) -m rlhf_cluster.evaluate
+	$(PY) -m rlhf_cluster.ppo
 
 test: install
 	$(PY) -m pytest

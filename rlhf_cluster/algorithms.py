@@ -378,3 +378,31 @@ def ptx_loss(logprobs: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.T
     """PPO-ptx (InstructGPT): coef * NLL of pretraining/SFT tokens, i.e. -gamma E[log pi(x)] added to the PPO loss
     to limit the "alignment tax" on the original distribution."""
     return coef * sft_loss(logprobs, mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Combining reward models, and rejection sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def llama2_combined_reward(helpfulness: torch.Tensor, safety: torch.Tensor, unsafe_prompt: torch.Tensor,
+                           threshold: float) -> torch.Tensor:
+    """Llama 2's rule: the safety score where the prompt is flagged unsafe or the safety score is
+    below `threshold` (the response may be unsafe), else the helpfulness score."""
+    use_safety = unsafe_prompt.bool() | (safety < threshold)
+    return torch.where(use_safety, safety, helpfulness)
+
+
+def weighted_reward(scores: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_m w_m * r_m over the reward models."""
+    missing = set(weights) - set(scores)
+    if missing:
+        raise ValueError(f"no scores for reward model(s) {sorted(missing)}")
+    return sum(w * scores[name] for name, w in weights.items())
+
+
+def best_of_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Index (into the flat batch) of the highest-scoring sample of each group of k; [B] -> [B/k]."""
+    if scores.numel() % k:
+        raise ValueError(f"{scores.numel()} scores are not groups of k={k}")
+    return scores.view(-1, k).argmax(-1) + torch.arange(0, scores.numel(), k)

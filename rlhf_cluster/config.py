@@ -358,3 +358,49 @@ def local_resources(cfg: JobConfig) -> tuple[float, float]:
         return cpus, float(torch.cuda.device_count())
     except Exception:  # torch without CUDA support
         return cpus, 0.0
+
+
+class RejectionSamplingConfig(Strict):
+    """One rejection-sampling round: K samples per prompt, keep the best by reward, fine-tune on it."""
+
+    samples_per_prompt: int = Field(8, ge=1)  # K
+    temperature: float = Field(1.0, gt=0.0)
+    prompts_per_round: int | None = Field(None, ge=1)  # null: every training prompt
+    score_threshold: float | None = None  # keep the best sample only if its reward is at least this
+    dedup: bool = True  # drop a selected response already selected for the same prompt
+    epochs: int = Field(2, ge=1)  # SFT epochs over the selected set
+    lr: float = Field(2e-4, gt=0.0)
+
+
+class RewardModelSpec(Strict):
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+class RSConfig(PPOConfig):
+    """Iterative rounds (Llama 2): rejection sampling, optionally PPO on top; each round starts
+    from the best model so far by held-out evaluation."""
+
+    output_dir: str = "runs/rejection-sampling"
+    rounds: list[Literal["rejection_sampling", "ppo"]] = ["rejection_sampling"]
+    rs: RejectionSamplingConfig = RejectionSamplingConfig()
+    promote_by: Literal["gold", "rm"] = "gold"  # held-out metric that picks the best model
+    best_of_k_eval: list[int] = []  # e.g. [1, 2, 4, 8]: gold score of best-of-K at the end
+    best_of_k_seeds: int = Field(2, ge=1)
+    # several reward models combined (weighted sum, or Llama 2's safety/helpfulness rule);
+    # empty: the single `reward` model
+    reward_models: list[RewardModelSpec] = []
+    combine: Literal["weighted_sum", "llama2"] = "weighted_sum"
+    safety_threshold: float = 0.15
+
+    @model_validator(mode="after")
+    def _rounds_and_models(self) -> RSConfig:
+        if not self.rounds:
+            raise ValueError("rounds must name at least one round")
+        names = [m.name for m in self.reward_models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward_models names must be unique, got {names}")
+        if self.combine == "llama2" and not {"helpfulness", "safety"} <= set(names):
+            raise ValueError("combine=llama2 needs reward_models named 'helpfulness' and 'safety'")
+        return self

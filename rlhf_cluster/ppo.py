@@ -95,19 +95,20 @@ class PPORun:
         log(f"eval prompts: {report}")
 
         n_rollouts = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
-        steps = cfg.iterations * cfg.ppo_epochs * cfg.mini_batches
+        steps = self.total_train_steps()
         env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "RLHF_TORCH_THREADS": "1"}
         t0 = time.time()
-        log("starting actor groups: policy trainer, reference, reward, rollout" +
-            (", critic" if cfg.estimator == "gae" else ""))
-        self.policy = ActorGroup(PolicyTrainer, cfg.trainer, policy_path, cfg.trainer.model_dump(), steps,
+        with_critic = self.uses_critic()
+        log("starting actor groups: policy trainer, reference, reward, rollout" + (", critic" if with_critic else ""))
+        trainer = self.trainer_config()
+        self.policy = ActorGroup(PolicyTrainer, trainer, policy_path, trainer.model_dump(), steps,
                                  cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False)
         self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype, name="reference",
                                     env=env, wait=False)
         self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward", env=env,
                                  wait=False)
         self.critic = None
-        if cfg.estimator == "gae":
+        if with_critic:
             self.critic = ActorGroup(Critic, cfg.critic, reward_path, cfg.critic.model_dump(), steps,
                                      cfg.reward.dtype, cfg.seed, name="critic", env=env, wait=False)
         engines = GroupResources(num_ranks=cfg.rollout.num_engines, num_cpus_per_rank=cfg.rollout.num_cpus_per_engine,
@@ -129,6 +130,16 @@ class PPORun:
         self.history: list[dict] = []
         self.baseline_eval: list[str] | None = None  # the initial policy's eval responses (for win-rate)
         self.best: tuple[float, str] | None = None
+
+    # what a subclass (rejection sampling) changes
+    def total_train_steps(self) -> int:
+        return self.cfg.iterations * self.cfg.ppo_epochs * self.cfg.mini_batches
+
+    def uses_critic(self) -> bool:
+        return self.cfg.estimator == "gae"
+
+    def trainer_config(self):
+        return self.cfg.trainer
 
     def _data_files(self) -> tuple[Path, Path]:
         if self.cfg.data.train:

@@ -348,3 +348,26 @@ def test_running_mean_std_matches_concatenation():
     rms3.update(t([5.0]))
     assert rms3.mean == pytest.approx(25 / 6)
     assert rms3.var == pytest.approx(305 / 36)
+
+
+def test_llama2_combination_rule_on_constructed_cases():
+    from rlhf_cluster.algorithms import llama2_combined_reward
+
+    help_ = torch.tensor([0.9, 0.9, 0.9, 0.2])
+    safe = torch.tensor([0.8, 0.1, 0.8, 0.9])
+    unsafe_prompt = torch.tensor([False, False, True, False])
+    # 0: safe prompt, safe response -> helpfulness; 1: safety below 0.15 -> safety;
+    # 2: flagged prompt -> safety; 3: safe -> helpfulness
+    assert llama2_combined_reward(help_, safe, unsafe_prompt, 0.15).tolist() == pytest.approx([0.9, 0.1, 0.8, 0.2])
+
+
+def test_weighted_reward_and_best_of_k():
+    from rlhf_cluster.algorithms import best_of_k, weighted_reward
+
+    s = {"h": torch.tensor([1.0, 2.0]), "s": torch.tensor([0.5, -1.0])}
+    assert weighted_reward(s, {"h": 0.5, "s": 2.0}).tolist() == [1.5, -1.0]  # 0.5+1, 1-2
+    with pytest.raises(ValueError, match=r"\['x'\]"):
+        weighted_reward(s, {"x": 1.0})
+    assert best_of_k(torch.tensor([0.1, 0.7, 0.3, 0.9, 0.2, 0.0]), 3).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="groups of k=4"):
+        best_of_k(torch.zeros(6), 4)

@@ -95,3 +95,20 @@ def test_resume_repeats_the_uninterrupted_run(smoke_run, builtin_assets, tmp_pat
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert not torch.equal(a["lm_head.weight"], load_file(builtin_assets.base / "model.safetensors")["lm_head.weight"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator,iterations,margin", [("gae", 20, 0.08), ("grpo", 20, 0.05)])
+def test_ppo_raises_heldout_gold_with_bounded_kl(builtin_cfg, builtin_sft_rm, tmp_path, estimator, iterations, margin):
+    """From the built-in SFT policy, against the built-in reward model (never the gold scorer)."""
+    sft, rm = builtin_sft_rm
+    out = tmp_path / estimator
+    cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", [
+        f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
+        f"builtin.cache_dir={builtin_cfg.cache_dir}", f"estimator={estimator}", f"iterations={iterations}",
+        "eval_every=10", f"checkpoint_every={iterations}"])
+    summary = run(cfg)
+    assert summary["gold_final"] > summary["gold_initial"] + margin, summary
+    assert summary["rm_final"] > summary["rm_initial"], summary
+    assert summary["kl_final"] < 2.0, summary

@@ -1,0 +1,283 @@
+"""Rejection sampling (Llama 2 / Llama 3.1), in iterative rounds with best-model promotion.
+
+    python -m rlhf_cluster.rejection_sampling [--config FILE] [key=value ...]
+    python -m rlhf_cluster.rejection_sampling rounds='[rejection_sampling, rejection_sampling, ppo]'
+
+A rejection-sampling round, on the same actor groups as PPO:
+    rollout engines sample K responses per prompt  →  reward model(s) score all of them
+    keep the best of K per prompt (threshold, de-duplication)  →  written to round_N/selected.jsonl
+    SFT on the selected set in the policy trainer group  →  weight sync  →  held-out evaluation
+Each round starts from the best model so far (held-out gold or RM score); a PPO round runs the
+PPO job on top of it, as Llama 2 applied PPO to its rejection-sampled checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster import algorithms as A
+from rlhf_cluster.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig, load_config
+from rlhf_cluster.ppo import PPORun, connect_ray, resolve_models, trainer_item
+
+DEFAULT_CONFIG = CONFIG_DIR / "rejection-sampling-tiny.yaml"
+
+
+class RejectionSamplingRun(PPORun):
+    """PPORun's groups (without a critic) and evaluation, with a rejection-sampling round."""
+
+    cfg: RSConfig
+    extra_rewards: dict = {}  # name -> reward group, when several reward models are combined
+
+    def uses_critic(self) -> bool:
+        return False
+
+    def trainer_config(self):
+        optim = self.cfg.trainer.optim.model_copy(update={"lr": self.cfg.rs.lr})
+        return self.cfg.trainer.model_copy(update={"optim": optim})
+
+    def total_train_steps(self) -> int:
+        rs = self.cfg.rs
+        prompts = rs.prompts_per_round or 256
+        per_epoch = -(-prompts // self.cfg.trainer.micro_batch_size)
+        return max(1, self.cfg.rounds.count("rejection_sampling") * rs.epochs * per_epoch)
+
+    # ---------------------------------------------------------------- scoring
+    def scores(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        """Reward of every sample: {"reward": combined, name: per-model scores...}."""
+        from rlhf_cluster import task
+
+        seqs = [trainer_item(s)["input_ids"] for s in samples]
+        if not self.extra_rewards:
+            return {"reward": torch.tensor(self.reward.map("score", seqs))}
+        per_model = {name: torch.tensor(g.map("score", seqs)) for name, g in self.extra_rewards.items()}
+        if self.cfg.combine == "llama2":
+            texts = [task.prompt_text(self.prompt_messages(s)) for s in samples]
+            unsafe = torch.tensor([task.is_unsafe_prompt(t) for t in texts])
+            combined = A.llama2_combined_reward(per_model["helpfulness"], per_model["safety"], unsafe,
+                                                self.cfg.safety_threshold)
+        else:
+            combined = A.weighted_reward(per_model, {m.name: m.weight for m in self.cfg.reward_models})
+        return {"reward": combined, **per_model}
+
+    def prompt_messages(self, sample: dict) -> list[dict]:
+        return self.round_prompts[sample["prompt_index"]]["messages"]
+
+    # ---------------------------------------------------------------- one round
+    def rejection_sampling_round(self, number: int, out: Path) -> dict:
+        from actors.rollout import generate_across
+
+        cfg, rs = self.cfg, self.cfg.rs
+        t0 = time.time()
+        count = rs.prompts_per_round or len(self.train_prompts)
+        self.round_prompts = [self.next_prompts_one() for _ in range(count)]
+        samples = generate_across(self.rollout, [p["prompt_ids"] for p in self.round_prompts],
+                                  {"samples_per_prompt": rs.samples_per_prompt, "temperature": rs.temperature},
+                                  seed=cfg.seed * 1_000_003 + number * 100_003)
+        scored = self.scores(samples)
+        best = A.best_of_k(scored["reward"], rs.samples_per_prompt).tolist()
+        selected, seen, skipped = [], set(), {"below_threshold": 0, "duplicate": 0}
+        for i in best:
+            s, reward = samples[i], scored["reward"][i].item()
+            if rs.score_threshold is not None and reward < rs.score_threshold:
+                skipped["below_threshold"] += 1
+                continue
+            key = (tuple(s["prompt_ids"]), tuple(s["response_ids"]))
+            if rs.dedup and key in seen:
+                skipped["duplicate"] += 1
+                continue
+            seen.add(key)
+            selected.append((s, reward, {n: v[i].item() for n, v in scored.items() if n != "reward"}))
+        if not selected:
+            raise RuntimeError(f"round {number}: no sample passed selection ({skipped})")
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "selected.jsonl").open("w") as fh:
+            for s, reward, per_model in selected:
+                messages = self.prompt_messages(s) + [{"role": "assistant", "content": s["text"]}]
+                fh.write(json.dumps({"messages": messages, "reward": reward, **per_model}) + "\n")
+        t_sample = time.time() - t0
+
+        items = [trainer_item(s) for s, _, _ in selected]
+        losses = []
+        for _ in range(rs.epochs):
+            self.rng.shuffle(items)
+            n_micro = self.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size)
+            losses.append(sum(m["loss"] * m["items"] for m in self.ray.get(
+                self.policy.split_call("train_step", items, "sft", n_micro))) / len(items))
+        self.sync()
+        return {"selected": len(selected), **{f"skipped_{k}": v for k, v in skipped.items()},
+                "selected_mean_reward": sum(r for _, r, _ in selected) / len(selected),
+                "all_mean_reward": scored["reward"].mean().item(), "sft_loss": losses[-1],
+                "time/sample_and_score": t_sample, "time/train": time.time() - t0 - t_sample}
+
+    def next_prompts_one(self) -> dict:
+        if self.data_pos == len(self.order):
+            self.epoch, self.data_pos, self.order = self.epoch + 1, 0, self._shuffled()
+        self.data_pos += 1
+        return self.train_prompts[self.order[self.data_pos - 1]]
+
+    def sync(self) -> None:
+        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
+        self.ray.get([e.update_weights.remote(buckets, self.iteration) for e in self.rollout.actors])
+
+    # ---------------------------------------------------------------- best-of-K as inference-time evaluation
+    def best_of_k_curve(self, ks: list[int], seeds: int) -> dict[int, float]:
+        """Held-out gold score when the reward model picks the best of K samples, averaged over seeds."""
+        from actors.rollout import generate_across
+        from rlhf_cluster import task
+
+        k_max, curve = max(ks), {k: 0.0 for k in ks}
+        self.round_prompts = self.eval_prompts
+        for seed in range(seeds):
+            samples = generate_across(self.rollout, [p["prompt_ids"] for p in self.eval_prompts],
+                                      {"samples_per_prompt": k_max, "temperature": self.cfg.rs.temperature},
+                                      seed=10_000_019 * (seed + 1))
+            reward = self.scores(samples)["reward"].view(-1, k_max)
+            gold = torch.tensor([task.gold_score(task.prompt_text(self.prompt_messages(s)), s["text"]).total
+                                 for s in samples]).view(-1, k_max)
+            for k in ks:
+                pick = reward[:, :k].argmax(-1)
+                curve[k] += gold[torch.arange(len(pick)), pick].mean().item() / seeds
+        return curve
+
+
+def _metric(ev: dict, by: str) -> float:
+    return ev["eval/gold"] if by == "gold" else ev["eval/rm_score"]
+
+
+def run(cfg: RSConfig, log=print) -> dict:
+    """All rounds; returns the summary (best round, its checkpoint, gold per round)."""
+    import ray
+
+    from actors.group import ActorGroup
+    from actors.scorers import RewardModel
+    from rlhf_cluster import ppo
+    from rlhf_cluster.registry import make_entry, open_registry
+    from rlhf_cluster.report import learning_curves
+
+    if not ray.is_initialized():
+        connect_ray(cfg)
+    res = ray.cluster_resources()
+    from rlhf_cluster.config import check_resources
+
+    check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+    policy_path, reward_path = resolve_models(cfg, log)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def start(path: str) -> RejectionSamplingRun:
+        job = RejectionSamplingRun(cfg, path, reward_path, log)
+        job.extra_rewards = {m.name: ActorGroup(RewardModel, cfg.reward_group, m.path, cfg.reward.dtype,
+                                                name=f"reward-{m.name}") for m in cfg.reward_models}
+        return job
+
+    def export(job: RejectionSamplingRun, where: Path) -> Path:
+        job.policy.run("save", str(where / "policy"))
+        job.policy.run("save_pretrained", str(where / "hf"))
+        job.tokenizer.save_pretrained(where / "hf")
+        return where / "hf"
+
+    def register(path: Path, number: int, ev: dict) -> str | None:
+        try:
+            entry = make_entry(path, run=out.name, kind="policy", stage="rejection_sampling", step=number,
+                               metrics={"eval_gold": ev["eval/gold"], "eval_rm": ev["eval/rm_score"]})
+            return open_registry(cfg.registry).register(entry).id
+        except Exception as e:  # the run goes on; the checkpoint is on disk either way
+            log(f"warning: round {number} not registered: {e}")
+            return None
+
+    job = start(policy_path)
+    history = [{"iteration": 0, **job.evaluate()}]
+    hf0 = export(job, out / "round_0")  # the starting model, so a losing round can be undone
+    best = {"round": 0, "hf": hf0, "state": out / "round_0" / "policy",
+            "score": _metric(history[0], cfg.promote_by), "id": register(hf0, 0, history[0])}
+    log(f"round 0 (start): gold {history[0]['eval/gold']:.3f}, RM {history[0]['eval/rm_score']:.3f}")
+    try:
+        for number, kind in enumerate(cfg.rounds, start=1):
+            where = out / f"round_{number}"
+            if kind == "rejection_sampling":
+                if job is None:
+                    job = start(str(best["hf"]))
+                elif best["round"] != number - 1:  # the last round lost: start again from the best
+                    job.policy.run("load", str(best["state"]))
+                    job.sync()
+                stats = job.rejection_sampling_round(number, where)
+                ev = job.evaluate()
+                hf = export(job, where)
+                state = where / "policy"
+            else:  # PPO on top of the best model so far
+                if job is not None:
+                    job.shutdown()
+                    job = None
+                fields = {k: v for k, v in cfg.model_dump().items() if k in PPOConfig.model_fields}
+                ppo_cfg = PPOConfig.model_validate({**fields, "output_dir": str(where),
+                                                    "policy": {**fields["policy"], "path": str(best["hf"])},
+                                                    "reward": {**fields["reward"], "path": reward_path}})
+                summary = ppo.run(ppo_cfg, log=log)
+                ckpt = ppo.latest_checkpoint(where)
+                rows = [json.loads(line) for line in (where / "metrics.jsonl").read_text().splitlines()]
+                ev = next(r for r in reversed(rows) if "eval/gold" in r)
+                stats = {"ppo_gold_initial": summary["gold_initial"]}
+                hf, state = ckpt / "hf", None
+            row = {"iteration": number, "round": kind, **stats, **ev}
+            history.append(row)
+            score = _metric(ev, cfg.promote_by)
+            entry_id = register(hf, number, ev)
+            promoted = score > best["score"]
+            if promoted:
+                best = {"round": number, "hf": hf, "state": state, "score": score, "id": entry_id}
+            log(f"round {number} ({kind}): gold {ev['eval/gold']:.3f}, RM {ev['eval/rm_score']:.3f}"
+                + (f", {stats['selected']} samples selected" if "selected" in stats else "")
+                + (" -> promoted to best" if promoted else f" -> best stays round {best['round']}"))
+        curve = {}
+        if cfg.best_of_k_eval:
+            if job is None:
+                job = start(str(best["hf"]))
+            elif best["round"] != len(cfg.rounds) and best["state"] is not None:
+                job.policy.run("load", str(best["state"]))
+                job.sync()
+            curve = job.best_of_k_curve(cfg.best_of_k_eval, cfg.best_of_k_seeds)
+            log("best-of-K gold: " + ", ".join(f"K={k}: {v:.3f}" for k, v in curve.items()))
+    finally:
+        if job is not None:
+            job.shutdown()
+            for g in job.extra_rewards.values():
+                g.shutdown()
+    if best["id"]:
+        try:
+            open_registry(cfg.registry).promote(best["id"])
+        except Exception as e:
+            log(f"warning: best model not promoted in the registry: {e}")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    learning_curves(history, out / "report.png", title="rejection sampling rounds")
+    summary = {"rounds": cfg.rounds, "gold_per_round": [r["eval/gold"] for r in history],
+               "rm_per_round": [r["eval/rm_score"] for r in history], "best_round": best["round"],
+               "best_model": str(best["hf"]), "best_of_k_gold": curve, "report": str(out / "report.png")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log("\n=== rejection sampling summary ===\n" + "\n".join(
+        f"round {i} ({'start' if i == 0 else cfg.rounds[i - 1]}): gold {g:.3f}"
+        for i, g in enumerate(summary["gold_per_round"])) + f"\nbest: round {best['round']} -> {best['hf']}"
+        + f"\nreport: {summary['report']}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.rejection_sampling", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rs.samples_per_prompt=4")
+    args = ap.parse_args(argv)
+    try:
+        return run(load_config(RSConfig, args.config, args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
+
