@@ -197,6 +197,10 @@ def run(cfg: RSConfig, log=print) -> dict:
     best = {"round": 0, "hf": hf0, "state": out / "round_0" / "policy",
             "score": _metric(history[0], cfg.promote_by), "id": register(hf0, 0, history[0])}
     log(f"round 0 (start): gold {history[0]['eval/gold']:.3f}, RM {history[0]['eval/rm_score']:.3f}")
+    curve = {}
+    if cfg.best_of_k_eval:  # of the starting policy: best-of-K sampling as the alternative to training
+        curve = job.best_of_k_curve(cfg.best_of_k_eval, cfg.best_of_k_seeds)
+        log("best-of-K gold (starting policy): " + ", ".join(f"K={k}: {v:.3f}" for k, v in curve.items()))
     try:
         for number, kind in enumerate(cfg.rounds, start=1):
             where = out / f"round_{number}"
@@ -234,15 +238,6 @@ def run(cfg: RSConfig, log=print) -> dict:
             log(f"round {number} ({kind}): gold {ev['eval/gold']:.3f}, RM {ev['eval/rm_score']:.3f}"
                 + (f", {stats['selected']} samples selected" if "selected" in stats else "")
                 + (" -> promoted to best" if promoted else f" -> best stays round {best['round']}"))
-        curve = {}
-        if cfg.best_of_k_eval:
-            if job is None:
-                job = start(str(best["hf"]))
-            elif best["round"] != len(cfg.rounds) and best["state"] is not None:
-                job.policy.run("load", str(best["state"]))
-                job.sync()
-            curve = job.best_of_k_curve(cfg.best_of_k_eval, cfg.best_of_k_seeds)
-            log("best-of-K gold: " + ", ".join(f"K={k}: {v:.3f}" for k, v in curve.items()))
     finally:
         if job is not None:
             job.shutdown()
