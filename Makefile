@@ -42,7 +42,7 @@ bench: install
 	$(PY) -m bench.run
 
 lint: install
-	$(PY) -m ruff check rlhf_cluster actors serve tests bench
+	$(PY) -m ruff check rlhf_cluster actors serve deploy tests bench
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache bench/out

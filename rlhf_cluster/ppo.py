@@ -96,7 +96,8 @@ class PPORun:
 
         n_rollouts = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
         steps = self.total_train_steps()
-        env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "RLHF_TORCH_THREADS": "1"}
+        # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.training), unless the driver says
+        env = {"RLHF_TORCH_THREADS": "1"} | {k: os.environ[k] for k in ("DS_ACCELERATOR",) if k in os.environ}
         t0 = time.time()
         with_critic = self.uses_critic()
         log("starting actor groups: policy trainer, reference, reward, rollout" + (", critic" if with_critic else ""))
@@ -500,12 +501,10 @@ def connect_ray(cfg: PPOConfig):
     import ray
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    if address:  # the job's runtime env (ray job submit, a RayJob) stays as the submitter set it
+        ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False,
-                 runtime_env=env, log_to_driver=False)
+        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False, log_to_driver=False)
     res = ray.cluster_resources()
     return res.get("CPU", 0.0), res.get("GPU", 0.0)
 
