@@ -187,7 +187,7 @@ class RewardConfig(StageConfig):
         "significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0,
     }
     aspect: Literal["overall", "helpfulness", "safety"] = "overall"
-    builtin_init: Literal["sft", "reward_base"] = "sft"  # with model.path null: the built-in SFT backbone
+    builtin_init: Literal["sft", "reward_base"] = "reward_base"  # model.path null: start from this built-in model
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         return {"trainer": _trainer_demand(self.trainer)}

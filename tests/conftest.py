@@ -17,11 +17,27 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 @pytest.fixture(scope="session")
-def builtin_assets(tmp_path_factory):
-    from rlhf_cluster.builtin import ensure_builtin
+def builtin_cfg(tmp_path_factory):
+    """The built-in task's settings, with a cache private to this test session."""
     from rlhf_cluster.config import BuiltinConfig
 
-    return ensure_builtin(BuiltinConfig(cache_dir=str(tmp_path_factory.mktemp("builtin"))))
+    return BuiltinConfig(cache_dir=str(tmp_path_factory.mktemp("builtin")))
+
+
+@pytest.fixture(scope="session")
+def builtin_assets(builtin_cfg):
+    from rlhf_cluster.builtin import ensure_builtin
+
+    return ensure_builtin(builtin_cfg)
+
+
+@pytest.fixture(scope="session")
+def builtin_sft_rm(builtin_cfg, builtin_assets, ray_cluster):
+    """(SFT policy dir, reward model dir) trained once per session with the tiny presets,
+    exactly as the PPO job builds them when they are missing."""
+    from rlhf_cluster.reward import ensure_builtin_sft_and_rm
+
+    return ensure_builtin_sft_and_rm(builtin_cfg)
 
 
 @pytest.fixture(scope="session")
@@ -79,3 +95,31 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+
+# --------------------------------------------------------------------------- training stages
+@pytest.fixture(scope="session")
+def sft_run(builtin_assets, builtin_cfg, ray_cluster, vllm_engine):
+    """The built-in SFT policy (configs/sft-tiny.yaml on Ray Train), trained once per session where
+    `ensure_builtin_sft` and `builtin_sft_rm` find it, with its gold score before/after from the
+    shared vLLM engine. Returns (model_dir, summary dict)."""
+    import json
+
+    from rlhf_cluster import stages
+    from rlhf_cluster.builtin import _locked
+    from rlhf_cluster.config import CONFIG_DIR, SFTConfig, load_config
+    from rlhf_cluster.sft import run_sft
+
+    cfg = load_config(SFTConfig, CONFIG_DIR / "sft-tiny.yaml", [f"output_dir={builtin_assets.root / 'sft'}"])
+    cfg.builtin = builtin_cfg
+    model_dir = builtin_assets.root / "sft" / "model"
+    with _locked(builtin_assets.root / "sft.lock"):
+        if not (model_dir / "config.json").exists():
+            run_sft(cfg, llm=vllm_engine)
+    summary = json.loads((model_dir.parent / "summary.json").read_text())
+    if "gold_after" not in summary:  # trained earlier in the session without the gold evaluation
+        gold = stages.gold_eval({"before": builtin_assets.base, "after": model_dir},
+                                builtin_assets.file("prompts_eval.jsonl"), cfg.rollout, cfg.seed, llm=vllm_engine)
+        summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"])
+    return model_dir, summary

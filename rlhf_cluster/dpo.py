@@ -1,0 +1,178 @@
+"""Direct preference optimisation (sigmoid DPO or IPO) as a Ray Train job with DeepSpeed workers.
+
+    python -m rlhf_cluster.dpo [--config configs/dpo-tiny.yaml] [key=value ...]
+
+The reference is the initial policy itself: before the first step (and before any resume
+from a checkpoint) each worker computes the reference log-probs of every pair once, so no
+frozen copy is held in memory. With no model given it starts from the built-in SFT policy.
+Measured on held-out pairs: the chosen-over-rejected log-ratio log π(c) - log π(r) and the
+implicit-reward accuracy; with vLLM, the gold score of sampled responses before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster import stages
+from rlhf_cluster.config import DPOConfig
+
+TASK_TYPE = "CAUSAL_LM"
+
+
+def resolve(cfg: DPOConfig) -> dict:
+    """Model and data paths; the built-in task and SFT policy fill what the config leaves null."""
+    paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "prompts": None}
+    if cfg.model.path is None or cfg.data.train is None:
+        from rlhf_cluster.builtin import ensure_builtin
+
+        assets = ensure_builtin(cfg.builtin)
+        if cfg.model.path is None:
+            from rlhf_cluster.sft import ensure_builtin_sft
+
+            paths["model"] = str(ensure_builtin_sft(cfg.builtin))
+        if cfg.data.train is None:
+            paths["train"] = str(assets.file("preferences_train.jsonl"))
+            paths["eval"] = paths["eval"] or str(assets.file("preferences_eval.jsonl"))
+            paths["prompts"] = str(assets.file("prompts_eval.jsonl"))
+    return paths
+
+
+def load_data(cfg: DPOConfig, paths: dict, tokenizer, log=None):
+    from rlhf_cluster.data import load_tokenized
+
+    d = cfg.data
+    train, report = load_tokenized(paths["train"], tokenizer, "preferences", d.max_sequence_tokens, d.on_bad_sample)
+    held, held_report = (load_tokenized(paths["eval"], tokenizer, "preferences", d.max_sequence_tokens,
+                                        d.on_bad_sample) if paths["eval"] else (None, None))
+    if log:
+        log(f"train pairs: {report}")
+        if held_report:
+            log(f"held-out pairs: {held_report}")
+    return train, held, report
+
+
+def pair_logprobs(engine, pairs: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(chosen), log π(rejected)) per pair, summed over response tokens, one forward pass."""
+    from rlhf_cluster.data import pad_batch
+    from rlhf_cluster.losses import sequence_logprobs
+
+    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    ids, att = pad_batch([s.input_ids for s in seqs], pad_id)
+    mask, _ = pad_batch([s.loss_mask for s in seqs], 0)
+    logps = sequence_logprobs(engine(input_ids=ids, attention_mask=att).logits, ids, mask)
+    return logps[:len(pairs)], logps[len(pairs):]
+
+
+@torch.no_grad()
+def reference_logprobs(engine, pairs: list[dict], micro: int, pad_id: int) -> torch.Tensor:
+    """[N, 2] reference (chosen, rejected) log-probs: each rank scores its share, then one all-reduce."""
+    engine.eval()
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    for idx, weights in stages.eval_shards(len(pairs), micro):
+        c, r = pair_logprobs(engine, [pairs[i] for i in idx], pad_id)
+        for j, (i, w) in enumerate(zip(idx, weights)):
+            if w > 0:
+                out[i] = torch.tensor([c[j].item(), r[j].item()], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(out)  # each pair was scored by exactly one rank
+    return out.float()
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: the policy's DeepSpeed engine; reference log-probs precomputed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cluster.losses import dpo_loss, dpo_metrics
+    from rlhf_cluster.training import load_pretrained, make_engine
+
+    cfg = DPOConfig.model_validate(config["cfg"])
+    paths = config["paths"]
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    pad = tokenizer.pad_token_id
+    train, held, _ = load_data(cfg, paths, tokenizer)
+    model = load_pretrained(AutoModelForCausalLM, paths["model"], cfg.trainer, cfg.model.dtype)
+    if cfg.trainer.lora.enabled:
+        model = stages.with_lora(model, cfg.trainer.lora, TASK_TYPE)  # zero-initialised B: still the reference
+    total = cfg.epochs * stages.steps_per_epoch(len(train), cfg)
+    engine = make_engine(model, cfg.trainer, total, cfg.model.dtype)
+    mb = cfg.trainer.micro_batch_size
+    ref_train = reference_logprobs(engine, train, mb, pad)  # before fit() restores trained weights
+    ref_held = reference_logprobs(engine, held, mb, pad) if held else None
+
+    def train_step(idx: list[int]):
+        c, r = pair_logprobs(engine, [train[i] for i in idx], pad)
+        ref = ref_train[idx]
+        loss = dpo_loss(c, r, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss)
+        return loss, dpo_metrics(c.detach(), r.detach(), ref[:, 0], ref[:, 1], cfg.beta)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        engine.eval()
+        sums = {k: [0.0, 0.0] for k in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio")}
+        for idx, weights in stages.eval_shards(len(held), mb):
+            c, r = pair_logprobs(engine, [held[i] for i in idx], pad)
+            ref, w = ref_held[idx], torch.tensor(weights)
+            h = (c - ref[:, 0]) - (r - ref[:, 1])
+            per_pair = {"eval_loss": (torch.nn.functional.softplus(-cfg.beta * h) if cfg.loss == "sigmoid"
+                                      else (h - 1 / (2 * cfg.beta)) ** 2),
+                        "eval_reward_accuracy": (h > 0).float(), "eval_reward_margin": cfg.beta * h,
+                        "eval_logratio": c - r}
+            for key, v in per_pair.items():
+                sums[key][0] += float((v * w).sum())
+                sums[key][1] += float(w.sum())
+        return stages.weighted_all_sum({k: tuple(v) for k, v in sums.items()})
+
+    def export(out: Path) -> None:
+        stages.export_model(engine, out, AutoModelForCausalLM, paths["model"], cfg.trainer.lora, TASK_TYPE)
+
+    stages.fit(cfg, engine, len(train), train_step, evaluate if held else None, export,
+               config.get("fail_at_step"), config.get("marker"))
+
+
+def run_dpo(cfg: DPOConfig, llm=None, fail_at_step: int | None = None) -> Path:
+    """Run DPO end to end in this process; returns the final HF model directory.
+
+    `llm`: an existing vLLM engine to reuse for the gold evaluation.
+    """
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    stages.precheck(cfg)
+    paths = resolve(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    report = load_data(cfg, paths, tokenizer, log=print)[-1]  # bad data fails here, before Ray
+    stages.connect(cfg)  # resource checks, then Ray (resolve() may have started it to train the SFT policy)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = str(out.resolve() / "fault-injected") if fail_at_step is not None else None
+    result = stages.train("dpo", train_loop, cfg, {"paths": paths, "fail_at_step": fail_at_step, "marker": marker})
+    model_dir, history = stages.publish(result, out)
+    first = next((h for h in history if "eval_logratio" in h), {})
+    last = history[-1]
+    summary = {"model": str(model_dir), "train_samples": report.kept, "train_skipped": dict(report.skipped),
+               "init": paths["model"], "loss": cfg.loss, "beta": cfg.beta,
+               "steps": last["step"], "resumed_from_step": result.metrics.get("resumed_from_step", 0),
+               "train_seconds": round(result.metrics.get("train_seconds", 0.0), 1),
+               "eval_logratio_before": first.get("eval_logratio"), "eval_logratio_after": last.get("eval_logratio"),
+               "eval_reward_accuracy_after": last.get("eval_reward_accuracy"),
+               "eval_reward_margin_after": last.get("eval_reward_margin")}
+    if cfg.gold_eval and paths["prompts"]:
+        gold = stages.gold_eval({"before": Path(paths["model"]), "after": model_dir}, Path(paths["prompts"]),
+                                cfg.rollout, cfg.seed, llm=llm)
+        summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"],
+                       gold_examples=gold["after"]["examples"])
+    summary["seconds"] = round(time.time() - t0, 1)
+    stages.summarize("dpo", out, summary)
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    stages.cli("dpo", DPOConfig, run_dpo, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Supervised fine-tuning (Llama 2 style) as a Ray Train job with DeepSpeed workers.
+
+    python -m rlhf_cluster.sft [--config configs/sft-tiny.yaml] [key=value ...]
+
+The loss is cross-entropy on response tokens only (prompt tokens masked); multi-turn chats
+train on every assistant turn. With no data given it teaches the built-in base model (random
+weights) the built-in task from the demonstrator's data. Measured on held-out data: response
+loss on sft_eval.jsonl, and the gold score of responses sampled with vLLM on held-out prompts,
+before and after training.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster import stages
+from rlhf_cluster.config import SFTConfig
+
+TASK_TYPE = "CAUSAL_LM"
+
+
+def resolve(cfg: SFTConfig) -> dict:
+    """Model and data paths; the built-in task and base model fill what the config leaves null."""
+    paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "prompts": None}
+    if cfg.model.path is None or cfg.data.train is None:
+        from rlhf_cluster.builtin import ensure_builtin
+
+        assets = ensure_builtin(cfg.builtin)
+        paths["model"] = paths["model"] or str(assets.base)
+        if cfg.data.train is None:
+            paths["train"] = str(assets.file("sft_train.jsonl"))
+            paths["eval"] = paths["eval"] or str(assets.file("sft_eval.jsonl"))
+            paths["prompts"] = str(assets.file("prompts_eval.jsonl"))
+    return paths
+
+
+def load_data(cfg: SFTConfig, paths: dict, tokenizer, log=None):
+    from rlhf_cluster.data import load_tokenized
+
+    d = cfg.data
+    train, report = load_tokenized(paths["train"], tokenizer, "sft", d.max_sequence_tokens, d.on_bad_sample)
+    held, held_report = (load_tokenized(paths["eval"], tokenizer, "sft", d.max_sequence_tokens, d.on_bad_sample)
+                         if paths["eval"] else (None, None))
+    if log:
+        log(f"train data: {report}")
+        if held_report:
+            log(f"held-out data: {held_report}")
+    if cfg.packing:
+        train = pack(train, d.max_sequence_tokens)
+        if log:
+            log(f"packed into {len(train)} rows of <= {d.max_sequence_tokens} tokens")
+    return train, held, report
+
+
+def pack(samples: list, max_tokens: int) -> list[list]:
+    """Greedy first-fit packing of samples into rows of at most `max_tokens` tokens.
+
+    Each row keeps its samples apart (positions restart, attention is block-diagonal), so
+    packing only removes padding; it never lets one sample see another.
+    """
+    rows: list[list] = []
+    lengths: list[int] = []
+    for s in sorted(samples, key=lambda s: -len(s.input_ids)):
+        for i, used in enumerate(lengths):
+            if used + len(s.input_ids) <= max_tokens:
+                rows[i].append(s)
+                lengths[i] += len(s.input_ids)
+                break
+        else:
+            rows.append([s])
+            lengths.append(len(s.input_ids))
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    return [rows[i] for i in order]
+
+
+def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of samples (or packed rows of samples) with loss mask and positions.
+
+    A packed row gets a block-diagonal causal mask ([B, 1, T, T], True = may attend) so its
+    samples do not attend to each other.
+    """
+    rows = [item if isinstance(item, list) else [item] for item in items]
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for j, s in enumerate(row):
+            n = len(s.input_ids)
+            ids[r, at:at + n] = torch.tensor(s.input_ids)
+            mask[r, at:at + n] = torch.tensor(s.loss_mask)
+            pos[r, at:at + n] = torch.arange(n)
+            seg[r, at:at + n] = j
+            at += n
+    if all(len(row) == 1 for row in rows):  # unpacked: the ordinary padding mask
+        return {"input_ids": ids, "loss_mask": mask, "position_ids": None, "attention_mask": (seg >= 0).long()}
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg.unsqueeze(2) >= 0)
+    attn = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only (no NaN)
+    return {"input_ids": ids, "loss_mask": mask, "position_ids": pos, "attention_mask": attn.unsqueeze(1)}
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: a DeepSpeed engine on the policy, trained by the shared loop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cluster.losses import sft_loss
+    from rlhf_cluster.training import load_pretrained, make_engine
+
+    cfg = SFTConfig.model_validate(config["cfg"])
+    paths = config["paths"]
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    train, held, report = load_data(cfg, paths, tokenizer)
+    model = load_pretrained(AutoModelForCausalLM, paths["model"], cfg.trainer, cfg.model.dtype)
+    if cfg.trainer.lora.enabled:
+        model = stages.with_lora(model, cfg.trainer.lora, TASK_TYPE)
+    total = cfg.epochs * stages.steps_per_epoch(len(train), cfg)
+    engine = make_engine(model, cfg.trainer, total, cfg.model.dtype)
+
+    def loss_on(items: list) -> tuple[torch.Tensor, int]:
+        b = collate(items, tokenizer.pad_token_id)
+        logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        position_ids=b["position_ids"]).logits
+        return sft_loss(logits, b["input_ids"], b["loss_mask"]), int(b["loss_mask"][:, 1:].sum())
+
+    def train_step(idx: list[int]):
+        loss, _ = loss_on([train[i] for i in idx])
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        engine.eval()
+        total_nll, tokens = 0.0, 0.0
+        for idx, weights in stages.eval_shards(len(held), cfg.trainer.micro_batch_size):
+            real = [held[i] for i, w in zip(idx, weights) if w > 0]
+            loss, n = loss_on(real or [held[0]])  # a rank with no samples left still joins the forward
+            if real:
+                total_nll, tokens = total_nll + loss.item() * n, tokens + n
+        return {"eval_loss": stages.weighted_all_sum({"eval_loss": (total_nll, tokens)})["eval_loss"]}
+
+    def export(out: Path) -> None:
+        stages.export_model(engine, out, AutoModelForCausalLM, paths["model"], cfg.trainer.lora, TASK_TYPE)
+
+    stages.fit(cfg, engine, len(train), train_step, evaluate if held else None, export,
+               config.get("fail_at_step"), config.get("marker"))
+
+
+def run_sft(cfg: SFTConfig, llm=None, fail_at_step: int | None = None) -> Path:
+    """Run SFT end to end in this process; returns the final HF model directory.
+
+    `llm`: an existing vLLM engine to reuse for the gold evaluation; `fail_at_step`: kill one
+    worker once at that step (tests of the resume from checkpoint).
+    """
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    stages.precheck(cfg)
+    paths = resolve(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    report = load_data(cfg, paths, tokenizer, log=print)[-1]  # bad data fails here, before Ray
+    stages.connect(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = str(out.resolve() / "fault-injected") if fail_at_step is not None else None
+    result = stages.train("sft", train_loop, cfg, {"paths": paths, "fail_at_step": fail_at_step, "marker": marker})
+    model_dir, history = stages.publish(result, out)
+    first_eval = next((h for h in history if "eval_loss" in h), {})
+    summary = {"model": str(model_dir), "train_samples": report.kept, "train_skipped": dict(report.skipped),
+               "steps": history[-1]["step"],
+               "resumed_from_step": result.metrics.get("resumed_from_step", 0),
+               "train_seconds": round(result.metrics.get("train_seconds", 0.0), 1),
+               "eval_loss_before": first_eval.get("eval_loss"), "eval_loss_after": history[-1].get("eval_loss")}
+    if cfg.gold_eval and paths["prompts"]:
+        gold = stages.gold_eval({"before": Path(paths["model"]), "after": model_dir}, Path(paths["prompts"]),
+                                cfg.rollout, cfg.seed, llm=llm)
+        summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"],
+                       gold_examples=gold["after"]["examples"])
+    summary["seconds"] = round(time.time() - t0, 1)
+    stages.summarize("sft", out, summary)
+    return model_dir
+
+
+def ensure_builtin_sft(builtin_cfg=None) -> Path:
+    """The built-in SFT policy, trained once with configs/sft-tiny.yaml and cached next to the
+    built-in assets (a second call, from any process, trains nothing)."""
+    from rlhf_cluster.builtin import _locked, cache_root
+    from rlhf_cluster.config import CONFIG_DIR, BuiltinConfig, load_config
+
+    builtin_cfg = builtin_cfg or BuiltinConfig()
+    root = cache_root(builtin_cfg)
+    with _locked(root / "sft.lock"):
+        if not (root / "sft" / "model" / "config.json").exists():
+            overrides = [f"output_dir={root / 'sft'}", "gold_eval=false"]  # PPO jobs need no vLLM start here
+            cfg = load_config(SFTConfig, CONFIG_DIR / "sft-tiny.yaml", overrides)
+            cfg.builtin = builtin_cfg
+            run_sft(cfg)
+    return root / "sft" / "model"
+
+
+def main(argv: list[str] | None = None) -> None:
+    stages.cli("sft", SFTConfig, run_sft, argv)
+
+
+if __name__ == "__main__":
+    main()

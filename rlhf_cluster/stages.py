@@ -1,0 +1,394 @@
+"""What the Ray Train stages (SFT, reward model, DPO) share.
+
+Driver side, in the order a job runs: `connect` (config and resource checks, then join or start
+Ray), `train` (a TorchTrainer whose workers each hold a DeepSpeed engine), `publish` (copy the
+final HF model out of the last Ray checkpoint atomically, write metrics JSONL, the loss curve and
+a summary) and `gold_eval` (sample held-out prompts with vLLM, score them with the gold scorer).
+
+Worker side: `fit`, the one training loop every stage uses. It resumes from
+`ray.train.get_checkpoint()`, walks deterministic shuffled global batches (so a resumed run sees
+the batches the failed one would have), evaluates and checkpoints every few steps, and ends with
+a checkpoint holding the exported model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rlhf_cluster.config import ConfigError, LoraConfig, StageConfig, check_resources, load_config, local_resources
+from rlhf_cluster.data import DataError
+
+# --------------------------------------------------------------------------- driver: Ray
+
+
+def precheck(cfg: StageConfig) -> None:
+    """Fail fast, before any data is built or read, when a local cluster could not hold the job."""
+    import ray
+
+    if not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        check_resources(cfg, *local_resources(cfg))
+
+
+def connect(cfg: StageConfig) -> None:
+    """Check the job against the cluster, then join RAY_ADDRESS / cfg.ray.address or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        res = ray.cluster_resources()
+        check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        res = ray.cluster_resources()
+        check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+        return
+    cpus, gpus = local_resources(cfg)
+    check_resources(cfg, cpus, gpus)  # before any process starts
+    ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
+
+
+def train(stage: str, loop: Callable, cfg: StageConfig, loop_config: dict):
+    """Run `loop` on cfg.trainer.num_ranks Ray Train workers; returns the ray.train.Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.trainer
+    use_gpu = t.num_gpus_per_rank > 0
+    resources = {"CPU": t.num_cpus_per_rank, **({"GPU": t.num_gpus_per_rank} if use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), **loop_config},
+        scaling_config=ScalingConfig(num_workers=t.num_ranks, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",  # a new run never resumes an old one
+            storage_path=str(Path(cfg.output_dir).resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+# --------------------------------------------------------------------------- driver: outputs
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Copy `src` to a temporary sibling of `dst`, then rename: readers never see half a model."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def publish(result, out: Path) -> tuple[Path, list[dict]]:
+    """Final model and metrics out of the last checkpoint: out/model, out/metrics.jsonl, out/loss.png."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"the training run ended without a checkpoint (error: {result.error})")
+    out.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        d = Path(d)
+        if not (d / "model" / "config.json").exists():
+            raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported model")
+        replace_dir(d / "model", out / "model")
+        history = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    plot_curves(history, out / "loss.png")
+    return out / "model", history
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Train loss per step and held-out loss at each evaluation, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    held = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if held:
+        ax.plot(*zip(*held), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarize(stage: str, out: Path, summary: dict) -> None:
+    """Write out/summary.json and print the few numbers and paths a person wants to see."""
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"\n== {stage} done in {summary.get('seconds', 0):.0f} s")
+    for key, value in summary.items():
+        if key != "seconds":
+            print(f"  {key}: {round(value, 4) if isinstance(value, float) else value}")
+    print(f"  files: {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'summary.json'}")
+
+
+def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, llm=None) -> dict[str, dict]:
+    """Gold score of each model's sampled responses to the held-out prompts, with one vLLM engine.
+
+    The engine starts once (about 30 s here) and swaps weights between models of the same
+    architecture with `reload_weights`; pass `llm` to reuse an engine you already have.
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf_cluster import task
+    from rlhf_cluster.data import load_tokenized
+    from rlhf_cluster.evaluate import gold_report
+    from rlhf_cluster.generation import generate, make_vllm, sampling_params
+
+    first = next(iter(models.values()))
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    records, _ = load_tokenized(prompts_file, tokenizer, "prompts", max_tokens=rollout.max_model_len - 1)
+    prompt_ids = [r["prompt_ids"] for r in records]
+    own = llm is None
+    original = None if own else llm.model_config.model  # put a borrowed engine's weights back afterwards
+    reports = {}
+    for name, model_dir in models.items():
+        t0 = time.time()
+        if llm is None:
+            llm = make_vllm(str(model_dir), rollout, seed=seed)
+        else:
+            _load_weights(llm, model_dir)
+        samples = generate(llm, prompt_ids, sampling_params(rollout, seed=seed))
+        texts = [task.prompt_text(records[s.prompt_index]["messages"]) for s in samples]
+        reports[name] = gold_report(texts, [s.text for s in samples])
+        reports[name]["seconds"] = round(time.time() - t0, 1)
+        reports[name]["examples"] = [[texts[i], samples[i].text] for i in range(0, len(samples), 37)][:4]
+    if own:
+        del llm
+        gc.collect()
+    else:
+        _load_weights(llm, original)
+    return reports
+
+
+def _load_weights(llm, model_dir) -> None:
+    """Swap the weights of a running vLLM engine in place (same architecture and tokenizer)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+    llm.reset_prefix_cache()  # cached KV of the previous weights would be wrong
+
+
+def cli(stage: str, cls, run: Callable, argv: list[str] | None) -> None:
+    """`python -m rlhf_cluster.<stage> [--config FILE] [key=value ...]`; bad input exits 2 with the reason."""
+    ap = argparse.ArgumentParser(prog=f"python -m rlhf_cluster.{stage}")
+    ap.add_argument("--config", help="YAML config (see configs/); keys not given take their defaults")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.zero_stage=2")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+        run(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def rank_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average a dict of floats over ranks (every rank must call it with the same keys)."""
+    if not torch.distributed.is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: v / torch.distributed.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def global_batch(cfg: StageConfig) -> int:
+    t = cfg.trainer
+    return t.micro_batch_size * t.grad_accumulation * t.num_ranks
+
+
+def steps_per_epoch(n: int, cfg: StageConfig) -> int:
+    """Optimizer steps per epoch (the last incomplete global batch is dropped)."""
+    if n < global_batch(cfg):
+        raise DataError(f"{n} training samples are fewer than one global batch of {global_batch(cfg)} "
+                        "(trainer.micro_batch_size x grad_accumulation x num_ranks)")
+    return n // global_batch(cfg)
+
+
+def eval_shards(n: int, micro: int) -> list[tuple[list[int], list[float]]]:
+    """This rank's micro-batches over n held-out samples, as (indices, weights).
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively),
+    so the tail is padded with sample 0 at weight 0.
+    """
+    rank, world = rank_world()
+    per_rank = -(-n // world)
+    per_rank = -(-per_rank // micro) * micro
+    idx = list(range(rank, n, world))
+    weights = [1.0] * len(idx) + [0.0] * (per_rank - len(idx))
+    idx += [0] * (per_rank - len(idx))
+    return [(idx[i:i + micro], weights[i:i + micro]) for i in range(0, per_rank, micro)]
+
+
+def weighted_all_sum(pairs: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{key: (weighted sum, weight)} summed over ranks -> {key: sum / weight}."""
+    keys = sorted(pairs)
+    t = torch.tensor([[pairs[k][0], pairs[k][1]] for k in keys], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return {k: (s / w if w else float("nan")) for k, (s, w) in zip(keys, t.tolist())}
+
+
+def with_lora(model, lora: LoraConfig, task_type: str):
+    """Wrap `model` in LoRA adapters (peft); only adapter weights stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), task_type=task_type)
+    return get_peft_model(model, peft_cfg)
+
+
+def export_model(engine, out: Path, cls, init_dir: str, lora: LoraConfig | None, task_type: str,
+                 load_kwargs: dict | None = None) -> None:
+    """Write the trained weights as a plain HF directory (LoRA merged) on rank 0. All ranks call it.
+
+    The weights are gathered from ZeRO-3 partitions, loaded into a fresh CPU copy of the initial
+    model (plus adapters when LoRA is on), merged and saved with the tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf_cluster.training import gathered_state_dict
+
+    state = gathered_state_dict(engine)
+    if rank_world()[0] != 0:
+        return
+    gc.collect()  # drop the HfDeepSpeedConfig of loading so this copy is not ZeRO-3 partitioned
+    model = cls.from_pretrained(init_dir, dtype=torch.float32, **(load_kwargs or {}))
+    if lora is not None and lora.enabled:
+        model = with_lora(model, lora, task_type)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise RuntimeError(f"exported weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if lora is not None and lora.enabled:
+        model = model.merge_and_unload()
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(init_dir).save_pretrained(out)
+
+
+def _maybe_fail(step: int, fail_at_step: int | None, marker: str | None) -> None:
+    """Fault injection for the resume test: the last rank dies once, at `fail_at_step`."""
+    rank, world = rank_world()
+    if fail_at_step is None or step != fail_at_step or rank != world - 1 or marker is None:
+        return
+    if os.path.exists(marker):
+        return
+    Path(marker).write_text(f"killed rank {rank} at step {step}\n")
+    print(f"[fault injection] rank {rank} exits at step {step}", flush=True)
+    os._exit(1)
+
+
+def _checkpoint(engine, step: int, history: list[dict], metrics: dict, export: Callable | None = None) -> None:
+    """DeepSpeed state of every rank (+ the exported model at the end) as one Ray Train checkpoint.
+
+    Each rank writes its own ZeRO shard; Ray merges the ranks' directories into one checkpoint,
+    and registers it only once all ranks reported, so a crash never leaves half a checkpoint.
+    """
+    import ray.train
+
+    rank, _ = rank_world()
+    with tempfile.TemporaryDirectory(prefix="rlhf-ckpt-") as d:
+        engine.save_checkpoint(d, tag="ds")
+        if export is not None:
+            export(Path(d) / "model")
+        if rank == 0:
+            (Path(d) / "state.json").write_text(json.dumps({"step": step}))
+            (Path(d) / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _restore(engine) -> tuple[int, list[dict]]:
+    """(step, metrics history) of the last checkpoint, with the engine's weights, optimizer and LR schedule."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, []
+    with ckpt.as_directory() as d:
+        engine.load_checkpoint(d, tag="ds")
+        step = json.loads((Path(d) / "state.json").read_text())["step"]
+        history = [json.loads(line) for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+    print(f"[resume] rank {rank_world()[0]} restored step {step} from {ckpt.path}", flush=True)
+    return step, [h for h in history if h["step"] <= step]
+
+
+def fit(cfg: StageConfig, engine, n_train: int, train_step: Callable, evaluate: Callable | None,
+        export: Callable, fail_at_step: int | None = None, marker: str | None = None) -> None:
+    """The shared worker loop.
+
+    train_step(indices) -> (loss, metrics) on one micro-batch of training-sample indices;
+    evaluate() -> held-out metrics (collective); export(dir) writes the HF model (collective).
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's collectives
+    rank, world = rank_world()
+    t = cfg.trainer
+    per_epoch = steps_per_epoch(n_train, cfg)
+    total = cfg.epochs * per_epoch
+    step, history = _restore(engine)
+    resumed_from = step
+    if step == 0 and evaluate is not None:
+        history.append({"step": 0, **evaluate()})
+    t0 = time.time()
+    while step < total:
+        _maybe_fail(step, fail_at_step, marker)
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        mine = order[k * global_batch(cfg):(k + 1) * global_batch(cfg)][rank::world]
+        engine.train()
+        sums: dict[str, float] = {}
+        for i in range(0, len(mine), t.micro_batch_size):
+            loss, metrics = train_step(mine[i:i + t.micro_batch_size])
+            engine.backward(loss)
+            engine.step()
+            for key, value in {"loss": loss.item(), **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + value / t.grad_accumulation
+        step += 1
+        row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0],
+               **{f"train_{k}": v for k, v in all_mean(sums).items()}}
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == total):
+            row.update(evaluate())
+        history.append(row)
+        if rank == 0 and (step % 10 == 0 or step == total):
+            shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
+            print(f"step {step}/{total} {shown} ({time.time() - t0:.1f} s)", flush=True)
+        if step % cfg.checkpoint_every == 0 and step < total:
+            _checkpoint(engine, step, history, row)
+    final = {**history[-1], "resumed_from_step": resumed_from, "train_seconds": time.time() - t0}
+    _checkpoint(engine, total, history, final, export=export)
