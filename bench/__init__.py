@@ -1,0 +1,1 @@
+"""Benchmarks of rlhf-cluster: `python -m bench.run` (see bench/README.md)."""
