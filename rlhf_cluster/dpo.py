@@ -11,7 +11,6 @@ implicit-reward accuracy; with vLLM, the gold score of sampled responses before 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -138,36 +137,16 @@ def run_dpo(cfg: DPOConfig, llm=None, fail_at_step: int | None = None) -> Path:
 
     `llm`: an existing vLLM engine to reuse for the gold evaluation.
     """
-    from transformers import AutoTokenizer
-
-    t0 = time.time()
-    stages.precheck(cfg)
-    paths = resolve(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    report = load_data(cfg, paths, tokenizer, log=print)[-1]  # bad data fails here, before Ray
-    stages.connect(cfg)  # resource checks, then Ray (resolve() may have started it to train the SFT policy)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = str(out.resolve() / "fault-injected") if fail_at_step is not None else None
-    result = stages.train("dpo", train_loop, cfg, {"paths": paths, "fail_at_step": fail_at_step, "marker": marker})
-    model_dir, history = stages.publish(result, out)
-    first = next((h for h in history if "eval_logratio" in h), {})
-    last = history[-1]
-    summary = {"model": str(model_dir), "train_samples": report.kept, "train_skipped": dict(report.skipped),
-               "init": paths["model"], "loss": cfg.loss, "beta": cfg.beta,
-               "steps": last["step"], "resumed_from_step": result.metrics.get("resumed_from_step", 0),
-               "train_seconds": round(result.metrics.get("train_seconds", 0.0), 1),
-               "eval_logratio_before": first.get("eval_logratio"), "eval_logratio_after": last.get("eval_logratio"),
-               "eval_reward_accuracy_after": last.get("eval_reward_accuracy"),
-               "eval_reward_margin_after": last.get("eval_reward_margin")}
-    if cfg.gold_eval and paths["prompts"]:
-        gold = stages.gold_eval({"before": Path(paths["model"]), "after": model_dir}, Path(paths["prompts"]),
-                                cfg.rollout, cfg.seed, llm=llm)
-        summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"],
-                       gold_examples=gold["after"]["examples"])
-    summary["seconds"] = round(time.time() - t0, 1)
-    stages.summarize("dpo", out, summary)
-    return model_dir
+    run = stages.run_stage("dpo", cfg, resolve, load_data, train_loop, fail_at_step)
+    first = next((h for h in run["history"] if "eval_logratio" in h), {})
+    last = run["history"][-1]
+    run["summary"].update(init=run["paths"]["model"], loss=cfg.loss, beta=cfg.beta,
+                          eval_logratio_before=first.get("eval_logratio"),
+                          eval_logratio_after=last.get("eval_logratio"),
+                          eval_reward_accuracy_after=last.get("eval_reward_accuracy"),
+                          eval_reward_margin_after=last.get("eval_reward_margin"))
+    stages.add_gold_eval(run, cfg, llm)
+    return stages.finish_stage("dpo", run)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ held-out pairs with gold labels: pairwise accuracy, before and after training.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -144,30 +143,14 @@ def train_loop(config: dict) -> None:
 
 def run_reward(cfg: RewardConfig, fail_at_step: int | None = None) -> Path:
     """Train a reward model end to end in this process; returns the final HF model directory."""
-    from transformers import AutoTokenizer
-
-    t0 = time.time()
-    stages.precheck(cfg)
-    paths = resolve(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    report = load_data(cfg, paths, tokenizer, log=print)[-1]  # bad data fails here, before Ray
-    stages.connect(cfg)  # resource checks, then Ray (resolve() may have started it to train the SFT policy)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = str(out.resolve() / "fault-injected") if fail_at_step is not None else None
-    result = stages.train("reward", train_loop, cfg, {"paths": paths, "fail_at_step": fail_at_step, "marker": marker})
-    model_dir, history = stages.publish(result, out)
+    run = stages.run_stage("reward", cfg, resolve, load_data, train_loop, fail_at_step)
+    history = run["history"]
     first = next((h for h in history if "eval_accuracy" in h), {})
-    summary = {"model": str(model_dir), "train_samples": report.kept, "train_skipped": dict(report.skipped),
-               "init": paths["model"], "loss": cfg.loss, "steps": history[-1]["step"],
-               "resumed_from_step": result.metrics.get("resumed_from_step", 0),
-               "train_seconds": round(result.metrics.get("train_seconds", 0.0), 1),
-               "eval_accuracy_before": first.get("eval_accuracy"),
-               "eval_accuracy_after": history[-1].get("eval_accuracy"),
-               "eval_loss_after": history[-1].get("eval_loss"),
-               "seconds": round(time.time() - t0, 1)}
-    stages.summarize("reward", out, summary)
-    return model_dir
+    run["summary"].update(init=run["paths"]["model"], loss=cfg.loss,
+                          eval_accuracy_before=first.get("eval_accuracy"),
+                          eval_accuracy_after=history[-1].get("eval_accuracy"),
+                          eval_loss_after=history[-1].get("eval_loss"))
+    return stages.finish_stage("reward", run)
 
 
 def ensure_builtin_sft_and_rm(builtin_cfg=None) -> tuple[Path, Path]:

@@ -11,7 +11,6 @@ before and after training.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -157,33 +156,12 @@ def run_sft(cfg: SFTConfig, llm=None, fail_at_step: int | None = None) -> Path:
     `llm`: an existing vLLM engine to reuse for the gold evaluation; `fail_at_step`: kill one
     worker once at that step (tests of the resume from checkpoint).
     """
-    from transformers import AutoTokenizer
-
-    t0 = time.time()
-    stages.precheck(cfg)
-    paths = resolve(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    report = load_data(cfg, paths, tokenizer, log=print)[-1]  # bad data fails here, before Ray
-    stages.connect(cfg)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = str(out.resolve() / "fault-injected") if fail_at_step is not None else None
-    result = stages.train("sft", train_loop, cfg, {"paths": paths, "fail_at_step": fail_at_step, "marker": marker})
-    model_dir, history = stages.publish(result, out)
-    first_eval = next((h for h in history if "eval_loss" in h), {})
-    summary = {"model": str(model_dir), "train_samples": report.kept, "train_skipped": dict(report.skipped),
-               "steps": history[-1]["step"],
-               "resumed_from_step": result.metrics.get("resumed_from_step", 0),
-               "train_seconds": round(result.metrics.get("train_seconds", 0.0), 1),
-               "eval_loss_before": first_eval.get("eval_loss"), "eval_loss_after": history[-1].get("eval_loss")}
-    if cfg.gold_eval and paths["prompts"]:
-        gold = stages.gold_eval({"before": Path(paths["model"]), "after": model_dir}, Path(paths["prompts"]),
-                                cfg.rollout, cfg.seed, llm=llm)
-        summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"],
-                       gold_examples=gold["after"]["examples"])
-    summary["seconds"] = round(time.time() - t0, 1)
-    stages.summarize("sft", out, summary)
-    return model_dir
+    run = stages.run_stage("sft", cfg, resolve, load_data, train_loop, fail_at_step)
+    first_eval = next((h for h in run["history"] if "eval_loss" in h), {})
+    run["summary"].update(eval_loss_before=first_eval.get("eval_loss"),
+                          eval_loss_after=run["history"][-1].get("eval_loss"))
+    stages.add_gold_eval(run, cfg, llm)
+    return stages.finish_stage("sft", run)
 
 
 def ensure_builtin_sft(builtin_cfg=None) -> Path:

@@ -103,6 +103,47 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def run_stage(stage: str, cfg: StageConfig, resolve: Callable, load_data: Callable, train_loop: Callable,
+              fail_at_step: int | None = None) -> dict:
+    """The driver every stage runs: checks, data (bad data fails here, before Ray), Ray Train, publish.
+
+    Returns what the stage's summary is made of: paths, the skip report, the Ray result, the
+    published model directory, its metrics history, the output directory and the summary so far.
+    """
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    precheck(cfg)
+    paths = resolve(cfg)
+    report = load_data(cfg, paths, AutoTokenizer.from_pretrained(paths["model"]), log=print)[-1]
+    connect(cfg)  # resource checks, then Ray (resolve() may have started it to train the SFT policy)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = str(out.resolve() / "fault-injected") if fail_at_step is not None else None
+    result = train(stage, train_loop, cfg, {"paths": paths, "fail_at_step": fail_at_step, "marker": marker})
+    model_dir, history = publish(result, out)
+    summary = {"model": str(model_dir), "train_samples": report.kept, "train_skipped": dict(report.skipped),
+               "steps": history[-1]["step"], "resumed_from_step": result.metrics.get("resumed_from_step", 0),
+               "train_seconds": round(result.metrics.get("train_seconds", 0.0), 1)}
+    return {"paths": paths, "model_dir": model_dir, "history": history, "out": out, "t0": t0, "summary": summary}
+
+
+def add_gold_eval(run: dict, cfg, llm=None) -> None:
+    """Gold score of the initial and the trained policy on held-out prompts, into the summary."""
+    paths, summary = run["paths"], run["summary"]
+    if cfg.gold_eval and paths["prompts"]:
+        gold = gold_eval({"before": Path(paths["model"]), "after": run["model_dir"]}, Path(paths["prompts"]),
+                         cfg.rollout, cfg.seed, llm=llm)
+        summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"],
+                       gold_examples=gold["after"]["examples"])
+
+
+def finish_stage(stage: str, run: dict) -> Path:
+    run["summary"]["seconds"] = round(time.time() - run["t0"], 1)
+    summarize(stage, run["out"], run["summary"])
+    return run["model_dir"]
+
+
 def publish(result, out: Path) -> tuple[Path, list[dict]]:
     """Final model and metrics out of the last checkpoint: out/model, out/metrics.jsonl, out/loss.png."""
     if result.checkpoint is None:
