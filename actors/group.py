@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -57,16 +58,31 @@ def split_evenly(items: list, n: int) -> list[list]:
 
 
 class ActorGroup:
-    """`resources.num_ranks` actors of `cls`, each in its own bundle of one placement group."""
+    """`resources.num_ranks` actors of `cls`, each in its own bundle of one placement group.
+
+    `max_restarts` > 0 lets Ray restart a dead rank in place (for ranks that need no peers:
+    rollout engines, reference and reward replicas); `max_task_retries` then re-sends the calls
+    that were in flight. DeepSpeed ranks keep the defaults (0): a lost rank breaks the process
+    group, so the coordinator rebuilds the whole group with `restart()`.
+    """
 
     def __init__(self, cls, resources: GroupResources, *args, name: str = "group",
-                 env: dict[str, str] | None = None, max_restarts: int = 0, wait: bool = True, **kwargs):
+                 env: dict[str, str] | None = None, max_restarts: int = 0, max_task_retries: int = 0,
+                 wait: bool = True, **kwargs):
         self.name, self.resources = name, resources
-        n = resources.num_ranks
+        self._spec = (cls, args, kwargs, env or {}, max_restarts, max_task_retries)
+        self.restarts = 0  # whole-group rebuilds
+        self._start()
+        if wait:
+            self.wait()
+
+    def _start(self) -> None:
+        cls, args, kwargs, env, max_restarts, max_task_retries = self._spec
+        resources, n = self.resources, self.resources.num_ranks
         bundle = {"CPU": resources.num_cpus_per_rank}
         if resources.num_gpus_per_rank:
             bundle["GPU"] = resources.num_gpus_per_rank
-        self.pg = placement_group([bundle] * n, strategy=resources.placement, name=f"{name}-pg")
+        self.pg = placement_group([bundle] * n, strategy=resources.placement, name=f"{self.name}-pg")
         ray.get(self.pg.ready(), timeout=300)
         master_addr = ray.util.get_node_ip_address()
         master_port = _free_port()
@@ -76,18 +92,46 @@ class ActorGroup:
                 num_cpus=resources.num_cpus_per_rank,
                 num_gpus=resources.num_gpus_per_rank,
                 max_restarts=max_restarts,
+                max_task_retries=max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env or {}},
-                name=f"{name}-{i}-{os.getpid()}-{id(self)}",
+                runtime_env={"env_vars": env},
+                name=f"{self.name}-{i}-{os.getpid()}-{id(self)}-{self.restarts}",
             ).remote(i, n, master_addr, master_port, *args, **kwargs)
             for i in range(n)
         ]
-        if wait:
-            self.wait()
 
     def wait(self, timeout: float = 600) -> None:
         """Block until every rank has finished starting (groups can start side by side first)."""
         ray.get([a.ping.remote() for a in self.actors], timeout=timeout)
+
+    def wait_alive(self, timeout: float = 600) -> None:
+        """Wait for ranks that Ray is restarting; raises ActorDiedError for one out of restarts."""
+        deadline = time.monotonic() + timeout
+        for actor in self.actors:
+            while True:
+                try:
+                    ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except ray.exceptions.ActorUnavailableError:  # restarting: its constructor runs again
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1.0)
+
+    def responsive(self, timeout: float) -> bool:
+        """Every rank alive and answering within `timeout` s (a rank stuck in a collective with a
+        dead peer does not answer)."""
+        try:
+            ray.get([a.ping.remote() for a in self.actors], timeout=timeout)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    def restart(self) -> None:
+        """Kill every rank and start the group again from its constructor arguments."""
+        self.shutdown()
+        self.restarts += 1
+        self._start()
+        self.wait()
 
     @property
     def world_size(self) -> int:
@@ -98,7 +142,7 @@ class ActorGroup:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
     def run(self, method: str, *args, **kwargs) -> list:
-        return ray.get(self.call(method, *args, **kwargs))
+        return gather(self.call(method, *args, **kwargs))
 
     def split_call(self, method: str, items: list, *args, **kwargs) -> list:
         """Scatter `items` across ranks, call `method(chunk, ...)`, return ObjectRefs per rank."""
@@ -107,7 +151,7 @@ class ActorGroup:
 
     def map(self, method: str, items: list, *args, **kwargs) -> list:
         """split_call, then gather the per-item results back in the original order."""
-        return [x for part in ray.get(self.split_call(method, items, *args, **kwargs)) for x in part]
+        return [x for part in gather(self.split_call(method, items, *args, **kwargs)) for x in part]
 
     def micro_batches_per_rank(self, n_items: int, micro_batch_size: int) -> int:
         """Every rank must run the same number of forward passes under ZeRO-3 (collectives)."""
@@ -115,5 +159,18 @@ class ActorGroup:
 
     def shutdown(self) -> None:
         for a in self.actors:
-            ray.kill(a, no_restart=True)
+            try:
+                ray.kill(a, no_restart=True)
+            except ValueError:  # already gone
+                pass
         remove_placement_group(self.pg)
+
+
+def gather(refs: list) -> list:
+    """ray.get that fails as soon as any call fails: when one rank of a collective dies, the others
+    may wait for it forever, and a plain ray.get on the list would wait with them."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # raises the failure, if it is one
+    return ray.get(refs)

@@ -50,6 +50,11 @@ class WeightSyncExtension:
         return getattr(self, "_loaded", {})
 
 
+class StaleWeights(RuntimeError):
+    """The engine's weights are not the version the caller expects (e.g. Ray restarted it from
+    the initial model): sync, then ask again."""
+
+
 class RolloutEngine:
     """One vLLM engine (tensor-parallel inside if configured). Not a torch.distributed rank."""
 
@@ -74,13 +79,16 @@ class RolloutEngine:
         return self.path
 
     def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None,
-                 seed: int | None = None) -> list[dict]:
+                 seed: int | None = None, version: int | None = None) -> list[dict]:
         """Sample for token-id prompts; `overrides` are RolloutConfig fields (n, temperature, ...);
-        `seed` makes every sample reproducible (see rlhf_cluster.generation.generate)."""
+        `seed` makes every sample reproducible (see rlhf_cluster.generation.generate); `version`,
+        when given, must be the weights version this engine holds."""
         from dataclasses import asdict
 
         from rlhf_cluster.generation import check_prompts, generate, sampling_params
 
+        if version is not None and version != self.version:
+            raise StaleWeights(f"engine {self.rank} holds weights version {self.version}, expected {version}")
         cfg = self.cfg.model_copy(update=overrides or {}) if overrides else self.cfg
         if overrides:
             cfg = RolloutConfig.model_validate(cfg.model_dump())  # re-check the overridden values
@@ -102,20 +110,121 @@ class RolloutEngine:
         return self.llm.collective_rpc("weight_checksums")[0]
 
 
+class HFRolloutEngine(RolloutEngine):
+    """The same interface on Hugging Face `generate` (`rollout.engine: hf`): a fallback where vLLM
+    cannot run, and the comparison in bench/. vLLM stays the default. Log-probs are those of the
+    raw model distribution (before temperature / top-p), as vLLM returns them."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+                 rollout: dict, seed: int = 0, dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.rank, self.path, self.seed = rank, model_path, seed + rank
+        self.cfg = RolloutConfig.model_validate(rollout)
+        self.device = "cuda" if torch.cuda.is_available() and self.cfg.num_gpus_per_engine else "cpu"
+        dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dt).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.eos = self.model.generation_config.eos_token_id
+        self.eos = set(self.eos if isinstance(self.eos, list) else [self.eos]) - {None}
+        self.pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else 0
+        self.version, self._loaded = 0, {}
+
+    def _sample(self, prompts: list[list[int]], cfg: RolloutConfig, n: int, generator_seed: int | None):
+        import torch
+
+        from rlhf_cluster.data import pad_batch
+
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        ids, att = pad_batch(prompts, self.pad, side="left")
+        greedy = cfg.temperature == 0.0
+        sampling = {} if greedy else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                                      "top_k": 0}
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device),
+                                      max_new_tokens=cfg.max_new_tokens, num_return_sequences=1 if greedy else n,
+                                      pad_token_id=self.pad, output_logits=True, return_dict_in_generate=True,
+                                      **({"do_sample": False} if greedy else sampling))
+        new = out.sequences[:, ids.shape[1]:].cpu()
+        logps = torch.stack(out.logits, 1).float().log_softmax(-1).cpu()
+        rows = []
+        for r in range(new.shape[0]):
+            toks = new[r].tolist()
+            end = next((t + 1 for t, tok in enumerate(toks) if tok in self.eos), len(toks))
+            toks = toks[:end]
+            lps = [logps[r, t, tok].item() for t, tok in enumerate(toks)]
+            rows.append((toks, lps, bool(toks) and toks[-1] in self.eos))
+        return [rows[i:i + (1 if greedy else n)] for i in range(0, len(rows), 1 if greedy else n)], greedy
+
+    def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None,
+                 seed: int | None = None, version: int | None = None) -> list[dict]:
+        """As RolloutEngine.generate. With `seed`, prompt i's samples are drawn from a generator
+        seeded with seed + i*n, so they do not depend on how prompts were spread over engines."""
+        from dataclasses import asdict
+
+        from rlhf_cluster.generation import Sample, check_prompts
+
+        if version is not None and version != self.version:
+            raise StaleWeights(f"engine {self.rank} holds weights version {self.version}, expected {version}")
+        cfg = RolloutConfig.model_validate(self.cfg.model_copy(update=overrides or {}).model_dump())
+        check_prompts(prompt_ids, cfg)
+        n = cfg.samples_per_prompt
+        if seed is None:
+            groups, greedy = self._sample(prompt_ids, cfg, n, None)
+        else:
+            groups, greedy = [], False
+            for i, ids in enumerate(prompt_ids):
+                g, greedy = self._sample([ids], cfg, n, seed + i * n)
+                groups += g
+        samples = []
+        for i, group in enumerate(groups):
+            for toks, lps, finished in group * (n if greedy else 1):  # greedy: n identical samples
+                text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                samples.append(asdict(Sample(i, list(prompt_ids[i]), toks, lps, text, finished)))
+        return samples
+
+    def update_weights(self, bucket_refs: list, version: int) -> int:
+        import ray
+        from safetensors.torch import load
+
+        from actors.trainer import add_checksum
+
+        state, loaded = {}, {}
+        for blob in ray.get(list(bucket_refs)):
+            for name, t in load(blob).items():
+                add_checksum(loaded, name, t)
+                state[name] = t
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"weights the engine's model does not have: {unexpected[:5]}")
+        self._loaded, self.version = loaded, version
+        return len(state)
+
+    def checksum(self) -> dict:
+        return self._loaded
+
+
+def engine_class(name: str):
+    """`rollout.engine` -> the actor class."""
+    return {"vllm": RolloutEngine, "hf": HFRolloutEngine}[name]
+
+
 def generate_across(group, prompt_ids: list[list[int]], overrides: dict | None = None,
-                    seed: int | None = None) -> list[dict]:
+                    seed: int | None = None, version: int | None = None) -> list[dict]:
     """Spread prompts evenly over the group's engines; samples come back in prompt order."""
     import ray
 
-    from actors.group import split_evenly
+    from actors.group import gather, split_evenly
 
     chunks = split_evenly(prompt_ids, group.world_size)
     n = (overrides or {}).get("samples_per_prompt") or ray.get(group.actors[0].samples_per_prompt.remote())
     starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
-    refs = [a.generate.remote(c, overrides, None if seed is None else seed + start * n)
+    refs = [a.generate.remote(c, overrides, None if seed is None else seed + start * n, version)
             for a, c, start in zip(group.actors, chunks, starts) if c]
     out, offset = [], 0
-    for chunk, samples in zip([c for c in chunks if c], ray.get(refs)):
+    for chunk, samples in zip([c for c in chunks if c], gather(refs)):
         for s in samples:
             s["prompt_index"] += offset
         out += samples

@@ -66,3 +66,58 @@ class RewardModel(Worker):
             ids, att = pad_batch(sequences[i:i + self.micro_batch_size], self.pad_id)
             out += self.model(input_ids=ids, attention_mask=att).logits[:, 0].float().tolist()
         return out
+
+
+class RemoteRewardModel(Worker):
+    """The reward slot filled by an HTTP reward service instead of a local model: this project's
+    reward app, or any server speaking OpenRLHF's `POST /get_reward` ({"query": [...]} ->
+    {"rewards": [...]}). Sequences are decoded to text with the policy's tokenizer (special tokens
+    kept: the query is the rendered chat) and sent in batches; the service ends every query with
+    exactly one EOS, as OpenRLHF's server does. Connection errors, timeouts and 5xx/429 answers are
+    retried with backoff; a 4xx is an error naming the service's message."""
+
+    def __init__(self, rank, world_size, master_addr, master_port, url: str, tokenizer_path: str,
+                 token_env: str = "RLHF_REWARD_TOKEN", batch_size: int = 64, timeout_s: float = 60.0,
+                 retries: int = 5):
+        super().__init__(rank, world_size, master_addr, master_port)
+        import os
+
+        import httpx
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        token = os.environ.get(token_env)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.url, self.batch_size, self.retries = url, batch_size, retries
+
+    def _post(self, queries: list[str]) -> list[float]:
+        import time
+
+        import httpx
+
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.client.post("/get_reward", json={"query": queries})
+                if r.status_code < 400:
+                    rewards = r.json()["rewards"]
+                    if len(rewards) != len(queries):
+                        raise ValueError(f"{self.url}: {len(rewards)} rewards for {len(queries)} queries")
+                    return [float(x) for x in rewards]
+                if r.status_code < 500 and r.status_code != 429:
+                    raise ValueError(f"reward service {self.url} refused the request ({r.status_code}): {r.text[:300]}")
+                problem = f"HTTP {r.status_code}"
+            except (httpx.TransportError, httpx.TimeoutException) as e:
+                problem = f"{type(e).__name__}: {e}"
+            if attempt == self.retries:
+                raise ConnectionError(f"reward service {self.url} failed {self.retries + 1} times; last: {problem}")
+            time.sleep(delay)
+            delay = min(2 * delay, 8.0)
+
+    def score(self, sequences: list[list[int]]) -> list[float]:
+        out = []
+        for i in range(0, len(sequences), self.batch_size):
+            chunk = sequences[i:i + self.batch_size]
+            out += self._post([self.tokenizer.decode(s, skip_special_tokens=False) for s in chunk])
+        return out

@@ -42,13 +42,13 @@ def micro_batches(items: list[dict], size: int, num_micro: int, pad_id: int):
         yield ids, att, fields, n_real
 
 
-def _check_finite(loss: torch.Tensor, what: str) -> None:
-    """All ranks agree before backward, so a NaN on one rank cannot deadlock the others."""
-    ok = torch.tensor([1.0 if torch.isfinite(loss).all() else 0.0])
+def all_ranks_finite(value: torch.Tensor) -> bool:
+    """True when `value` is finite on every rank. All ranks agree before anyone calls backward, so a
+    NaN on one rank cannot leave the others waiting in a collective."""
+    ok = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    if ok.item() == 0.0:
-        raise FloatingPointError(f"{what} loss is not finite on some rank; step skipped, weights unchanged")
+    return ok.item() == 1.0
 
 
 def _layer_key(name: str) -> str:
@@ -76,6 +76,7 @@ def checksums(named: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
 
 class _DeepSpeedRank(Worker):
     model_class = "AutoModelForCausalLM"
+    lora_task_type = "CAUSAL_LM"
 
     def __init__(self, rank, world_size, master_addr, master_port, model_path: str, trainer: dict,
                  total_steps: int, dtype: str = "float32", seed: int = 0, **model_kwargs):
@@ -90,6 +91,10 @@ class _DeepSpeedRank(Worker):
         cls = getattr(transformers, self.model_class)
         model = load_pretrained(cls, model_path, self.cfg, dtype, **model_kwargs)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        if self.cfg.lora.enabled:  # only the adapters train; exports and syncs carry merged weights
+            from rlhf_cluster.stages import with_lora
+
+            model = with_lora(model, self.cfg.lora, self.lora_task_type)
         self.engine = make_engine(model, self.cfg, total_steps, dtype)
         self.steps = 0
 
@@ -119,19 +124,53 @@ class _DeepSpeedRank(Worker):
             raise ValueError(f"unknown loss {loss!r} for {type(self).__name__}")
         t0 = time.time()
         sums: dict[str, float] = {}
+        counted, skipped_micro = 0, 0
+        optimizer_skips = self.engine.skipped_steps
         for ids, att, fields, n_real in micro_batches(items, self.cfg.micro_batch_size, num_micro, self.pad_id):
             value, metrics = loss_fn(ids, att, fields, **loss_kwargs)
-            _check_finite(value, loss)
+            if not all_ranks_finite(value.detach()):
+                # a non-finite loss on any rank: every rank drops this micro-batch, weights untouched
+                skipped_micro += 1
+                continue
             self.engine.backward(value)
-            self.engine.step()
+            self.engine.step()  # DeepSpeed skips the optimiser step itself when the gradient norm is not finite
             if n_real:
+                counted += n_real
                 for k, v in {"loss": value.item(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * n_real
         self.steps += 1
-        n = max(1, len(items))
-        out = {k: v / n for k, v in sums.items()}
-        out.update(lr=self.engine.get_lr()[0], seconds=time.time() - t0, items=len(items))
+        out = {k: v / max(1, counted) for k, v in sums.items()}
+        out.update(lr=self.engine.get_lr()[0], seconds=time.time() - t0, items=counted,
+                   skipped_micro_batches=skipped_micro, micro_batches=num_micro,
+                   skipped_optimizer_steps=self.engine.skipped_steps - optimizer_skips)
         return out
+
+    def inject_nonfinite_gradient(self, backward_passes: int = 1) -> None:
+        """Fault drill (docs/reliability.md): the next `backward_passes` backward passes on this rank
+        give the first parameter an infinite gradient, as an overflow would."""
+        param = next(p for p in self.engine.module.parameters() if p.requires_grad)
+        left = [backward_passes]
+
+        def poison(grad):
+            if left[0] <= 0:
+                return grad
+            left[0] -= 1
+            return torch.full_like(grad, float("inf"))
+
+        param.register_hook(poison)
+
+    def weights_finite(self) -> bool:
+        """Every rank's parameters (its ZeRO-3 partition) are finite: checked before a checkpoint,
+        so a poisoned state is never saved."""
+        local = torch.tensor([1.0])
+        for p in self.engine.module.parameters():
+            t = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's partition in ds_tensor
+            if t.numel() and not torch.isfinite(t.detach()).all():
+                local[0] = 0.0
+                break
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MIN)
+        return local.item() == 1.0
 
     def save(self, path: str, tag: str = "state", client_state: dict | None = None) -> None:
         """Full training state (weights, optimiser, scheduler) via DeepSpeed; all ranks take part."""
@@ -146,9 +185,13 @@ class _DeepSpeedRank(Worker):
         return client
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        from rlhf_cluster.training import gathered_state_dict
+        """The full weights under the plain model's names (LoRA merged), on every rank."""
+        from rlhf_cluster.training import gathered_state_dict, merged_lora_state_dict
 
-        return gathered_state_dict(self.engine)
+        state = gathered_state_dict(self.engine)
+        if self.cfg.lora.enabled:
+            state = merged_lora_state_dict(state, self.cfg.lora.alpha, self.cfg.lora.rank)
+        return state
 
     def checksum(self) -> dict[str, tuple[float, float]]:
         return checksums(self.full_state_dict())
@@ -162,7 +205,10 @@ class _DeepSpeedRank(Worker):
 
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            module = self.engine.module
+            if self.cfg.lora.enabled:  # the base model's config and class, with the merged weights
+                module = module.get_base_model()
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -229,6 +275,7 @@ class Critic(_DeepSpeedRank):
     """
 
     model_class = "AutoModelForTokenClassification"
+    lora_task_type = "TOKEN_CLS"
 
     def __init__(self, *args, **kwargs):
         from transformers import AutoConfig

@@ -4,6 +4,8 @@
                      same model, prompts and sampling; generated tokens/s and the vLLM/HF ratio
     weight_sync      ZeRO-3 PolicyTrainer group (2 ranks) -> one RolloutEngine group on local Ray:
                      `export_weights` (gather + serialise) and `update_weights` (load into vLLM)
+    reward_service   the reward app on local Ray Serve under 1/8/64 concurrent HTTP clients, batched vs
+                     unbatched, against the model's in-process batched forward (bench/reward_service.py)
 
 Each benchmark writes bench/results/<name>.json (machine, versions, load, config, raw timings,
 medians, ratios) and the Markdown section of bench/README.md between the markers is regenerated
@@ -400,7 +402,15 @@ def bench_weight_sync(quick: bool) -> tuple[dict, list[dict]]:
     return config, results
 
 
-BENCHMARKS = {"rollout_engines": bench_rollout_engines, "weight_sync": bench_weight_sync}
+# --------------------------------------------------------------------------- reward service
+def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
+    from bench.reward_service import bench_reward_service as run  # imports bench.run's helpers
+
+    return run(quick)
+
+
+BENCHMARKS = {"rollout_engines": bench_rollout_engines, "weight_sync": bench_weight_sync,
+              "reward_service": bench_reward_service}
 
 
 # --------------------------------------------------------------------------- running and recording
@@ -499,7 +509,56 @@ def _table_sync(rec: dict) -> list[str]:
     return lines + [""]
 
 
-TABLES = {"rollout_engines": _table_rollout, "weight_sync": _table_sync}
+def _table_reward_service(rec: dict) -> list[str]:
+    c = rec["config"]
+    modes = ", ".join(f"{m} = `max_batch_size` {v['max_batch_size']}, `batch_wait_timeout_s` "
+                      f"{v['batch_wait_timeout_s']:g}" for m, v in c["modes"].items())
+    lines = [f"### reward_service — `/v1/score` over HTTP, batched vs unbatched, against the model's forward "
+             f"(`{rec['_file']}`)", "", *_header(rec)]
+    for r in rec["results"]:
+        t = r["ratios"][r["target_case"]]
+        ok = r["targets"]
+        lim = ", ".join(f"{k}: {v:,.0f}" for k, v in r["limit_after_items_per_s"].items())
+        lines += [f"Model `{r['model']}` ({r['parameters'] / 1e6:.2f} M parameters, {r['model_kind']}); items of "
+                  f"{r['items']['tokens_min']}–{r['items']['tokens_max']} tokens (median "
+                  f"{r['items']['tokens_median']}); one replica, {r['replica']['num_cpus']:g} CPU, "
+                  f"{r['replica']['torch_threads']} torch thread; {modes}; {r['repetitions']} rounds per case and "
+                  f"mode, alternating; served scores checked against the model (max diff "
+                  f"{r['verified_max_abs_diff']:.0e}).", "",
+                  "| clients × items/request | mode | requests | errors | p50 ms | p99 ms | items/s | mean batch "
+                  "| CPU ms/item: proxy | replica | clients | rest of Ray | others | batched / unbatched "
+                  "| batched / limit |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in r["cases"]:
+            n, ipr = key.split("x")
+            for mode in r["results"]:
+                x, ratio = r["results"][mode][key], r["ratios"][key]
+                lat, cpu = x["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}, x["cpu_ms_per_item"]
+                batch = sorted(ratio["limit_batch"])
+                extra = (f"**{ratio['batched_over_unbatched']:.2f}×** | **{100 * ratio['batched_over_limit']:.0f} %** "
+                         f"(limit {ratio['median_limit_items_per_s']:,.0f} at batch "
+                         f"{batch[0] if batch[0] == batch[-1] else f'{batch[0]}–{batch[-1]}'})"
+                         if mode == "batched" else " | ")
+                lines.append(f"| {n} × {ipr} | {mode} | {x['requests']:,} | {x['errors'] + x['warmup_errors']} | "
+                             f"{lat['p50']:,.0f} | {lat['p99']:,.0f} | {x['median_items_per_s']:,.1f} | "
+                             f"{x['mean_batch'] or 0:.1f} | {cpu['proxy']:.1f} | {cpu['replica']:.1f} | "
+                             f"{cpu['clients']:.1f} | {cpu['ray_rest']:.1f} | {x['other_cpu_ms_per_item']:.1f} | "
+                             f"{extra} |")
+        lines += ["", "Limit = the same model's `serve.reward_app.forward` in the benchmark process, "
+                      f"{r['limit_torch_threads']} torch thread like the replica, at the batched round's mean batch "
+                      "size, measured right after each batched round; batched / limit is the median of those paired "
+                      "ratios, batched / unbatched the ratio of median throughputs. The same forward after Serve was "
+                      f"shut down, items/s by batch size: {lim}.  ",
+                  f"Targets at {r['target_case'].replace('x', ' clients × ')} item/request: "
+                  f"0 errors — **{'met' if ok['zero_errors'] else 'missed'}** ({r['errors_total']}); "
+                  f"batched ≥ 80 % of the limit — **{'met' if ok['batched_over_limit_ge_0.8'] else 'missed'}** "
+                  f"({100 * t['batched_over_limit']:.0f} %); batched ≥ 5× unbatched — "
+                  f"**{'met' if ok['batched_over_unbatched_ge_5'] else 'missed'}** "
+                  f"({t['batched_over_unbatched']:.2f}×).", ""]
+    return lines
+
+
+TABLES = {"rollout_engines": _table_rollout, "weight_sync": _table_sync, "reward_service": _table_reward_service}
 
 
 def _display_path(path: Path) -> str:

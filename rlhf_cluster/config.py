@@ -109,7 +109,7 @@ class TrainerConfig(GroupResources):
 class RolloutConfig(Strict):
     """Sampling engines (vLLM by default) and how they sample."""
 
-    engine: Literal["vllm", "hf"] = "vllm"
+    engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate (fallback / comparison)
     num_engines: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
     num_cpus_per_engine: float = Field(1.0, ge=0.0)
@@ -125,6 +125,8 @@ class RolloutConfig(Strict):
     def _tp_needs_gpus(self) -> RolloutConfig:
         if self.tensor_parallel_size > 1 and self.num_gpus_per_engine < self.tensor_parallel_size:
             raise ValueError("tensor_parallel_size > 1 needs num_gpus_per_engine >= tensor_parallel_size")
+        if self.engine == "hf" and self.tensor_parallel_size > 1:
+            raise ValueError("engine=hf has no tensor parallelism (tensor_parallel_size must be 1)")
         return self
 
 
@@ -208,12 +210,48 @@ class DPOConfig(StageConfig):
         return {"trainer": _trainer_demand(self.trainer)}
 
 
+class RewardServiceConfig(Strict):
+    """A remote reward service in the reward slot (OpenRLHF's POST /get_reward protocol; this
+    project's reward app speaks it): scores come over HTTP instead of from a local reward group."""
+
+    url: str  # e.g. http://reward.svc:8000/reward (the app's route prefix included)
+    token_env: str = "RLHF_REWARD_TOKEN"  # the driver's environment variable holding the bearer token
+    batch_size: int = Field(64, ge=1, le=512)  # queries per request (the app accepts at most 512)
+    timeout_s: float = Field(60.0, gt=0.0)
+    retries: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _http(self) -> RewardServiceConfig:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        return self
+
+
+class FaultToleranceConfig(Strict):
+    """How the RL coordinators ride out actor failures and bad numbers (docs/reliability.md)."""
+
+    # Ray restarts of a rollout engine / reference / reward actor; the call in flight is retried
+    actor_restarts: int = Field(3, ge=0)
+    # DeepSpeed groups (policy, critic) cannot rejoin their process group rank by rank: a lost rank
+    # means the group is rebuilt and the run rolls back to its last complete checkpoint, at most this
+    # many times per run
+    max_rollbacks: int = Field(3, ge=0)
+    # iterations in a row whose update was skipped (non-finite rewards, losses or gradients) before
+    # the run halts
+    max_consecutive_skips: int = Field(3, ge=1)
+    # a rank that does not answer a ping within this many seconds after a failure is treated as lost
+    ping_timeout_s: float = Field(60.0, gt=0.0)
+    # how long to wait for Ray to bring a restarted actor back (a vLLM engine needs tens of seconds)
+    restart_timeout_s: float = Field(600.0, gt=0.0)
+
+
 class PPOConfig(JobConfig):
     """PPO (or a critic-free estimator) with a KL penalty to the reference policy."""
 
     output_dir: str = "runs/ppo"
     policy: ModelSource = ModelSource()  # null: the built-in SFT policy
     reward: ModelSource = ModelSource()  # null: the built-in reward model
+    reward_service: RewardServiceConfig | None = None  # set: score over HTTP instead of a local reward group
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.5,
                                            optim=OptimConfig(lr=1e-5, weight_decay=0.0))
@@ -247,6 +285,8 @@ class PPOConfig(JobConfig):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     registry: str | None = None  # redis://... or a directory; null: $REDIS_URL or the embedded default
+    fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    registry_run: str | None = None  # the `run` of this job's registry entries; null: output_dir's name
 
     @model_validator(mode="after")
     def _group_estimators_need_samples(self) -> PPOConfig:
@@ -302,7 +342,8 @@ def _describe(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")
+            lines.append(f"{key}: {e['msg']}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -392,7 +433,7 @@ class RSConfig(PPOConfig):
     # empty: the single `reward` model
     reward_models: list[RewardModelSpec] = []
     combine: Literal["weighted_sum", "llama2"] = "weighted_sum"
-    safety_threshold: float = 0.15
+    safety_threshold: float = Field(0.15, gt=0.0, lt=1.0)  # on the sigmoid of the safety score
 
     @model_validator(mode="after")
     def _rounds_and_models(self) -> RSConfig:
@@ -403,4 +444,92 @@ class RSConfig(PPOConfig):
             raise ValueError(f"reward_models names must be unique, got {names}")
         if self.combine == "llama2" and not {"helpfulness", "safety"} <= set(names):
             raise ValueError("combine=llama2 needs reward_models named 'helpfulness' and 'safety'")
+        return self
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+SHARED_KEYS = ("seed", "output_dir", "ray", "builtin")  # a pipeline's stages take these from the top level
+
+
+def _owned_by_pipeline(stage: BaseModel, where: str, keys: tuple[str, ...] = ()) -> None:
+    """A stage section must not set what the pipeline sets for every stage (or fills from the registry)."""
+    default = type(stage)()
+    for key in SHARED_KEYS + keys:
+        if getattr(stage, key) != getattr(default, key):
+            top = f"the top-level `{key}`" if key in SHARED_KEYS + ("registry",) else "the registry"
+            raise ValueError(f"{where}.{key} is set by the pipeline (from {top}); remove it from {where}")
+
+
+class PipelineSFTConfig(SFTConfig):
+    """The pipeline's SFT stage: SFTConfig's keys, or an already trained policy."""
+
+    use_existing: str | None = None  # an HF policy directory registered as this stage's output; nothing trains
+
+
+class PipelineRewardConfig(RewardConfig):
+    """One reward-model stage of the pipeline: RewardConfig's keys plus a name and a weight."""
+
+    name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,31}$")  # null: the aspect
+    weight: float = 1.0  # in final.combine=weighted_sum
+    use_existing: str | None = None  # an HF reward-model directory registered as this stage's output
+
+    @property
+    def key(self) -> str:
+        return self.name or self.aspect
+
+
+class PipelineFinalConfig(RSConfig):
+    """The pipeline's last stage: RSConfig's rounds, whose policy and reward model(s) the pipeline
+    fills in from the registry (the SFT stage's policy, the reward stages' models)."""
+
+    output_dir: str = "runs/rejection-sampling"
+    rounds: list[Literal["rejection_sampling", "ppo"]] = ["rejection_sampling", "ppo"]
+
+    @model_validator(mode="after")
+    def _rounds_and_models(self) -> PipelineFinalConfig:  # replaces RSConfig's check of reward_models
+        if not self.rounds:
+            raise ValueError("rounds must name at least one round")
+        return self
+
+
+class PipelineConfig(JobConfig):
+    """SFT -> reward model(s) -> rejection-sampling / PPO rounds -> evaluation, from one config.
+
+    Each stage's model is registered in the checkpoint registry; the next stage reads it from
+    there. seed, output_dir, ray, builtin (and registry) are shared: stage sections leave them out.
+    """
+
+    output_dir: str = "runs/pipeline"
+    registry: str | None = None  # redis://... or a directory; null: $REDIS_URL or the embedded default
+    sft: PipelineSFTConfig = PipelineSFTConfig()
+    reward_models: list[PipelineRewardConfig] = [PipelineRewardConfig()]
+    final: PipelineFinalConfig = PipelineFinalConfig()
+    final_reward: str | None = None  # RM of PPO rounds and eval/rm_score; null: `overall` if trained, else the first
+    rerun: list[str] = []  # stages to run again although their registered output is intact; [all]: every stage
+
+    def stage_names(self) -> list[str]:
+        return ["sft", *(f"reward_{r.key}" for r in self.reward_models), "final"]
+
+    def final_reward_name(self) -> str:
+        names = [r.key for r in self.reward_models]
+        return self.final_reward or ("overall" if "overall" in names else names[0])
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        _owned_by_pipeline(self.sft, "sft")
+        for i, rm in enumerate(self.reward_models):
+            _owned_by_pipeline(rm, f"reward_models.{i}")
+        _owned_by_pipeline(self.final, "final", ("registry", "policy", "reward", "reward_models"))
+        if not self.reward_models:
+            raise ValueError("reward_models must hold at least one reward model")
+        names = [r.key for r in self.reward_models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward_models names must be unique (a name defaults to the aspect), got {names}")
+        if self.final.combine == "llama2" and not {"helpfulness", "safety"} <= set(names):
+            raise ValueError(f"final.combine=llama2 needs reward models named 'helpfulness' and 'safety', got {names}")
+        if self.final_reward is not None and self.final_reward not in names:
+            raise ValueError(f"final_reward={self.final_reward!r} names none of the reward models {names}")
+        unknown = sorted(set(self.rerun) - set(self.stage_names()) - {"all"})
+        if unknown:
+            raise ValueError(f"rerun names unknown stages {unknown}; the stages are {self.stage_names()} (or all)")
         return self

@@ -12,6 +12,11 @@ SFT data with ptx_coef, "PPO-ptx"). Each iteration:
     rewards  = score at the last token − β·KL per token;  advantages by GAE (or a critic-free estimator)
     for each PPO epoch and mini-batch: clipped policy step (+ clipped value step)
     weight sync trainer → engines;  metrics;  every E iterations evaluate;  every K checkpoint
+
+Faults (docs/reliability.md): a dead rollout engine, reference or reward actor is restarted by Ray
+and the call in flight is sent again (engines are re-synced first); a lost policy or critic rank
+rebuilds its group and rolls the run back to the last complete checkpoint; non-finite rewards or
+losses skip the update and are counted.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+from ray.exceptions import RayActorError, RayTaskError
 
+from actors.group import gather
+from actors.rollout import StaleWeights
 from rlhf_cluster import algorithms as A
 from rlhf_cluster.config import CONFIG_DIR, ConfigError, PPOConfig, check_resources, load_config
 
@@ -74,8 +82,8 @@ class PPORun:
         from transformers import AutoTokenizer
 
         from actors.group import ActorGroup
-        from actors.rollout import RolloutEngine
-        from actors.scorers import ReferenceModel, RewardModel
+        from actors.rollout import engine_class
+        from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel
         from actors.trainer import Critic, PolicyTrainer
         from rlhf_cluster.config import GroupResources
         from rlhf_cluster.data import load_tokenized
@@ -98,6 +106,10 @@ class PPORun:
         steps = self.total_train_steps()
         # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.training), unless the driver says
         env = {"RLHF_TORCH_THREADS": "1"} | {k: os.environ[k] for k in ("DS_ACCELERATOR",) if k in os.environ}
+        # replicas without peers are restarted by Ray; reference and reward calls are re-sent by Ray too,
+        # rollout calls by `generate` (after a re-sync: a restarted engine holds the initial weights)
+        restarts = cfg.fault_tolerance.actor_restarts
+        replica = {"max_restarts": restarts, "max_task_retries": restarts}
         t0 = time.time()
         with_critic = self.uses_critic()
         log("starting actor groups: policy trainer, reference, reward, rollout" + (", critic" if with_critic else ""))
@@ -105,19 +117,27 @@ class PPORun:
         self.policy = ActorGroup(PolicyTrainer, trainer, policy_path, trainer.model_dump(), steps,
                                  cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False)
         self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype, name="reference",
-                                    env=env, wait=False)
-        self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward", env=env,
-                                 wait=False)
+                                    env=env, wait=False, **replica)
+        if cfg.reward_service:  # scores over HTTP; the bearer token travels in the actors' environment
+            svc = cfg.reward_service
+            token = {svc.token_env: os.environ[svc.token_env]} if svc.token_env in os.environ else {}
+            self.reward = ActorGroup(RemoteRewardModel, cfg.reward_group, svc.url, policy_path, svc.token_env,
+                                     svc.batch_size, svc.timeout_s, svc.retries, name="reward", env=env | token,
+                                     wait=False, **replica)
+        else:
+            self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward",
+                                     env=env, wait=False, **replica)
         self.critic = None
         if with_critic:
-            self.critic = ActorGroup(Critic, cfg.critic, reward_path, cfg.critic.model_dump(), steps,
+            # the critic starts from the reward model (its head too), or the policy when scores come over HTTP
+            self.critic = ActorGroup(Critic, cfg.critic, reward_path or policy_path, cfg.critic.model_dump(), steps,
                                      cfg.reward.dtype, cfg.seed, name="critic", env=env, wait=False)
         engines = GroupResources(num_ranks=cfg.rollout.num_engines, num_cpus_per_rank=cfg.rollout.num_cpus_per_engine,
                                  num_gpus_per_rank=cfg.rollout.num_gpus_per_engine)
-        self.rollout = ActorGroup(RolloutEngine, engines, policy_path, cfg.rollout.model_dump(), cfg.seed,
-                                  cfg.policy.dtype, name="rollout",
+        self.rollout = ActorGroup(engine_class(cfg.rollout.engine), engines, policy_path, cfg.rollout.model_dump(),
+                                  cfg.seed, cfg.policy.dtype, name="rollout",
                                   env={"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.rollout.kv_cache_gib)))},
-                                  wait=False)
+                                  wait=False, max_restarts=restarts)
         for group in self.groups():
             group.wait()
         log(f"actor groups up in {time.time() - t0:.0f}s; {n_rollouts} samples per iteration")
@@ -131,6 +151,11 @@ class PPORun:
         self.history: list[dict] = []
         self.baseline_eval: list[str] | None = None  # the initial policy's eval responses (for win-rate)
         self.best: tuple[float, str] | None = None
+        self.weights_version = 0  # bumped by every sync; engines refuse to sample with another version
+        self.faults = {"rollbacks": 0, "engine_failures": 0, "skipped_iterations": 0}
+        self.consecutive_skips = 0
+        self.unregistered: list = []  # registry entries waiting for the registry to come back
+        self.start_state: dict | None = None
 
     # what a subclass (rejection sampling) changes
     def total_train_steps(self) -> int:
@@ -167,9 +192,7 @@ class PPORun:
 
     # ---------------------------------------------------------------- one iteration
     def step(self) -> dict:
-        from actors.rollout import generate_across
-
-        cfg, ray, timing = self.cfg, self.ray, {}
+        cfg, timing = self.cfg, {}
         clock = time.time()
 
         def lap(name):
@@ -179,8 +202,8 @@ class PPORun:
 
         # 1. sample
         prompts = self.next_prompts()
-        samples = generate_across(self.rollout, [p["prompt_ids"] for p in prompts],
-                                  seed=self.cfg.seed * 1_000_003 + self.iteration * 10_007)
+        samples = self.generate([p["prompt_ids"] for p in prompts],
+                                seed=self.cfg.seed * 1_000_003 + self.iteration * 10_007)
         lap("generate")
 
         # 2. score: reference, reward, critic and the policy's own (old) log-probs, in parallel
@@ -195,7 +218,7 @@ class PPORun:
         if self.critic:
             refs["values"] = self.critic.split_call(
                 "values", items, self.critic.micro_batches_per_rank(len(items), cfg.critic.micro_batch_size))
-        got = {k: [x for part in ray.get(v) for x in part] for k, v in refs.items()}
+        got = {k: [x for part in gather(v) for x in part] for k, v in refs.items()}
         lap("score")
 
         # 3. rewards and advantages (pure functions, on [B, T] response tensors)
@@ -224,6 +247,12 @@ class PPORun:
         if cfg.whiten_advantages and cfg.estimator == "gae":
             advantages = A.whiten(advantages, mask)
         lap("advantages")
+        bad = [name for name, x in (("reward", raw_scores), ("reference log-prob", ref_lp), ("log-prob", old_lp),
+                                    ("advantage", advantages)) if not torch.isfinite(x).all()]
+        if bad:  # no update from poisoned numbers: the iteration is skipped and counted
+            return {"skipped": 1, "skip_reason": "non-finite " + ", ".join(bad),
+                    "reward/rm_score": raw_scores[torch.isfinite(raw_scores)].mean().item() if
+                    torch.isfinite(raw_scores).any() else None, **timing}
 
         # 4. PPO epochs over mini-batches
         fields = {"old_logprobs": unpadded(old_lp, lengths), "advantages": unpadded(advantages, lengths)}
@@ -246,14 +275,13 @@ class PPORun:
                         "train_step", mb, "value",
                         self.critic.micro_batches_per_rank(len(mb), cfg.critic.micro_batch_size),
                         clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
-                policy_metrics += ray.get(calls["policy"])
+                policy_metrics += gather(calls["policy"])
                 if self.critic:
-                    critic_metrics += ray.get(calls["critic"])
+                    critic_metrics += gather(calls["critic"])
         lap("train")
 
         # 5. weight sync: trainer -> every engine, in place
-        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
-        ray.get([e.update_weights.remote(buckets, self.iteration + 1) for e in self.rollout.actors])
+        self.sync_weights()
         lap("sync")
 
         mean_kl = (kl.sum(-1)).mean().item()
@@ -267,25 +295,64 @@ class PPORun:
             "policy/entropy": _weighted(policy_metrics, "entropy"),
             "policy/clip_frac": _weighted(policy_metrics, "clip_frac"),
             "policy/lr": policy_metrics[-1]["lr"],
+            "policy/skipped_micro_batches": sum(m["skipped_micro_batches"] for m in policy_metrics),
+            "policy/skipped_optimizer_steps": sum(m["skipped_optimizer_steps"] for m in policy_metrics),
             "response/length": sum(lengths) / len(lengths),
             "response/finished": sum(s["finished"] for s in samples) / len(samples),
         }
         if self.critic:
             metrics["critic/value_loss"] = _weighted(critic_metrics, "loss")
             metrics["critic/explained_variance"] = A.explained_variance(values, returns, mask).item()
+        if all(m["skipped_micro_batches"] == m["micro_batches"] for m in policy_metrics):
+            metrics.update(skipped=1, skip_reason="non-finite policy loss in every micro-batch")
         metrics.update(timing)
         return metrics
+
+    # ---------------------------------------------------------------- sampling and sync, riding out engine failures
+    def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None,
+                 seed: int | None = None) -> list[dict]:
+        """Sample on the rollout engines. An engine that died is restarted by Ray with the initial
+        weights: wait for it, re-sync every engine, and send the same (seeded) request again."""
+        from actors.rollout import generate_across
+
+        ft = self.cfg.fault_tolerance
+        for attempt in range(ft.actor_restarts + 1):
+            try:
+                return generate_across(self.rollout, prompt_ids, overrides, seed, version=self.weights_version)
+            except (RayActorError, StaleWeights) as e:
+                if attempt == ft.actor_restarts:
+                    raise
+                self.log(f"rollout engine failed ({_short(e)}); waiting for its restart, re-syncing, sampling again")
+                self.faults["engine_failures"] += 1
+                self.rollout.wait_alive(ft.restart_timeout_s)
+                self.sync_weights()
+
+    def sync_weights(self) -> None:
+        """Trainer -> every engine, in place: ZeRO-3 partitions gathered, buckets in the object store."""
+        ft = self.cfg.fault_tolerance
+        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
+        version = self.weights_version + 1
+        for attempt in range(ft.actor_restarts + 1):
+            try:
+                gather([e.update_weights.remote(buckets, version) for e in self.rollout.actors])
+                break
+            except RayActorError as e:
+                if attempt == ft.actor_restarts:
+                    raise
+                self.log(f"rollout engine failed during sync ({_short(e)}); waiting for its restart")
+                self.faults["engine_failures"] += 1
+                self.rollout.wait_alive(ft.restart_timeout_s)
+        self.weights_version = version
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         """Held-out prompts: RM score, gold score, KL to the reference, win-rate vs the initial policy."""
-        from actors.rollout import generate_across
         from rlhf_cluster import task
         from rlhf_cluster.evaluate import gold_report
 
         cfg = self.cfg
-        samples = generate_across(self.rollout, [p["prompt_ids"] for p in self.eval_prompts],
-                                  {"samples_per_prompt": 1, "temperature": cfg.eval_temperature})
+        samples = self.generate([p["prompt_ids"] for p in self.eval_prompts],
+                                {"samples_per_prompt": 1, "temperature": cfg.eval_temperature})
         items = [trainer_item(s) for s in samples]
         seqs = [it["input_ids"] for it in items]
         scores = self.reward.map("score", seqs)
@@ -305,10 +372,39 @@ class PPORun:
                 "eval/example": f"{texts[0]!r} -> {responses[0]!r}"}
 
     # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """The coordinator's part of the run state (the groups save their own)."""
+        return {"iteration": self.iteration, "data_pos": self.data_pos, "epoch": self.epoch,
+                "order": list(self.order), "rng": _rng_state(self.rng), "kl_ctl": self.kl_ctl.state_dict(),
+                "reward_stats": self.reward_stats.state_dict(), "baseline_eval": self.baseline_eval,
+                "history": list(self.history), "best": self.best, "faults": dict(self.faults),
+                "consecutive_skips": self.consecutive_skips,
+                "unregistered": [e.model_dump(mode="json") for e in self.unregistered]}
+
+    def load_state_dict(self, state: dict) -> None:
+        from rlhf_cluster.registry import Entry
+
+        self.iteration, self.data_pos, self.epoch = state["iteration"], state["data_pos"], state["epoch"]
+        self.order, self.history = list(state["order"]), list(state["history"])
+        self.baseline_eval = state["baseline_eval"]
+        self.best = tuple(state["best"]) if state["best"] else None
+        self.rng.setstate(_rng_tuple(state["rng"]))
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_stats.load_state_dict(state["reward_stats"])
+        self.consecutive_skips = state.get("consecutive_skips", 0)
+        pending = [Entry.model_validate(e) for e in state.get("unregistered", [])]
+        self.unregistered += [e for e in pending if e.id not in {u.id for u in self.unregistered}]
+        # the metrics log restarts from the restored state: rows of iterations after it are redone
+        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
     def save_checkpoint(self, eval_gold: float | None) -> Path:
-        """Atomic: everything is written under a .tmp name, hashed into a manifest, then renamed."""
+        """Atomic: everything is written under a .tmp name, hashed into a manifest, then renamed.
+        Never from a poisoned state: non-finite weights raise PoisonedState (the run rolls back)."""
         from rlhf_cluster.registry import checkpoint_manifest
 
+        for group in self.trainer_groups():
+            if not all(group.run("weights_finite")):
+                raise PoisonedState(f"the {group.name} weights are not finite; no checkpoint written")
         name = f"iter_{self.iteration:06d}"
         root = self.out / "checkpoints"
         tmp, final = root / (name + ".tmp"), root / name
@@ -319,16 +415,15 @@ class PPORun:
             self.critic.run("save", str(tmp / "critic"))
         self.policy.run("save_pretrained", str(tmp / "hf"))
         self.tokenizer.save_pretrained(tmp / "hf")
-        state = {"iteration": self.iteration, "data_pos": self.data_pos, "epoch": self.epoch,
-                 "order": self.order, "rng": _rng_state(self.rng), "kl_ctl": self.kl_ctl.state_dict(),
-                 "reward_stats": self.reward_stats.state_dict(), "baseline_eval": self.baseline_eval,
-                 "history": self.history, "eval_gold": eval_gold, "best": self.best}
+        best = self.best
+        if eval_gold is not None and (best is None or eval_gold > best[0]):
+            best = (eval_gold, name)
+        state = self.state_dict() | {"eval_gold": eval_gold, "best": best}
         (tmp / "coordinator.json").write_text(json.dumps(state))
         (tmp / "manifest.json").write_text(json.dumps(checkpoint_manifest(tmp)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        if eval_gold is not None and (self.best is None or eval_gold > self.best[0]):
-            self.best = (eval_gold, name)
+        self.best = best
         self._prune(root)
         self._register(final, eval_gold)
         return final
@@ -344,38 +439,94 @@ class PPORun:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _register(self, path: Path, eval_gold: float | None) -> None:
-        from rlhf_cluster.registry import make_entry, open_registry
+        from rlhf_cluster.registry import make_entry
+
+        metrics = {"eval_gold": eval_gold} if eval_gold is not None else {}
+        run = self.cfg.registry_run or self.out.name
+        self.unregistered.append(make_entry(path / "hf", run=run, kind="policy", stage="ppo", step=self.iteration,
+                                            metrics=metrics))
+        self.flush_registry()
+
+    def flush_registry(self) -> bool:
+        """Register the waiting entries, oldest first. While the registry is down they wait (in
+        memory and in every checkpoint's coordinator state) and training goes on."""
+        from rlhf_cluster.registry import Conflict, open_registry
 
         try:
             registry = open_registry(self.cfg.registry)
-            metrics = {"eval_gold": eval_gold} if eval_gold is not None else {}
-            registry.register(make_entry(path / "hf", run=self.out.name, kind="policy", stage="ppo",
-                                         step=self.iteration, metrics=metrics))
-        except Exception as e:  # the run goes on; the checkpoint is on disk either way
-            self.log(f"warning: checkpoint {path.name} not registered: {e}")
+            while self.unregistered:
+                try:
+                    registry.register(self.unregistered[0])
+                except Conflict as e:  # same id, other content: a bug or a reused output directory
+                    self.log(f"warning: {e}; not registered")
+                self.unregistered.pop(0)
+            return True
+        except Exception as e:  # the checkpoint is on disk either way
+            self.log(f"registry unavailable ({_short(e)}); "
+                     f"{len(self.unregistered)} checkpoint(s) wait to be registered")
+            return False
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "coordinator.json").read_text())
         self.policy.run("load", str(path / "policy"))
         if self.critic:
             self.critic.run("load", str(path / "critic"))
-        self.iteration, self.data_pos, self.epoch = state["iteration"], state["data_pos"], state["epoch"]
-        self.order, self.history, self.baseline_eval = state["order"], state["history"], state["baseline_eval"]
-        self.best = tuple(state["best"]) if state["best"] else None
-        self.rng.setstate(_rng_tuple(state["rng"]))
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.reward_stats.load_state_dict(state["reward_stats"])
-        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
-        self.ray.get([e.update_weights.remote(buckets, self.iteration) for e in self.rollout.actors])
-        # the metrics log restarts from the checkpoint: rows of iterations after it are redone
-        (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.load_state_dict(state)
+        self.sync_weights()
         self.log(f"resumed from {path} (iteration {self.iteration})")
+
+    # ---------------------------------------------------------------- faults
+    def trainer_groups(self) -> list:
+        return [g for g in (self.policy, self.critic) if g is not None]
+
+    def replica_groups(self) -> list:
+        return [self.rollout, self.reference, self.reward]
+
+    def rank_lost(self) -> bool:
+        """Some DeepSpeed rank is dead or stuck (its peers' errors are then a consequence)."""
+        return not all(g.responsive(self.cfg.fault_tolerance.ping_timeout_s) for g in self.trainer_groups())
+
+    def recover(self, error: Exception) -> None:
+        """Rebuild what died and roll back to the last complete checkpoint (or the start): the
+        iterations since are redone, so none is lost or counted twice. Bounded by max_rollbacks."""
+        ft = self.cfg.fault_tolerance
+        self.faults["rollbacks"] += 1
+        if self.faults["rollbacks"] > ft.max_rollbacks:
+            raise RunHalted(f"giving up: iteration {self.iteration + 1} failed after {ft.max_rollbacks} "
+                               f"rollbacks (fault_tolerance.max_rollbacks); last failure: {_short(error)}") from error
+        self.log(f"iteration {self.iteration + 1} failed: {_short(error)}; "
+                 f"rollback {self.faults['rollbacks']}/{ft.max_rollbacks}")
+        rebuilt = []
+        for group in self.trainer_groups():  # a lost rank breaks the process group: rebuild all ranks
+            if not group.responsive(ft.ping_timeout_s):
+                self.log(f"rebuilding the {group.name} group ({group.world_size} ranks)")
+                group.restart()
+                rebuilt.append(group)
+        for group in self.replica_groups():
+            try:
+                group.wait_alive(ft.restart_timeout_s)
+            except RayActorError:  # out of Ray restarts
+                self.log(f"restarting the {group.name} group")
+                group.restart()
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+            return
+        # no checkpoint yet: back to the start (fresh trainer groups hold the initial weights)
+        for group in self.trainer_groups():
+            if group not in rebuilt:
+                group.restart()
+        faults = dict(self.faults)
+        self.load_state_dict(self.start_state)
+        self.faults = faults
+        self.sync_weights()
+        self.log("restarted from the initial models (no checkpoint yet)")
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
         from tqdm import tqdm
 
-        cfg = self.cfg
+        cfg, ft = self.cfg, self.cfg.fault_tolerance
         metrics_file = (self.out / "metrics.jsonl").open("a")
         writer = _tensorboard(self.out / "tensorboard")
         if self.iteration == 0 and not self.history:
@@ -383,38 +534,70 @@ class PPORun:
             self.history.append({"iteration": 0, **initial})
             metrics_file.write(json.dumps(self.history[-1]) + "\n")
             self.log(f"initial policy: gold {initial['eval/gold']:.3f}, RM {initial['eval/rm_score']:.3f}")
+        if self.start_state is None:
+            self.start_state = self.state_dict()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", file=sys.stdout,
                    disable=not sys.stdout.isatty() and not os.environ.get("RLHF_PROGRESS"))
         stop_at = min(cfg.iterations, cfg.stop_after_iterations or cfg.iterations)
         while self.iteration < stop_at:
-            metrics = self.step()
-            self.iteration += 1
-            eval_gold = None
-            if self.iteration % cfg.eval_every == 0 or self.iteration == cfg.iterations:
-                ev = self.evaluate()
-                metrics.update(ev)
-                eval_gold = ev["eval/gold"]
-            row = {"iteration": self.iteration, **metrics}
-            self.history.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, self.iteration)
+            try:
+                row = self.iterate(metrics_file, writer)
+            except (RayActorError, PoisonedState) as e:
+                self.recover(e)
+                bar.n = self.iteration
+                continue
+            except RayTaskError as e:  # a rank's error may only be the echo of a peer that died
+                if not self.rank_lost():
+                    raise
+                self.recover(e)
+                bar.n = self.iteration
+                continue
             bar.update(1)
-            bar.set_postfix(rm=f"{metrics['reward/rm_score']:.2f}", kl=f"{metrics['kl/mean_sequence_kl']:.2f}")
-            self.log(_progress_line(row))
+            if row.get("skipped"):
+                self.faults["skipped_iterations"] += 1
+                self.consecutive_skips += 1
+                self.log(f"iter {row['iteration']} skipped: {row['skip_reason']} "
+                         f"({self.consecutive_skips} in a row, at most {ft.max_consecutive_skips})")
+                if self.consecutive_skips >= ft.max_consecutive_skips:
+                    raise RunHalted(f"halting: {self.consecutive_skips} iterations in a row skipped "
+                                       f"({row['skip_reason']}); no checkpoint was written from them. "
+                                       "Check the reward model and the learning rate.")
+            else:
+                self.consecutive_skips = 0
+                bar.set_postfix(rm=f"{row['reward/rm_score']:.2f}", kl=f"{row['kl/mean_sequence_kl']:.2f}")
+                self.log(_progress_line(row))
             if self.iteration % cfg.checkpoint_every == 0 or self.iteration in (cfg.iterations, stop_at):
-                path = self.save_checkpoint(eval_gold)
+                path = self.save_checkpoint(row.get("eval/gold"))
                 self.log(f"checkpoint {path}")
         bar.close()
         writer.close()
         metrics_file.close()
         return self.finish()
 
+    def iterate(self, metrics_file, writer) -> dict:
+        """One iteration: step, evaluation when due, the metrics row."""
+        metrics = self.step()
+        self.iteration += 1
+        if not metrics.get("skipped") and (self.iteration % self.cfg.eval_every == 0
+                                           or self.iteration == self.cfg.iterations):
+            metrics.update(self.evaluate())
+        row = {"iteration": self.iteration, **metrics}
+        self.history.append(row)
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                writer.add_scalar(k, v, self.iteration)
+        return row
+
     def finish(self) -> dict:
         from rlhf_cluster.report import learning_curves
 
+        if not self.flush_registry():
+            pending = [e.model_dump(mode="json") for e in self.unregistered]
+            (self.out / "unregistered.json").write_text(json.dumps(pending, indent=1))
+            self.log(f"warning: {len(self.unregistered)} checkpoint(s) not registered; listed in "
+                     f"{self.out / 'unregistered.json'} (a --resume registers them)")
         evals = [h for h in self.history if "eval/gold" in h]
         first, last = evals[0], evals[-1]
         summary = {
@@ -425,6 +608,7 @@ class PPORun:
             "best_checkpoint": self.best[1] if self.best else None,
             "report": str(self.out / "report.png"), "metrics": str(self.out / "metrics.jsonl"),
             "checkpoints": str(self.out / "checkpoints"),
+            "faults": dict(self.faults), "unregistered_checkpoints": len(self.unregistered),
         }
         learning_curves(self.history, self.out / "report.png", title=f"PPO ({self.cfg.estimator})")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -434,6 +618,7 @@ class PPORun:
             f"reward-model score:    {summary['rm_initial']:.3f} -> {summary['rm_final']:.3f}",
             f"KL to reference:       {summary['kl_final']:.3f}",
             f"win-rate vs initial:   {summary['win_rate_vs_initial']:.2f}",
+            "faults ridden out:     " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.faults.items()),
             f"report:      {summary['report']}",
             f"metrics:     {summary['metrics']}",
             f"checkpoints: {summary['checkpoints']}",
@@ -446,6 +631,19 @@ class PPORun:
     def shutdown(self) -> None:
         for g in self.groups():
             g.shutdown()
+
+
+class RunHalted(RuntimeError):
+    """The run stopped itself: too many failures or skipped updates in a row (the message says which)."""
+
+
+class PoisonedState(RuntimeError):
+    """Trainer weights went non-finite: the run rolls back instead of saving them."""
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 def _weighted(rows: list[dict], key: str) -> float:
@@ -509,9 +707,10 @@ def connect_ray(cfg: PPOConfig):
     return res.get("CPU", 0.0), res.get("GPU", 0.0)
 
 
-def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str]:
-    """The policy to start from and the reward model; the built-in ones are trained first if missing."""
-    if cfg.policy.path and cfg.reward.path:
+def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str | None]:
+    """The policy to start from and the reward model; the built-in ones are trained first if missing.
+    With a reward service and no reward.path, there is no local reward model (None)."""
+    if cfg.policy.path and (cfg.reward.path or cfg.reward_service):
         return cfg.policy.path, cfg.reward.path
     from rlhf_cluster.reward import ensure_builtin_sft_and_rm
 
@@ -531,7 +730,8 @@ def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     check_resources(cfg, cpus, gpus)
     policy_path, reward_path = resolve_models(cfg, log)
-    log(f"policy: {policy_path}\nreward model: {reward_path}\noutput: {Path(cfg.output_dir).resolve()}")
+    scorer = reward_path if not cfg.reward_service else f"{cfg.reward_service.url} (reward service)"
+    log(f"policy: {policy_path}\nreward model: {scorer}\noutput: {Path(cfg.output_dir).resolve()}")
     ckpt = latest_checkpoint(Path(cfg.output_dir).resolve()) if resume else None
     if resume and ckpt is None:
         log("no complete checkpoint to resume from; starting from the beginning")
@@ -558,6 +758,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunHalted as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -14,13 +14,16 @@ PPO job on top of it, as Llama 2 applied PPO to its rejection-sampled checkpoint
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from actors.group import gather
 from rlhf_cluster import algorithms as A
 from rlhf_cluster.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig, load_config
 from rlhf_cluster.ppo import PPORun, connect_ray, resolve_models, trainer_item
@@ -59,8 +62,12 @@ class RejectionSamplingRun(PPORun):
         if self.cfg.combine == "llama2":
             texts = [task.prompt_text(self.prompt_messages(s)) for s in samples]
             unsafe = torch.tensor([task.is_unsafe_prompt(t) for t in texts])
+            # Llama 2 compares the safety score *as a probability* (sigmoid of the model's output) with
+            # the threshold and trains on logit(R_c), i.e. on the raw output of the model the rule picked.
+            # Comparing raw outputs with logit(threshold) is the same rule, with no sigmoid/logit round trip.
+            t = self.cfg.safety_threshold
             combined = A.llama2_combined_reward(per_model["helpfulness"], per_model["safety"], unsafe,
-                                                self.cfg.safety_threshold)
+                                                math.log(t / (1 - t)))
         else:
             combined = A.weighted_reward(per_model, {m.name: m.weight for m in self.cfg.reward_models})
         return {"reward": combined, **per_model}
@@ -70,17 +77,16 @@ class RejectionSamplingRun(PPORun):
 
     # ---------------------------------------------------------------- one round
     def rejection_sampling_round(self, number: int, out: Path) -> dict:
-        from actors.rollout import generate_across
-
         cfg, rs = self.cfg, self.cfg.rs
         t0 = time.time()
         count = rs.prompts_per_round or len(self.train_prompts)
         self.round_prompts = [self.next_prompts_one() for _ in range(count)]
-        samples = generate_across(self.rollout, [p["prompt_ids"] for p in self.round_prompts],
-                                  {"samples_per_prompt": rs.samples_per_prompt, "temperature": rs.temperature},
-                                  seed=cfg.seed * 1_000_003 + number * 100_003)
+        samples = self.generate([p["prompt_ids"] for p in self.round_prompts],
+                                {"samples_per_prompt": rs.samples_per_prompt, "temperature": rs.temperature},
+                                seed=cfg.seed * 1_000_003 + number * 100_003)
         scored = self.scores(samples)
         best = A.best_of_k(scored["reward"], rs.samples_per_prompt).tolist()
+        model_scores = {n: v for n, v in scored.items() if n != "reward"}
         selected, seen, skipped = [], set(), {"below_threshold": 0, "duplicate": 0}
         for i in best:
             s, reward = samples[i], scored["reward"][i].item()
@@ -92,7 +98,7 @@ class RejectionSamplingRun(PPORun):
                 skipped["duplicate"] += 1
                 continue
             seen.add(key)
-            selected.append((s, reward, {n: v[i].item() for n, v in scored.items() if n != "reward"}))
+            selected.append((s, reward, {n: v[i].item() for n, v in model_scores.items()}))
         if not selected:
             raise RuntimeError(f"round {number}: no sample passed selection ({skipped})")
         out.mkdir(parents=True, exist_ok=True)
@@ -107,12 +113,16 @@ class RejectionSamplingRun(PPORun):
         for _ in range(rs.epochs):
             self.rng.shuffle(items)
             n_micro = self.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size)
-            losses.append(sum(m["loss"] * m["items"] for m in self.ray.get(
+            losses.append(sum(m["loss"] * m["items"] for m in gather(
                 self.policy.split_call("train_step", items, "sft", n_micro))) / len(items))
         self.sync()
+        by_model = {}  # each combined reward model's mean score, over all samples and over the selected ones
+        for n, v in model_scores.items():
+            by_model[f"reward/{n}"] = v.mean().item()
+            by_model[f"reward/{n}_selected"] = sum(m[n] for _, _, m in selected) / len(selected)
         return {"selected": len(selected), **{f"skipped_{k}": v for k, v in skipped.items()},
                 "selected_mean_reward": sum(r for _, r, _ in selected) / len(selected),
-                "all_mean_reward": scored["reward"].mean().item(), "sft_loss": losses[-1],
+                "all_mean_reward": scored["reward"].mean().item(), **by_model, "sft_loss": losses[-1],
                 "time/sample_and_score": t_sample, "time/train": time.time() - t0 - t_sample}
 
     def next_prompts_one(self) -> dict:
@@ -122,21 +132,19 @@ class RejectionSamplingRun(PPORun):
         return self.train_prompts[self.order[self.data_pos - 1]]
 
     def sync(self) -> None:
-        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
-        self.ray.get([e.update_weights.remote(buckets, self.iteration) for e in self.rollout.actors])
+        self.sync_weights()
 
     # ---------------------------------------------------------------- best-of-K as inference-time evaluation
     def best_of_k_curve(self, ks: list[int], seeds: int) -> dict[int, float]:
         """Held-out gold score when the reward model picks the best of K samples, averaged over seeds."""
-        from actors.rollout import generate_across
         from rlhf_cluster import task
 
         k_max, curve = max(ks), {k: 0.0 for k in ks}
         self.round_prompts = self.eval_prompts
         for seed in range(seeds):
-            samples = generate_across(self.rollout, [p["prompt_ids"] for p in self.eval_prompts],
-                                      {"samples_per_prompt": k_max, "temperature": self.cfg.rs.temperature},
-                                      seed=10_000_019 * (seed + 1))
+            samples = self.generate([p["prompt_ids"] for p in self.eval_prompts],
+                                    {"samples_per_prompt": k_max, "temperature": self.cfg.rs.temperature},
+                                    seed=10_000_019 * (seed + 1))
             reward = self.scores(samples)["reward"].view(-1, k_max)
             gold = torch.tensor([task.gold_score(task.prompt_text(self.prompt_messages(s)), s["text"]).total
                                  for s in samples]).view(-1, k_max)
@@ -150,8 +158,36 @@ def _metric(ev: dict, by: str) -> float:
     return ev["eval/gold"] if by == "gold" else ev["eval/rm_score"]
 
 
-def run(cfg: RSConfig, log=print) -> dict:
-    """All rounds; returns the summary (best round, its checkpoint, gold per round)."""
+class _Groups:
+    """What `check_resources` reads: a job's actor groups and their (CPUs, GPUs)."""
+
+    def __init__(self, groups: dict[str, tuple[float, float]]):
+        self.groups = groups
+
+    def resource_groups(self) -> dict[str, tuple[float, float]]:
+        return self.groups
+
+
+def check_round_resources(cfg: RSConfig, cpus: float, gpus: float) -> None:
+    """Fail before any actor starts when a round cannot fit: a rejection-sampling round holds the
+    policy, reference, reward and rollout groups plus one group per combined reward model (no
+    critic); a PPO round holds PPO's groups (the rejection-sampling ones are stopped first)."""
+    from rlhf_cluster.config import _trainer_demand, check_resources
+
+    groups = cfg.resource_groups()
+    if "rejection_sampling" in cfg.rounds:
+        rs_groups = {k: v for k, v in groups.items() if k != "critic"}
+        rs_groups.update({f"reward_{m.name}": _trainer_demand(cfg.reward_group) for m in cfg.reward_models})
+        check_resources(_Groups(rs_groups), cpus, gpus)
+    if "ppo" in cfg.rounds:
+        check_resources(_Groups(groups), cpus, gpus)
+
+
+def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
+    """All rounds; returns the summary (best round, its checkpoint, gold per round).
+
+    `run_name`: the `run` of this job's registry entries (default: the output directory's name).
+    """
     import ray
 
     from actors.group import ActorGroup
@@ -160,15 +196,16 @@ def run(cfg: RSConfig, log=print) -> dict:
     from rlhf_cluster.registry import make_entry, open_registry
     from rlhf_cluster.report import learning_curves
 
+    if cfg.reward_models and cfg.combine == "llama2" and not 0 < cfg.safety_threshold < 1:
+        raise ConfigError(f"safety_threshold is a probability in (0, 1) (Llama 2: 0.15), got {cfg.safety_threshold}")
     if not ray.is_initialized():
         connect_ray(cfg)
     res = ray.cluster_resources()
-    from rlhf_cluster.config import check_resources
-
-    check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+    check_round_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
     policy_path, reward_path = resolve_models(cfg, log)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    run_name = run_name or out.name
 
     def start(path: str) -> RejectionSamplingRun:
         job = RejectionSamplingRun(cfg, path, reward_path, log)
@@ -176,16 +213,25 @@ def run(cfg: RSConfig, log=print) -> dict:
                                                 name=f"reward-{m.name}") for m in cfg.reward_models}
         return job
 
+    def stop(job: RejectionSamplingRun) -> None:
+        job.shutdown()
+        for g in job.extra_rewards.values():
+            g.shutdown()
+
     def export(job: RejectionSamplingRun, where: Path) -> Path:
         job.policy.run("save", str(where / "policy"))
         job.policy.run("save_pretrained", str(where / "hf"))
         job.tokenizer.save_pretrained(where / "hf")
         return where / "hf"
 
-    def register(path: Path, number: int, ev: dict) -> str | None:
+    def register(path: Path, number: int, ev: dict, stage: str = "rejection_sampling") -> str | None:
         try:
-            entry = make_entry(path, run=out.name, kind="policy", stage="rejection_sampling", step=number,
+            entry = make_entry(path, run=run_name, kind="policy", stage=stage, step=number,
                                metrics={"eval_gold": ev["eval/gold"], "eval_rm": ev["eval/rm_score"]})
+            # what it holds and measured in the id: a re-run of the same output directory adds entries
+            # (or repeats one exactly), never conflicts
+            tag = hashlib.sha256(entry.model_dump_json(exclude={"id", "created"}).encode()).hexdigest()[:12]
+            entry = entry.model_copy(update={"id": f"{entry.id[:115]}-{tag}"})
             return open_registry(cfg.registry).register(entry).id
         except Exception as e:  # the run goes on; the checkpoint is on disk either way
             log(f"warning: round {number} not registered: {e}")
@@ -216,10 +262,11 @@ def run(cfg: RSConfig, log=print) -> dict:
                 state = where / "policy"
             else:  # PPO on top of the best model so far
                 if job is not None:
-                    job.shutdown()
+                    stop(job)
                     job = None
                 fields = {k: v for k, v in cfg.model_dump().items() if k in PPOConfig.model_fields}
                 ppo_cfg = PPOConfig.model_validate({**fields, "output_dir": str(where),
+                                                    "registry_run": f"{run_name}-round{number}",
                                                     "policy": {**fields["policy"], "path": str(best["hf"])},
                                                     "reward": {**fields["reward"], "path": reward_path}})
                 summary = ppo.run(ppo_cfg, log=log)
@@ -228,10 +275,11 @@ def run(cfg: RSConfig, log=print) -> dict:
                 ev = next(r for r in reversed(rows) if "eval/gold" in r)
                 stats = {"ppo_gold_initial": summary["gold_initial"]}
                 hf, state = ckpt / "hf", None
+            ev = {("ppo_iteration" if k == "iteration" else k): v for k, v in ev.items()}  # a PPO round's own count
             row = {"iteration": number, "round": kind, **stats, **ev}
             history.append(row)
             score = _metric(ev, cfg.promote_by)
-            entry_id = register(hf, number, ev)
+            entry_id = register(hf, number, ev, stage=kind)
             promoted = score > best["score"]
             if promoted:
                 best = {"round": number, "hf": hf, "state": state, "score": score, "id": entry_id}
@@ -240,9 +288,7 @@ def run(cfg: RSConfig, log=print) -> dict:
                 + (" -> promoted to best" if promoted else f" -> best stays round {best['round']}"))
     finally:
         if job is not None:
-            job.shutdown()
-            for g in job.extra_rewards.values():
-                g.shutdown()
+            stop(job)
     if best["id"]:
         try:
             open_registry(cfg.registry).promote(best["id"])
@@ -252,7 +298,8 @@ def run(cfg: RSConfig, log=print) -> dict:
     learning_curves(history, out / "report.png", title="rejection sampling rounds")
     summary = {"rounds": cfg.rounds, "gold_per_round": [r["eval/gold"] for r in history],
                "rm_per_round": [r["eval/rm_score"] for r in history], "best_round": best["round"],
-               "best_model": str(best["hf"]), "best_of_k_gold": curve, "report": str(out / "report.png")}
+               "best_model": str(best["hf"]), "best_entry": best["id"], "best_of_k_gold": curve,
+               "report": str(out / "report.png")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log("\n=== rejection sampling summary ===\n" + "\n".join(
         f"round {i} ({'start' if i == 0 else cfg.rounds[i - 1]}): gold {g:.3f}"

@@ -121,3 +121,22 @@ def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
                 out[name] = p.detach().clone().cpu()
         return out
     return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+
+
+def merged_lora_state_dict(state: dict[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
+    """peft-wrapped weights -> the plain model's: W + (alpha / rank) · B·A for every adapted layer,
+    names unwrapped (what vLLM and `save_pretrained` of the base model expect)."""
+    scale = alpha / rank
+    out = {}
+    for name, t in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        if ".base_layer." in name:
+            layer, param = name.split(".base_layer.")
+            if param == "weight":
+                a, b = state[f"{layer}.lora_A.default.weight"], state[f"{layer}.lora_B.default.weight"]
+                t = t + (scale * (b.float() @ a.float())).to(t.dtype)
+            name = f"{layer}.{param}"
+        out[name.removeprefix("base_model.model.")] = t
+    return out
+

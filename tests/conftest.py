@@ -74,28 +74,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """A real redis-server on a free loopback port, with AOF on, torn down at the end."""
+def start_redis(port: int, workdir) -> subprocess.Popen:
+    """A real redis-server on a loopback port with AOF on (as deploy/base/redis.yaml runs it),
+    returned once it answers PING."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.fail("redis-server is not installed (make test installs it)")
-    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL)
+                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                            stdout=subprocess.DEVNULL)
     import redis
 
     client = redis.Redis(port=port)
-    for _ in range(100):
+    for _ in range(200):
         try:
             client.ping()
-            break
+            return proc
         except redis.ConnectionError:
             time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"redis-server did not start on port {port}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a free loopback port, with AOF on, torn down at the end."""
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
-
 
 
 # --------------------------------------------------------------------------- training stages

@@ -145,13 +145,22 @@ def test_bad_input_gives_clear_errors_and_actors_survive(policy, engine, tokeniz
         ray.get(gen.remote([[5] * 300]))
     with pytest.raises(ray.exceptions.RayTaskError, match="samples_per_prompt"):
         ray.get(gen.remote(_prompt_ids(tokenizer)[:1], {"samples_per_prompt": 0}))
-    nan_items = [dict(it, old_logprobs=[0.0] * len(it["loss_mask"]),
-                      advantages=[float("nan")] * len(it["loss_mask"])) for it in sft_items[:4]]
-    n_micro = policy.micro_batches_per_rank(len(nan_items), TRAINER.micro_batch_size)
+    # NaN advantages on rank 1's half only: both ranks skip (and count) the micro-batch, no deadlock
+    ppo_items = [dict(it, old_logprobs=[0.0] * len(it["loss_mask"]),
+                      advantages=[float("nan") if i >= 2 else 1.0] * len(it["loss_mask"]))
+                 for i, it in enumerate(sft_items[:4])]
+    n_micro = policy.micro_batches_per_rank(len(ppo_items), TRAINER.micro_batch_size)
     before = policy.map("logprobs", sft_items[:4], n_micro)
-    with pytest.raises(ray.exceptions.RayTaskError, match="loss is not finite"):
-        ray.get(policy.split_call("train_step", nan_items, "ppo", n_micro))
+    for m in ray.get(policy.split_call("train_step", ppo_items, "ppo", n_micro)):
+        assert m["skipped_micro_batches"] == n_micro and m["items"] == 0
     assert policy.map("logprobs", sft_items[:4], n_micro) == before  # weights untouched
+    # a finite loss whose gradient overflows (on rank 0 only): the ZeRO-3 optimiser skips the step
+    # on every rank, and it is counted
+    ray.get(policy.actors[0].inject_nonfinite_gradient.remote(n_micro))
+    for m in ray.get(policy.split_call("train_step", sft_items[:4], "sft", n_micro)):
+        assert m["skipped_micro_batches"] == 0 and m["skipped_optimizer_steps"] == n_micro
+    assert policy.map("logprobs", sft_items[:4], n_micro) == before
+    assert policy.run("weights_finite") == [True, True]
     with pytest.raises(ray.exceptions.RayTaskError, match="unknown loss 'dpo2'"):
         ray.get(policy.split_call("train_step", sft_items[:4], "dpo2", n_micro))
     assert policy.run("ping") == [0, 1] and ray.get(engine.actors[0].ping.remote()) == 0  # alive
@@ -200,3 +209,57 @@ def test_critic_values_and_value_step(ray_cluster, builtin_assets, sft_items):
         assert losses[-1] < losses[0] * 0.8, losses  # values move toward the returns
     finally:
         critic.shutdown()
+
+
+def test_hf_engine_behind_the_same_interface(policy, ray_cluster, builtin_assets, tokenizer, sft_items):
+    """rollout.engine=hf: same samples contract, seeded samples independent of the engine split,
+    the same in-place weight sync, log-probs equal to the trainer's."""
+    from actors.rollout import HFRolloutEngine, generate_across
+
+    res = GroupResources(num_ranks=2, num_cpus_per_rank=0.25)
+    hf = ActorGroup(HFRolloutEngine, res, str(builtin_assets.base), ROLLOUT.model_dump(), name="rollout-hf")
+    try:
+        prompts = _prompt_ids(tokenizer)
+        samples = generate_across(hf, prompts, seed=7)
+        assert len(samples) == len(prompts) * ROLLOUT.samples_per_prompt
+        assert [s["prompt_index"] for s in samples] == [i for i in range(len(prompts))
+                                                        for _ in range(ROLLOUT.samples_per_prompt)]
+        for s in samples:
+            assert len(s["logprobs"]) == len(s["response_ids"]) <= ROLLOUT.max_new_tokens
+            assert s["finished"] == (s["response_ids"][-1] == tokenizer.eos_token_id)
+        one = ray.get(hf.actors[0].generate.remote(prompts, None, 7))  # all prompts on one engine
+        assert [s["response_ids"] for s in one] == [s["response_ids"] for s in samples]
+        n_micro = policy.micro_batches_per_rank(len(sft_items), TRAINER.micro_batch_size)
+        ray.get(policy.split_call("train_step", sft_items, "sft", n_micro))
+        buckets = [ref for part in policy.run("export_weights") for ref in part]
+        assert ray.get([a.update_weights.remote(buckets, 3) for a in hf.actors]) == [39, 39]
+        with pytest.raises(ray.exceptions.RayTaskError, match="holds weights version 3, expected 2"):
+            ray.get(hf.actors[0].generate.remote(prompts, None, 7, 2))
+        after = generate_across(hf, prompts, seed=7, version=3)
+        assert _max_gap(after, _response_logprobs(policy, after)) < 1e-4
+    finally:
+        hf.shutdown()
+
+
+def test_lora_policy_syncs_its_adapted_weights_into_vllm(ray_cluster, engine, builtin_assets, tokenizer, sft_items):
+    """trainer.lora.enabled: only the adapters train; vLLM samples from the merged, adapted policy."""
+    from rlhf_cluster.config import LoraConfig
+
+    cfg = TRAINER.model_copy(update={"num_ranks": 1, "num_cpus_per_rank": 0.25,
+                                     "lora": LoraConfig(enabled=True, rank=8, alpha=16.0)})
+    cfg.optim = cfg.optim.model_copy(update={"lr": 1e-2})
+    lora = ActorGroup(PolicyTrainer, cfg, str(builtin_assets.base), cfg.model_dump(), 1000, name="policy-lora")
+    try:
+        n_micro = lora.micro_batches_per_rank(len(sft_items), cfg.micro_batch_size)
+        before = lora.map("logprobs", sft_items, n_micro)
+        for _ in range(3):
+            ray.get(lora.split_call("train_step", sft_items, "sft", n_micro))
+        after = lora.map("logprobs", sft_items, n_micro)
+        assert max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y)) > 1e-2  # it learned
+        buckets = [ref for part in lora.run("export_weights") for ref in part]
+        assert ray.get(engine.actors[0].update_weights.remote(buckets, 100)) == 39  # plain names, merged
+        samples = ray.get(engine.actors[0].generate.remote(_prompt_ids(tokenizer)))
+        lora_lps = _response_logprobs(lora, samples)
+        assert _max_gap(samples, lora_lps) < 1e-3
+    finally:
+        lora.shutdown()

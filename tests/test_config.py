@@ -48,6 +48,10 @@ def test_unknown_key_is_named(tmp_path):
     ("iterations=0", "iterations"),
     ("estimator=ppo2", "estimator"),
     ("builtin.label_noise=0.7", "builtin.label_noise"),
+    ("reward_service.url=ftp://x", "reward_service"),
+    ("reward_service.batch_size=1000", "reward_service.batch_size"),
+    ("fault_tolerance.max_consecutive_skips=0", "fault_tolerance.max_consecutive_skips"),
+    ("fault_tolerance.actor_restarts=-1", "fault_tolerance.actor_restarts"),
 ])
 def test_wrong_types_and_ranges_are_named(override, key):
     with pytest.raises(ConfigError, match="\n  " + re.escape(key) + ": "):

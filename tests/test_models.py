@@ -67,3 +67,26 @@ def test_vllm_generates_and_agrees_with_transformers(builtin_assets, vllm_engine
         with torch.no_grad():
             hf = sequence_token_logprobs(model, ids, torch.ones_like(ids))[0, len(s.prompt_ids) - 1:]
         torch.testing.assert_close(torch.tensor(s.logprobs), hf, atol=2e-3, rtol=0)
+
+
+def test_merged_lora_weights_equal_peft_merge(builtin_assets):
+    """The weights the trainer syncs to vLLM and exports for a LoRA policy are peft's merge."""
+    from rlhf_cluster.config import LoraConfig
+    from rlhf_cluster.stages import with_lora
+    from rlhf_cluster.training import merged_lora_state_dict
+
+    lora = LoraConfig(enabled=True, rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    model = with_lora(AutoModelForCausalLM.from_pretrained(builtin_assets.base), lora, "CAUSAL_LM")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B starts at zero: make the adapters do something
+    state = {k: v.clone() for k, v in model.named_parameters()}
+    merged = merged_lora_state_dict(state, lora.alpha, lora.rank)
+    expected = {k: v for k, v in model.merge_and_unload().named_parameters()}
+    assert merged.keys() == expected.keys()
+    assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in expected)
+    base = dict(AutoModelForCausalLM.from_pretrained(builtin_assets.base).named_parameters())
+    assert not torch.allclose(merged["model.layers.0.self_attn.q_proj.weight"],
+                              base["model.layers.0.self_attn.q_proj.weight"])

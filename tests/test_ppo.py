@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,8 @@ from safetensors.torch import load_file
 
 from rlhf_cluster.config import CONFIG_DIR, PPOConfig, load_config
 from rlhf_cluster.ppo import latest_checkpoint, padded, response_part, run, trainer_item, unpadded
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_trainer_item_aligns_response_fields():
@@ -78,17 +86,39 @@ def test_corrupt_checkpoint_is_skipped(smoke_run, tmp_path):
 
 
 @pytest.mark.ray
-def test_resume_repeats_the_uninterrupted_run(smoke_run, builtin_assets, tmp_path):
-    """Stop after iteration 2, resume: iteration 3 and the final weights match the uninterrupted run."""
+def test_killed_job_resumes_like_the_uninterrupted_run(smoke_run, builtin_assets, tmp_path):
+    """The job's driver (as under `ray job submit`) is SIGKILLed once checkpoint 2 exists; run again
+    with --resume it continues from the last complete checkpoint, and iteration 3 and the final
+    weights match the uninterrupted run of the same seed."""
+    import ray
+
+    from rlhf_cluster.ppo import main
+
     full_out, _ = smoke_run
-    out = tmp_path / "resumed"
-    run(_smoke(builtin_assets, out, "stop_after_iterations=2"))
-    assert latest_checkpoint(out).name == "iter_000002"
-    run(_smoke(builtin_assets, out), resume=True)
+    out = tmp_path / "killed"
+    args = ["--config", str(CONFIG_DIR / "smoke.yaml"), f"policy.path={builtin_assets.base}",
+            f"reward.path={builtin_assets.reward_base}", f"output_dir={out}", f"registry={out / 'registry'}"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "rlhf_cluster.ppo", *args], cwd=REPO, env=env,
+                                  stdout=log, stderr=log)
+        try:
+            deadline = time.time() + 600
+            while not (out / "checkpoints" / "iter_000002").exists():
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                assert time.time() < deadline, "the job never wrote checkpoint 2"
+                time.sleep(0.1)
+            driver.send_signal(signal.SIGKILL)
+        finally:
+            driver.kill()
+            driver.wait(30)
+    assert latest_checkpoint(out).name == "iter_000002"  # a checkpoint 3 in flight is never chosen
+
+    main([*args, "--resume"])
     full = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]  # no gap, no duplicate
-    for key in ("reward/rm_score", "kl/mean_sequence_kl", "policy/loss", "response/length"):
+    for key in ("reward/rm_score", "kl/mean_sequence_kl", "policy/loss", "response/length", "eval/gold"):
         assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-4, abs=1e-5), key
     a = load_file(full_out / "checkpoints" / "iter_000003" / "hf" / "model.safetensors")
     b = load_file(out / "checkpoints" / "iter_000003" / "hf" / "model.safetensors")
