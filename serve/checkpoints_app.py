@@ -47,6 +47,9 @@ from serve.common import TokenAuth, install_guards, load_token, require_token
 logger = logging.getLogger("ray.serve")
 
 CheckpointId = Annotated[str, PathParam(pattern=ID_PATTERN)]
+# A replica being stopped waits up to this long for its requests (downloads included): as long as the HTTP
+# request_timeout_s in configs/serve.yaml, so no request the proxy still waits for is cut off.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 300.0
 
 
 class RegisterRequest(BaseModel):
@@ -71,6 +74,7 @@ class CheckpointsAppArgs(BaseModel):
     reward_deployment: str = "RewardModel"
     max_body_bytes: int = Field(64 << 10, ge=1024)
     num_cpus: float = Field(0.1, gt=0.0)
+    graceful_shutdown_timeout_s: float = Field(GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0.0)
 
 
 def _error(e: Exception) -> HTTPException:
@@ -99,7 +103,8 @@ install_guards(app, _limits)
 auth = [Depends(require_token)]
 
 
-@serve.deployment(name="Checkpoints", max_ongoing_requests=32)
+@serve.deployment(name="Checkpoints", max_ongoing_requests=32, graceful_shutdown_wait_loop_s=2,
+                  graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
 @serve.ingress(app)
 class CheckpointsDeployment:
     def __init__(self, args: dict):
@@ -207,4 +212,5 @@ def app_builder(args: CheckpointsAppArgs) -> serve.Application:
     """import_path target: `serve.checkpoints_app:app_builder` with the application's `args:`."""
     if isinstance(args, dict):
         args = CheckpointsAppArgs.model_validate(args)
-    return CheckpointsDeployment.options(ray_actor_options={"num_cpus": args.num_cpus}).bind(args.model_dump())
+    return CheckpointsDeployment.options(graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
+                                         ray_actor_options={"num_cpus": args.num_cpus}).bind(args.model_dump())

@@ -49,6 +49,25 @@ def build_application(import_path: str, args: dict | None) -> serve.Application:
     return target(args or {})
 
 
+def run_application(app: serve.Application, name: str, route_prefix: str | None) -> serve.handle.DeploymentHandle:
+    """serve.run, but a failed deployment raises naming its cause (the last line of each failing deployment's
+    status message, e.g. "FileNotFoundError: reward model 'rm': /x is not a directory"), not only that it failed."""
+    try:
+        return serve.run(app, name=name, route_prefix=route_prefix)
+    except RuntimeError as e:
+        causes = []
+        try:
+            for dep_name, dep in serve.status().applications[name].deployments.items():
+                lines = [ln.strip() for ln in (dep.message or "").splitlines() if ln.strip()]
+                if lines and dep.status != "HEALTHY":
+                    causes.append(f"{dep_name}: {lines[-1]}")
+        except Exception:  # no status to add: the original error is all there is
+            pass
+        if not causes:
+            raise
+        raise RuntimeError(f"application {name!r} failed to deploy: {'; '.join(causes)}") from e
+
+
 def deploy(cfg: ServeDeploySchema, arg_overrides: dict[str, dict] | None = None, http_port: int | None = None,
            ) -> dict[str, serve.handle.DeploymentHandle]:
     """Start Serve (HTTP options from the file) and run every application; returns their ingress handles.
@@ -62,5 +81,5 @@ def deploy(cfg: ServeDeploySchema, arg_overrides: dict[str, dict] | None = None,
     handles = {}
     for a in cfg.applications:
         args = {**(a.args or {}), **(arg_overrides or {}).get(a.name, {})}
-        handles[a.name] = serve.run(build_application(a.import_path, args), name=a.name, route_prefix=a.route_prefix)
+        handles[a.name] = run_application(build_application(a.import_path, args), a.name, a.route_prefix)
     return handles

@@ -4,7 +4,8 @@
                        -> {"scores": [...]} (+ "per_model" when several models; scores are their mean)
     POST /get_reward   OpenRLHF's remote RM protocol: {"query": [full text], "prompts", "labels"}
                        -> {"rewards": [...], "scores": sigmoid(rewards) in [0, 1], "extra_logs": {...}}
-    GET  /healthz      loaded models and batching settings; 503 until a model is loaded
+    GET  /healthz      loaded models and batching settings; 503 naming the problem when the last health
+                       check failed (a served model no longer gives a finite score to the probe item)
 
 A reward model is any transformers AutoModelForSequenceClassification directory with one output.
 A (prompt, response) pair is rendered with the model's own chat template exactly as reward
@@ -22,6 +23,7 @@ import asyncio
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -38,6 +40,11 @@ logger = logging.getLogger("ray.serve")
 MAX_ITEMS = 512          # items per request
 MAX_CHARS = 16_384       # characters per string
 MAX_MESSAGES = 32        # turns per conversation
+# A replica being stopped (redeploy, scale-down, shutdown) takes no new requests and waits up to this
+# long for the ones it has: as long as the HTTP request_timeout_s (configs/serve.yaml), so no request
+# the proxy still waits for is cut off. It exits as soon as it is idle (checked every 2 s).
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 300.0
+PROBE_TEXT = "Hello."    # scored by every model when loaded and at every Serve health check
 
 Text = Annotated[str, Field(max_length=MAX_CHARS)]
 
@@ -129,6 +136,7 @@ class RewardAppArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0.0)
     max_ongoing_requests: int = Field(64, ge=1)
+    graceful_shutdown_timeout_s: float = Field(GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -148,9 +156,13 @@ class RewardModel:
 
 def load_reward_model(name: str, path: str, max_tokens: int | None = None, checkpoint_id: str | None = None,
                       sha256: str | None = None) -> RewardModel:
-    """Load a reward model directory; checks it has one output and (when given) the sha256 of its files."""
+    """Load a reward model directory; checks it has one output, (when given) the sha256 of its files, and that
+    it scores: a probe item must give a finite score, so a model that cannot score (e.g. the NaN weights of
+    a diverged run) is refused here, never served."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if not Path(path).is_dir():  # else transformers takes it for a Hub repo id and says so
+        raise FileNotFoundError(f"reward model {name!r}: {path} is not a directory")
     if sha256 is not None:
         from rlhf_cluster.registry import checkpoint_sha256
 
@@ -166,7 +178,20 @@ def load_reward_model(name: str, path: str, max_tokens: int | None = None, check
         model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return RewardModel(name, str(path), model, tokenizer, min(limit, max_tokens or limit), checkpoint_id, sha256)
+    rm = RewardModel(name, str(path), model, tokenizer, min(limit, max_tokens or limit), checkpoint_id, sha256)
+    probe(rm)
+    return rm
+
+
+def probe(rm: RewardModel) -> float:
+    """Score PROBE_TEXT; ValueError naming the model unless that gives a finite score."""
+    try:
+        score = forward(rm, [encode_query(rm, PROBE_TEXT)])[0]
+    except Exception as e:
+        raise ValueError(f"reward model {rm.name!r} ({rm.path}) cannot score: {type(e).__name__}: {e}") from e
+    if not math.isfinite(score):
+        raise ValueError(f"reward model {rm.name!r} ({rm.path}) gives a non-finite score ({score}) to a probe item")
+    return score
 
 
 def encode_messages(rm: RewardModel, messages: list[dict]) -> list[int]:
@@ -202,7 +227,8 @@ _limits = {"max_body_bytes": 1 << 20}  # per replica process; set from the app's
 install_guards(app, _limits)
 
 
-@serve.deployment(name="RewardModel", max_ongoing_requests=64, health_check_period_s=5)
+@serve.deployment(name="RewardModel", max_ongoing_requests=64, health_check_period_s=5, health_check_timeout_s=30,
+                  graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
 @serve.ingress(app)
 class RewardDeployment:
     def __init__(self, args: dict):
@@ -225,13 +251,14 @@ class RewardDeployment:
         self.models = {name: load_reward_model(name, path, args.max_tokens) for name, path in paths.items()}
         self._load_lock = asyncio.Lock()
         self._failed_ids: set[str] = set()
+        self.unready: str | None = None  # why the last health check failed; /healthz reports it
         self.batches = self.largest_batch = 0
         self.swaps = 0
         promoted = self.registry.serving("reward") if self.registry else None
         if promoted is not None:
             try:
                 self.models[self.primary] = self._load_entry(self.primary, promoted.model_dump())
-            except (OSError, ValueError) as e:
+            except Exception as e:  # the models from args keep serving
                 self._failed_ids.add(promoted.id)
                 logger.error("not serving promoted checkpoint %s: %s", promoted.id, e)
         self._set_batching(args.max_batch_size, args.batch_wait_timeout_s)
@@ -279,8 +306,23 @@ class RewardDeployment:
         return {"ok": True, "name": name, "model": rm.info()}
 
     async def check_health(self) -> None:
-        """Serve calls this every few seconds: also follow the registry, so that every replica (not only
-        the one the checkpoints app told) converges on the promoted checkpoint."""
+        """Serve calls this every health_check_period_s (5 s), and once before a new replica gets traffic.
+
+        Readiness: every loaded model must score the probe item (a finite score); otherwise this raises,
+        Serve marks the replica unhealthy and replaces it, and /healthz answers 503 with the reason.
+        Then it follows the registry, so that every replica (not only the one the checkpoints app
+        told) converges on the promoted checkpoint."""
+        models = self.models
+        try:
+            if not models:
+                raise ValueError("no reward model is loaded")
+            for rm in models.values():
+                await asyncio.to_thread(probe, rm)
+        except Exception as e:
+            self.unready = str(e)[:2000]
+            logger.error("health check failed: %s", self.unready)
+            raise RuntimeError(self.unready) from None
+        self.unready = None
         if self.registry is None or self._load_lock.locked():
             return
         try:
@@ -351,8 +393,9 @@ class RewardDeployment:
     @app.get("/healthz")
     async def healthz(self):
         models = self.models
-        if not models:
-            return JSONResponse({"status": "loading"}, status_code=503)
+        if not models or self.unready:  # the last health check (at most health_check_period_s ago) failed
+            return JSONResponse({"status": "unavailable", "error": self.unready or "no reward model is loaded"},
+                                status_code=503)
         return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id,
                 "models": {n: rm.info() for n, rm in models.items()}, "swaps": self.swaps,
                 "batching": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
@@ -365,6 +408,6 @@ def app_builder(args: RewardAppArgs) -> serve.Application:
         args = RewardAppArgs.model_validate(args)
     return RewardDeployment.options(
         num_replicas=args.num_replicas, max_ongoing_requests=args.max_ongoing_requests,
-        ray_actor_options={"num_cpus": args.num_cpus},
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s, ray_actor_options={"num_cpus": args.num_cpus},
         user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
     ).bind(args.model_dump(exclude={"max_batch_size", "batch_wait_timeout_s"}))  # those go via reconfigure
