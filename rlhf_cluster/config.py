@@ -203,6 +203,7 @@ class DPOConfig(StageConfig):
     epochs: int = Field(1, ge=1)
     beta: float = Field(0.1, gt=0.0)
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    nll_coef: float = Field(0.0, ge=0.0)  # + nll_coef x length-normalised NLL of chosen (RPO; Llama 3: 0.2)
     gold_eval: bool = True
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
 

@@ -1,4 +1,5 @@
-"""Direct preference optimisation (sigmoid DPO or IPO) as a Ray Train job with DeepSpeed workers.
+"""Direct preference optimisation (sigmoid DPO or IPO, optionally with an NLL term on chosen responses
+as in RPO / Llama 3: `nll_coef`) as a Ray Train job with DeepSpeed workers.
 
     python -m rlhf_cluster.dpo [--config configs/dpo-tiny.yaml] [key=value ...]
 
@@ -84,7 +85,7 @@ def train_loop(config: dict) -> None:
     """One Ray Train worker: the policy's DeepSpeed engine; reference log-probs precomputed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cluster.losses import dpo_loss, dpo_metrics
+    from rlhf_cluster.losses import chosen_nll, dpo_loss, dpo_metrics
     from rlhf_cluster.training import load_pretrained, make_engine
 
     cfg = DPOConfig.model_validate(config["cfg"])
@@ -106,12 +107,18 @@ def train_loop(config: dict) -> None:
         c, r = pair_logprobs(engine, [train[i] for i in idx], pad)
         ref = ref_train[idx]
         loss = dpo_loss(c, r, ref[:, 0], ref[:, 1], cfg.beta, cfg.loss)
-        return loss, dpo_metrics(c.detach(), r.detach(), ref[:, 0], ref[:, 1], cfg.beta)
+        metrics = dpo_metrics(c.detach(), r.detach(), ref[:, 0], ref[:, 1], cfg.beta)
+        if cfg.nll_coef > 0:
+            nll = chosen_nll(c, torch.tensor([sum(train[i]["chosen"].loss_mask[1:]) for i in idx]))
+            metrics["chosen_nll"] = nll.item()
+            loss = loss + cfg.nll_coef * nll
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate() -> dict:
         engine.eval()
-        sums = {k: [0.0, 0.0] for k in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio")}
+        sums = {k: [0.0, 0.0] for k in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_logratio",
+                                        "eval_chosen_shift", "eval_rejected_shift")}
         for idx, weights in stages.eval_shards(len(held), mb):
             c, r = pair_logprobs(engine, [held[i] for i in idx], pad)
             ref, w = ref_held[idx], torch.tensor(weights)
@@ -119,7 +126,9 @@ def train_loop(config: dict) -> None:
             per_pair = {"eval_loss": (torch.nn.functional.softplus(-cfg.beta * h) if cfg.loss == "sigmoid"
                                       else (h - 1 / (2 * cfg.beta)) ** 2),
                         "eval_reward_accuracy": (h > 0).float(), "eval_reward_margin": cfg.beta * h,
-                        "eval_logratio": c - r}
+                        "eval_logratio": c - r,
+                        # log π - log ref of each response: DPO can push both down (likelihood displacement)
+                        "eval_chosen_shift": c - ref[:, 0], "eval_rejected_shift": r - ref[:, 1]}
             for key, v in per_pair.items():
                 sums[key][0] += float((v * w).sum())
                 sums[key][1] += float(w.sum())
@@ -140,11 +149,13 @@ def run_dpo(cfg: DPOConfig, llm=None, fail_at_step: int | None = None) -> Path:
     run = stages.run_stage("dpo", cfg, resolve, load_data, train_loop, fail_at_step)
     first = next((h for h in run["history"] if "eval_logratio" in h), {})
     last = run["history"][-1]
-    run["summary"].update(init=run["paths"]["model"], loss=cfg.loss, beta=cfg.beta,
+    run["summary"].update(init=run["paths"]["model"], loss=cfg.loss, beta=cfg.beta, nll_coef=cfg.nll_coef,
                           eval_logratio_before=first.get("eval_logratio"),
                           eval_logratio_after=last.get("eval_logratio"),
                           eval_reward_accuracy_after=last.get("eval_reward_accuracy"),
-                          eval_reward_margin_after=last.get("eval_reward_margin"))
+                          eval_reward_margin_after=last.get("eval_reward_margin"),
+                          eval_chosen_shift_after=last.get("eval_chosen_shift"),
+                          eval_rejected_shift_after=last.get("eval_rejected_shift"))
     stages.add_gold_eval(run, cfg, llm)
     return stages.finish_stage("dpo", run)
 

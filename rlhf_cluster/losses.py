@@ -89,6 +89,19 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     raise ValueError(f"unknown DPO loss {kind!r} (use 'sigmoid' or 'ipo')")
 
 
+def chosen_nll(pi_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The NLL regulariser DPO adds on chosen responses (RPO, Pang et al. 2024; Llama 3 uses it
+    with coefficient 0.2), length-normalised per response:
+
+        L_NLL = mean over pairs of -π_c / |c|
+
+    where π_c is the summed log-prob of the chosen response and |c| its token count. The DPO
+    loss only sees the difference h, so it can lower log π(c) and log π(r) together; this term
+    keeps the chosen response's likelihood from falling while the rejected one is pushed down.
+    """
+    return (-pi_chosen / chosen_tokens.to(pi_chosen.dtype).clamp(min=1.0)).mean()
+
+
 def dpo_metrics(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                 ref_rejected: torch.Tensor, beta: float) -> dict[str, float]:
     """DPO's implicit rewards β(π - ref): their mean margin, and how often chosen beats rejected."""

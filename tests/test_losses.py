@@ -11,6 +11,7 @@ import torch
 
 from rlhf_cluster.losses import (
     bradley_terry_loss,
+    chosen_nll,
     dpo_loss,
     dpo_metrics,
     margin_loss,
@@ -97,6 +98,21 @@ def test_dpo_losses_hand_values():
     assert dpo_loss(T([-1.0]), T([-2.0]), T([-1.0]), T([-2.0]), beta=0.1).item() == pytest.approx(math.log(2))
     with pytest.raises(ValueError, match="unknown DPO loss"):
         dpo_loss(*args, beta=0.1, kind="hinge")
+
+
+def test_chosen_nll_hand_values():
+    # chosen log-probs -2 over 4 tokens and -6 over 3 tokens: per-token NLL 0.5 and 2, mean 1.25
+    pi_c = T([-2.0, -6.0], requires_grad=True)
+    loss = chosen_nll(pi_c, T([4, 3]))
+    assert loss.item() == pytest.approx(1.25, abs=1e-6)
+    loss.backward()  # d/dπ_c = -1 / (|c| · B): raising the chosen likelihood lowers the loss
+    assert pi_c.grad.tolist() == pytest.approx([-1 / 8, -1 / 6], abs=1e-6)
+    # a response with no tokens counts as one (no division by zero)
+    assert chosen_nll(T([0.0]), T([0])).item() == pytest.approx(0.0)
+    # with the DPO loss as in the stage: at h = 0 with β 0.1, log 2 + 0.2 · 1.25
+    both = dpo_loss(T([-2.0, -6.0]), T([-3.0, -1.0]), T([-2.0, -6.0]), T([-3.0, -1.0]), beta=0.1) \
+        + 0.2 * chosen_nll(T([-2.0, -6.0]), T([4, 3]))
+    assert both.item() == pytest.approx(math.log(2) + 0.25, abs=1e-6)
 
 
 def test_dpo_metrics():
