@@ -39,6 +39,12 @@ class Worker:
     def ping(self) -> int:
         return self.rank
 
+    def placement(self) -> dict:
+        """Where Ray put this rank: node and placement group (colocation is checked with it)."""
+        ctx = ray.get_runtime_context()
+        pg = ctx.get_placement_group_id()
+        return {"node": ctx.get_node_id(), "placement_group": pg, "pid": os.getpid()}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -64,12 +70,16 @@ class ActorGroup:
     rollout engines, reference and reward replicas); `max_task_retries` then re-sends the calls
     that were in flight. DeepSpeed ranks keep the defaults (0): a lost rank breaks the process
     group, so the coordinator rebuilds the whole group with `restart()`.
+
+    `pg`: a placement group shared with other groups (colocation, see `colocated_placement_group`):
+    rank i goes into its bundle i, and the group neither creates nor removes a placement group.
     """
 
     def __init__(self, cls, resources: GroupResources, *args, name: str = "group",
                  env: dict[str, str] | None = None, max_restarts: int = 0, max_task_retries: int = 0,
-                 wait: bool = True, **kwargs):
+                 wait: bool = True, pg=None, **kwargs):
         self.name, self.resources = name, resources
+        self.shared_pg = pg
         self._spec = (cls, args, kwargs, env or {}, max_restarts, max_task_retries)
         self.restarts = 0  # whole-group rebuilds
         self._start()
@@ -79,10 +89,13 @@ class ActorGroup:
     def _start(self) -> None:
         cls, args, kwargs, env, max_restarts, max_task_retries = self._spec
         resources, n = self.resources, self.resources.num_ranks
-        bundle = {"CPU": resources.num_cpus_per_rank}
-        if resources.num_gpus_per_rank:
-            bundle["GPU"] = resources.num_gpus_per_rank
-        self.pg = placement_group([bundle] * n, strategy=resources.placement, name=f"{self.name}-pg")
+        if self.shared_pg is None:
+            bundle = {"CPU": resources.num_cpus_per_rank}
+            if resources.num_gpus_per_rank:
+                bundle["GPU"] = resources.num_gpus_per_rank
+            self.pg = placement_group([bundle] * n, strategy=resources.placement, name=f"{self.name}-pg")
+        else:
+            self.pg = self.shared_pg
         ray.get(self.pg.ready(), timeout=300)
         master_addr = ray.util.get_node_ip_address()
         master_port = _free_port()
@@ -163,7 +176,25 @@ class ActorGroup:
                 ray.kill(a, no_restart=True)
             except ValueError:  # already gone
                 pass
-        remove_placement_group(self.pg)
+        if self.shared_pg is None:  # a shared one is removed by whoever made it
+            remove_placement_group(self.pg)
+
+
+def colocated_placement_group(groups: dict[str, GroupResources], strategy: str = "PACK"):
+    """One placement group for groups that share devices: bundle i holds what rank i of every
+    group asks for (e.g. trainer 0.5 GPU + reference 0.5 GPU: both ranks on the same GPU), so
+    rank i of each group lands on the same node and device. All groups have the same rank count
+    (checked by the job's config)."""
+    n = next(iter(groups.values())).num_ranks
+    return placement_group([colocated_bundle(groups)] * n, strategy=strategy,
+                           name="colocated-" + "-".join(groups) + f"-{os.getpid()}-{time.monotonic_ns()}")
+
+
+def colocated_bundle(groups: dict[str, GroupResources]) -> dict[str, float]:
+    """What one shared bundle holds: the sum of every colocated group's per-rank request."""
+    cpus = sum(g.num_cpus_per_rank for g in groups.values())
+    gpus = sum(g.num_gpus_per_rank for g in groups.values())
+    return {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
 
 
 def gather(refs: list) -> list:

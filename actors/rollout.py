@@ -65,7 +65,13 @@ class RolloutEngine:
         self.rank, self.path = rank, model_path
         self.cfg = RolloutConfig.model_validate(rollout)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.kv_cache_gib))))
-        self.llm = make_vllm(model_path, self.cfg, seed=seed + rank, dtype=dtype, worker_extension_cls=EXTENSION)
+        extra = {}
+        if self.cfg.weight_transport != "object_store":  # vLLM's own GPU transports (actors/weight_transfer.py)
+            extra["weight_transfer_config"] = {"backend": self.cfg.weight_transport}
+            if self.cfg.weight_transport == "ipc":  # handles arrive pickled from our trainer (rpc_safe)
+                os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        self.llm = make_vllm(model_path, self.cfg, seed=seed + rank, dtype=dtype, worker_extension_cls=EXTENSION,
+                             **extra)
         self.version = 0
 
     def ping(self) -> int:
@@ -108,6 +114,26 @@ class RolloutEngine:
 
     def checksum(self) -> dict:
         return self.llm.collective_rpc("weight_checksums")[0]
+
+    # -- GPU transports: vLLM's weight-transfer engine in the workers, driven by the trainer's rank 0
+    def transfer_init(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+
+    def transfer_start(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def transfer_update(self, update_info) -> None:
+        from actors.weight_transfer import rpc_safe
+
+        self.llm.collective_rpc("update_weights", args=(rpc_safe(update_info),))
+
+    def transfer_finish(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
+
+    def set_version(self, version: int) -> None:
+        """After a GPU-transport sync (the trainer drove it), the weights version it brought."""
+        self.version = version
 
 
 class HFRolloutEngine(RolloutEngine):

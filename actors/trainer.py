@@ -196,6 +196,32 @@ class _DeepSpeedRank(Worker):
     def checksum(self) -> dict[str, tuple[float, float]]:
         return checksums(self.full_state_dict())
 
+    # -- GPU weight transports (rollout.weight_transport nccl / ipc; actors/weight_transfer.py) -------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This rank's node address and a free port there, for an NCCL rendezvous it will host."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def init_weight_transfer(self, backend: str, engines: list, master_address: str = "", master_port: int = 0,
+                             world_size: int = 0) -> None:
+        """Join vLLM's trainer-side transfer engine for `engines` (every rank: the gathers are
+        collectives; rank 0 rendezvouses and sends). Called once per NCCL group / once for IPC."""
+        from actors.weight_transfer import TrainerSource, trainer_engine
+
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        source = TrainerSource(self.full_state_dict, device)
+        engine = trainer_engine(backend, self.rank, engines, source, master_address, master_port, world_size)
+        self._transfers = [*getattr(self, "_transfers", []), engine]
+
+    def send_weights(self) -> None:
+        for engine in getattr(self, "_transfers", []):
+            engine.send_weights()
+
     def save_pretrained(self, path: str) -> None:
         """HF-format export (rank 0 writes; every rank must call, ZeRO-3 gathers)."""
         state = self.full_state_dict()
@@ -232,6 +258,11 @@ class PolicyTrainer(_DeepSpeedRank):
     def _loss_sft(self, ids, att, f):
         logp, _ = self._forward(ids, att)
         return A.sft_loss(logp, f["loss_mask"]), {}
+
+    def _loss_ptx(self, ids, att, f, coef: float = 1.0):
+        logp, _ = self._forward(ids, att)
+        loss = A.ptx_loss(logp, f["loss_mask"], coef)
+        return loss, {"nll": A.sft_loss(logp.detach(), f["loss_mask"]).item()}
 
     def _loss_ppo(self, ids, att, f, clip_eps: float = 0.2, entropy_coef: float = 0.0,
                   dual_clip: float | None = None, loss_agg: str = "token"):

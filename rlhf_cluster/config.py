@@ -120,6 +120,9 @@ class RolloutConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     max_model_len: int = Field(256, ge=8)
     kv_cache_gib: float = Field(1.0, gt=0.0)
+    # trainer -> engine weight sync: Ray object store (CPU and anywhere), or vLLM's GPU transports:
+    # NCCL broadcast, CUDA IPC when trainer and engines share GPUs (colocate.all)
+    weight_transport: Literal["object_store", "nccl", "ipc"] = "object_store"
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> RolloutConfig:
@@ -127,6 +130,9 @@ class RolloutConfig(Strict):
             raise ValueError("tensor_parallel_size > 1 needs num_gpus_per_engine >= tensor_parallel_size")
         if self.engine == "hf" and self.tensor_parallel_size > 1:
             raise ValueError("engine=hf has no tensor parallelism (tensor_parallel_size must be 1)")
+        if self.weight_transport != "object_store" and (self.engine != "vllm" or not self.num_gpus_per_engine):
+            raise ValueError(f"weight_transport={self.weight_transport} is a GPU transport of vLLM: it needs "
+                             "engine=vllm and num_gpus_per_engine > 0 (on CPU use object_store)")
         return self
 
 
@@ -228,6 +234,17 @@ class RewardServiceConfig(Strict):
         return self
 
 
+class ColocateConfig(Strict):
+    """Groups that share devices (OpenRLHF's colocation): rank i of each colocated group goes into
+    bundle i of one placement group holding the sum of their per-rank resources, so on GPUs they
+    share rank i's GPU through fractional `num_gpus_per_rank` (e.g. 0.5 + 0.5). Colocated groups
+    need the same number of ranks."""
+
+    policy_reference: bool = False  # trainer + reference
+    critic_reward: bool = False  # critic + reward group (estimator gae)
+    all: bool = False  # trainer, reference, reward, critic and the rollout engines
+
+
 class FaultToleranceConfig(Strict):
     """How the RL coordinators ride out actor failures and bad numbers (docs/reliability.md)."""
 
@@ -271,6 +288,10 @@ class PPOConfig(JobConfig):
     dual_clip: float | None = Field(None, gt=1.0)
     value_clip_eps: float = Field(0.2, gt=0.0)
     entropy_coef: float = Field(0.0, ge=0.0)
+    # PPO-ptx (InstructGPT): after each policy step, a step on ptx_coef x NLL of SFT/pretraining data
+    ptx_coef: float = Field(0.0, ge=0.0)
+    ptx_data: str | None = None  # JSONL of conversations (SFT format); null: the built-in SFT data
+    ptx_batch_size: int = Field(16, ge=1)
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     lam: float = Field(0.95, ge=0.0, le=1.0)
     whiten_advantages: bool = True
@@ -287,12 +308,56 @@ class PPOConfig(JobConfig):
     keep_checkpoints: int = Field(2, ge=1)
     registry: str | None = None  # redis://... or a directory; null: $REDIS_URL or the embedded default
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    colocate: ColocateConfig = ColocateConfig()
     registry_run: str | None = None  # the `run` of this job's registry entries; null: output_dir's name
 
     @model_validator(mode="after")
     def _group_estimators_need_samples(self) -> PPOConfig:
         if self.estimator in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"estimator={self.estimator} needs rollout.samples_per_prompt >= 2")
+        return self
+
+    def group_resources(self) -> dict[str, GroupResources]:
+        """Every actor group of the job under its config key (rollout engines as ranks)."""
+        r = self.rollout
+        groups = {"trainer": self.trainer, "reference": self.reference, "reward_group": self.reward_group,
+                  "rollout": GroupResources(num_ranks=r.num_engines, num_cpus_per_rank=r.num_cpus_per_engine,
+                                            num_gpus_per_rank=r.num_gpus_per_engine)}
+        if self.estimator == "gae":
+            groups["critic"] = self.critic
+        return groups
+
+    def colocated_sets(self) -> list[list[str]]:
+        """The sets of groups (config keys) that share a placement group, per `colocate`."""
+        c = self.colocate
+        if c.all:
+            return [list(self.group_resources())]
+        sets = [["trainer", "reference"]] if c.policy_reference else []
+        return sets + ([["critic", "reward_group"]] if c.critic_reward else [])
+
+    @model_validator(mode="after")
+    def _colocated_groups_fit(self) -> PPOConfig:
+        groups = self.group_resources()
+        if self.colocate.critic_reward and "critic" not in groups:
+            raise ValueError(f"colocate.critic_reward needs a critic, and estimator={self.estimator} has none")
+        for names in self.colocated_sets():
+            ranks = {n: groups[n].num_ranks for n in names}
+            if len(set(ranks.values())) > 1:
+                shown = ", ".join(f"{n}{'.num_engines' if n == 'rollout' else '.num_ranks'}={k}"
+                                  for n, k in ranks.items())
+                raise ValueError(f"colocated groups need the same number of ranks: {shown}")
+            gpus = sum(groups[n].num_gpus_per_rank for n in names)
+            if gpus > 1 and gpus != int(gpus):
+                raise ValueError(f"colocated groups {names} ask for {gpus:g} GPUs per rank together: "
+                                 "a shared rank must fit one GPU (fractions summing to <= 1) or whole GPUs")
+            if "rollout" in names and self.rollout.tensor_parallel_size > 1:
+                raise ValueError("colocate.all places one engine per rank: rollout.tensor_parallel_size must be 1")
+        transport = self.rollout.weight_transport
+        if transport != "object_store" and not self.trainer.num_gpus_per_rank:
+            raise ValueError(f"rollout.weight_transport={transport} sends from GPU: trainer.num_gpus_per_rank > 0")
+        if transport == "ipc" and not self.colocate.all:
+            raise ValueError("rollout.weight_transport=ipc shares GPU memory: it needs colocate.all "
+                             "(trainer rank i and engine i on the same GPU); use nccl otherwise")
         return self
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:

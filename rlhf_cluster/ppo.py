@@ -5,7 +5,7 @@
     python -m rlhf_cluster.ppo --resume             # continue from the last complete checkpoint
 
 Objective (InstructGPT / Llama 2): maximise  E[r_φ(x, y)] − β·KL(π ‖ π_SFT)  (+ γ·log-likelihood of
-SFT data with ptx_coef, "PPO-ptx"). Each iteration:
+SFT data: ptx_coef, "PPO-ptx", a separate step after each policy step). Each iteration:
 
     prompts  → rollout engines (vLLM) sample n responses each
     sequences → reference log-probs, reward scores, critic values, old policy log-probs
@@ -81,11 +81,10 @@ class PPORun:
         import ray
         from transformers import AutoTokenizer
 
-        from actors.group import ActorGroup
+        from actors.group import ActorGroup, colocated_placement_group
         from actors.rollout import engine_class
         from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel
         from actors.trainer import Critic, PolicyTrainer
-        from rlhf_cluster.config import GroupResources
         from rlhf_cluster.data import load_tokenized
 
         self.cfg, self.log, self.ray = cfg, log, ray
@@ -101,6 +100,11 @@ class PPORun:
         self.eval_prompts, report = load_tokenized(eval_file, self.tokenizer, "prompts", max_prompt,
                                                    cfg.data.on_bad_sample)
         log(f"eval prompts: {report}")
+        self.ptx_data = []
+        if cfg.ptx_coef > 0:
+            self.ptx_data, report = load_tokenized(self._ptx_file(), self.tokenizer, "sft",
+                                                   cfg.data.max_sequence_tokens, cfg.data.on_bad_sample)
+            log(f"ptx data: {report}")
 
         n_rollouts = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
         steps = self.total_train_steps()
@@ -114,33 +118,42 @@ class PPORun:
         with_critic = self.uses_critic()
         log("starting actor groups: policy trainer, reference, reward, rollout" + (", critic" if with_critic else ""))
         trainer = self.trainer_config()
+        # colocated groups (cfg.colocate) share one placement group: rank i of each in bundle i
+        resources = cfg.group_resources()
+        self.shared_pgs, pg = [], {}
+        for names in cfg.colocated_sets():
+            names = [n for n in names if n != "critic" or with_critic]
+            self.shared_pgs.append(colocated_placement_group({n: resources[n] for n in names}, trainer.placement))
+            pg |= {n: self.shared_pgs[-1] for n in names}
+            log(f"colocated: {' + '.join(names)}")
         self.policy = ActorGroup(PolicyTrainer, trainer, policy_path, trainer.model_dump(), steps,
-                                 cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False)
+                                 cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False, pg=pg.get("trainer"))
         self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype, name="reference",
-                                    env=env, wait=False, **replica)
+                                    env=env, wait=False, pg=pg.get("reference"), **replica)
         if cfg.reward_service:  # scores over HTTP; the bearer token travels in the actors' environment
             svc = cfg.reward_service
             token = {svc.token_env: os.environ[svc.token_env]} if svc.token_env in os.environ else {}
             self.reward = ActorGroup(RemoteRewardModel, cfg.reward_group, svc.url, policy_path, svc.token_env,
                                      svc.batch_size, svc.timeout_s, svc.retries, name="reward", env=env | token,
-                                     wait=False, **replica)
+                                     wait=False, pg=pg.get("reward_group"), **replica)
         else:
             self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward",
-                                     env=env, wait=False, **replica)
+                                     env=env, wait=False, pg=pg.get("reward_group"), **replica)
         self.critic = None
         if with_critic:
             # the critic starts from the reward model (its head too), or the policy when scores come over HTTP
             self.critic = ActorGroup(Critic, cfg.critic, reward_path or policy_path, cfg.critic.model_dump(), steps,
-                                     cfg.reward.dtype, cfg.seed, name="critic", env=env, wait=False)
-        engines = GroupResources(num_ranks=cfg.rollout.num_engines, num_cpus_per_rank=cfg.rollout.num_cpus_per_engine,
-                                 num_gpus_per_rank=cfg.rollout.num_gpus_per_engine)
-        self.rollout = ActorGroup(engine_class(cfg.rollout.engine), engines, policy_path, cfg.rollout.model_dump(),
-                                  cfg.seed, cfg.policy.dtype, name="rollout",
+                                     cfg.reward.dtype, cfg.seed, name="critic", env=env, wait=False,
+                                     pg=pg.get("critic"))
+        self.rollout = ActorGroup(engine_class(cfg.rollout.engine), resources["rollout"], policy_path,
+                                  cfg.rollout.model_dump(), cfg.seed, cfg.policy.dtype, name="rollout",
                                   env={"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.rollout.kv_cache_gib)))},
-                                  wait=False, max_restarts=restarts)
+                                  wait=False, max_restarts=restarts, pg=pg.get("rollout"))
         for group in self.groups():
             group.wait()
-        log(f"actor groups up in {time.time() - t0:.0f}s; {n_rollouts} samples per iteration")
+        self.init_transport()
+        log(f"actor groups up in {time.time() - t0:.0f}s; {n_rollouts} samples per iteration"
+            + (f"; weights sync over {self.transport}" if self.transport != "object_store" else ""))
 
         self.kl_ctl = (A.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                        else A.FixedKLController(cfg.kl_coef))
@@ -159,7 +172,8 @@ class PPORun:
 
     # what a subclass (rejection sampling) changes
     def total_train_steps(self) -> int:
-        return self.cfg.iterations * self.cfg.ppo_epochs * self.cfg.mini_batches
+        per_iteration = self.cfg.ppo_epochs * self.cfg.mini_batches * (2 if self.cfg.ptx_coef > 0 else 1)
+        return self.cfg.iterations * per_iteration
 
     def uses_critic(self) -> bool:
         return self.cfg.estimator == "gae"
@@ -174,6 +188,20 @@ class PPORun:
 
         assets = ensure_builtin(self.cfg.builtin, log=self.log)
         return assets.file("prompts_train.jsonl"), assets.file("prompts_eval.jsonl")
+
+    def _ptx_file(self) -> Path:
+        if self.cfg.ptx_data:
+            return Path(self.cfg.ptx_data)
+        from rlhf_cluster.builtin import ensure_builtin
+
+        return ensure_builtin(self.cfg.builtin, log=self.log).file("sft_train.jsonl")
+
+    def ptx_batch(self, step: int) -> list[dict]:
+        """PPO-ptx samples for the policy step `step` of this iteration: drawn from a seed of the
+        iteration and step (no state to checkpoint, so a resumed run draws the same)."""
+        rng = random.Random(self.cfg.seed * 1_000_003 + self.iteration * 10_007 + step)
+        picked = rng.sample(self.ptx_data, min(self.cfg.ptx_batch_size, len(self.ptx_data)))
+        return [{"input_ids": s.input_ids, "loss_mask": s.loss_mask[1:]} for s in picked]
 
     def _shuffled(self) -> list[int]:
         order = list(range(len(self.train_prompts)))
@@ -259,7 +287,7 @@ class PPORun:
         if self.critic:
             fields |= {"old_values": unpadded(values, lengths), "returns": unpadded(returns, lengths)}
         batch = [trainer_item(s, **{k: v[i] for k, v in fields.items()}) for i, s in enumerate(samples)]
-        policy_metrics, critic_metrics = [], []
+        policy_metrics, critic_metrics, ptx_metrics = [], [], []
         for _ in range(cfg.ppo_epochs):
             order = list(range(len(batch)))
             self.rng.shuffle(order)
@@ -278,6 +306,12 @@ class PPORun:
                 policy_metrics += gather(calls["policy"])
                 if self.critic:
                     critic_metrics += gather(calls["critic"])
+                if cfg.ptx_coef > 0:  # PPO-ptx: keep the likelihood of SFT data (InstructGPT, DeepSpeed-Chat)
+                    ptx = self.ptx_batch(len(ptx_metrics))
+                    ptx_metrics += gather(self.policy.split_call(
+                        "train_step", ptx, "ptx", self.policy.micro_batches_per_rank(len(ptx),
+                                                                                      cfg.trainer.micro_batch_size),
+                        coef=cfg.ptx_coef))
         lap("train")
 
         # 5. weight sync: trainer -> every engine, in place
@@ -300,6 +334,8 @@ class PPORun:
             "response/length": sum(lengths) / len(lengths),
             "response/finished": sum(s["finished"] for s in samples) / len(samples),
         }
+        if ptx_metrics:
+            metrics["policy/ptx_nll"] = _weighted(ptx_metrics, "nll")
         if self.critic:
             metrics["critic/value_loss"] = _weighted(critic_metrics, "loss")
             metrics["critic/explained_variance"] = A.explained_variance(values, returns, mask).item()
@@ -327,11 +363,37 @@ class PPORun:
                 self.rollout.wait_alive(ft.restart_timeout_s)
                 self.sync_weights()
 
+    def init_transport(self) -> None:
+        """GPU transports (rollout.weight_transport): vLLM's trainer engines, set up once. NCCL: one
+        group per engine, hosted by trainer rank 0; IPC: one client for every engine."""
+        transport = self.cfg.rollout.weight_transport
+        if transport == "nccl":
+            tp = self.cfg.rollout.tensor_parallel_size
+            for engine in self.rollout.actors:
+                addr, port = self.ray.get(self.policy.actors[0].rendezvous_address.remote())
+                self.policy.run("init_weight_transfer", "nccl", [engine], addr, port, 1 + tp)
+        elif transport == "ipc":
+            self.policy.run("init_weight_transfer", "ipc", self.rollout.actors)
+        self.transport = transport
+
     def sync_weights(self) -> None:
-        """Trainer -> every engine, in place: ZeRO-3 partitions gathered, buckets in the object store."""
+        """Trainer -> every engine, in place: ZeRO-3 partitions gathered, then vLLM's NCCL / CUDA IPC
+        transport on GPUs, or buckets in the object store."""
         ft = self.cfg.fault_tolerance
-        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
         version = self.weights_version + 1
+        if self.transport != "object_store":
+            try:
+                self.policy.run("send_weights")
+                gather([e.set_version.remote(version) for e in self.rollout.actors])
+                self.weights_version = version
+                return
+            except RayActorError as e:  # a restarted engine left the transfer group: keep going without it
+                self.log(f"{self.transport} weight transfer failed ({_short(e)}); "
+                         "syncing through the object store from now on")
+                self.faults["engine_failures"] += 1
+                self.transport = "object_store"
+                self.rollout.wait_alive(ft.restart_timeout_s)
+        buckets = [ref for part in self.policy.run("export_weights") for ref in part]
         for attempt in range(ft.actor_restarts + 1):
             try:
                 gather([e.update_weights.remote(buckets, version) for e in self.rollout.actors])
@@ -502,6 +564,7 @@ class PPORun:
                 self.log(f"rebuilding the {group.name} group ({group.world_size} ranks)")
                 group.restart()
                 rebuilt.append(group)
+                self._drop_transport_if_rebuilt(group)
         for group in self.replica_groups():
             try:
                 group.wait_alive(ft.restart_timeout_s)
@@ -516,11 +579,18 @@ class PPORun:
         for group in self.trainer_groups():
             if group not in rebuilt:
                 group.restart()
+                self._drop_transport_if_rebuilt(group)
         faults = dict(self.faults)
         self.load_state_dict(self.start_state)
         self.faults = faults
         self.sync_weights()
         self.log("restarted from the initial models (no checkpoint yet)")
+
+    def _drop_transport_if_rebuilt(self, group) -> None:
+        if group is self.policy and self.transport != "object_store":  # its transfer group went with it
+            self.log(f"{self.transport} weight transfer ended with the old trainer ranks; "
+                     "syncing through the object store from now on")
+            self.transport = "object_store"
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict:
@@ -629,8 +699,12 @@ class PPORun:
         return [g for g in (self.rollout, self.policy, self.reference, self.reward, self.critic) if g is not None]
 
     def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
         for g in self.groups():
             g.shutdown()
+        for pg in self.shared_pgs:
+            remove_placement_group(pg)
 
 
 class RunHalted(RuntimeError):

@@ -6,7 +6,7 @@ import pytest
 import ray
 import torch
 
-from actors.group import ActorGroup, split_evenly
+from actors.group import ActorGroup, Worker, colocated_bundle, colocated_placement_group, split_evenly
 from actors.rollout import RolloutEngine
 from actors.scorers import ReferenceModel, RewardModel
 from actors.trainer import Critic, PolicyTrainer
@@ -23,6 +23,36 @@ PROMPTS = ["List 3 fruits.", "Count from 2 to 6.", "Repeat the word sun 3 times.
 def test_split_evenly():
     assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split_evenly([1], 2) == [[1], []]
+
+
+def test_colocated_bundle_sums_per_rank_requests():
+    a = GroupResources(num_ranks=2, num_cpus_per_rank=0.5, num_gpus_per_rank=0.5)
+    b = GroupResources(num_ranks=2, num_cpus_per_rank=0.25, num_gpus_per_rank=0.25)
+    assert colocated_bundle({"trainer": a, "reference": b}) == {"CPU": 0.75, "GPU": 0.75}
+    assert colocated_bundle({"critic": GroupResources(num_cpus_per_rank=0.25),
+                             "reward_group": GroupResources(num_cpus_per_rank=0.25)}) == {"CPU": 0.5}
+
+
+def test_colocated_groups_share_bundles(ray_cluster):
+    """Rank i of each colocated group lands in bundle i of one placement group; a group's shutdown
+    or restart leaves the shared placement group alone (its owner removes it)."""
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    res = GroupResources(num_ranks=2, num_cpus_per_rank=0.1)
+    pg = colocated_placement_group({"a": res, "b": res})
+    try:
+        a = ActorGroup(Worker, res, name="a", pg=pg)
+        b = ActorGroup(Worker, res, name="b", pg=pg)
+        where = [a.run("placement"), b.run("placement")]
+        assert {w["placement_group"] for group in where for w in group} == {pg.id.hex()}
+        assert placement_group_table(pg)["bundles"] == {0: {"CPU": 0.2}, 1: {"CPU": 0.2}}
+        b.restart()  # in place, in the same bundles
+        assert {w["placement_group"] for w in b.run("placement")} == {pg.id.hex()}
+        a.shutdown()
+        b.shutdown()
+        assert placement_group_table(pg)["state"] == "CREATED"
+    finally:
+        remove_placement_group(pg)
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,27 @@ def test_wrong_types_and_ranges_are_named(override, key):
     (["trainer.offload=true", "trainer.zero_stage=0"], "offload=true needs zero_stage"),
     (["rollout.tensor_parallel_size=2"], "needs num_gpus_per_engine"),
     (["data.max_prompt_tokens=128", "data.max_sequence_tokens=128"], "max_prompt_tokens must be smaller"),
+    (["colocate.policy_reference=true"], r"same number of ranks: trainer\.num_ranks=2, reference\.num_ranks=1"),
+    (["colocate.all=true", "reference.num_ranks=2", "reward_group.num_ranks=2", "critic.num_ranks=2"],
+     r"rollout\.num_engines=1"),
+    (["colocate.critic_reward=true", "estimator=grpo", "rollout.samples_per_prompt=2"], "needs a critic"),
+    (["colocate.policy_reference=true", "reference.num_ranks=2", "trainer.num_gpus_per_rank=0.75",
+      "reference.num_gpus_per_rank=0.5"], "1.25 GPUs per rank together"),
 ])
 def test_impossible_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(PPOConfig, None, overrides)
+
+
+def test_colocation_sets():
+    cfg = load_config(PPOConfig, None, ["colocate.policy_reference=true", "reference.num_ranks=2",
+                                        "colocate.critic_reward=true"])
+    assert cfg.colocated_sets() == [["trainer", "reference"], ["critic", "reward_group"]]
+    cfg = load_config(PPOConfig, None, ["colocate.all=true", "estimator=grpo", "rollout.samples_per_prompt=2",
+                                        "trainer.num_ranks=1", "trainer.num_gpus_per_rank=0.5",
+                                        "rollout.num_gpus_per_engine=0.25", "reference.num_gpus_per_rank=0.25"])
+    assert cfg.colocated_sets() == [["trainer", "reference", "reward_group", "rollout"]]  # no critic under grpo
+    assert load_config(PPOConfig, None).colocated_sets() == []
 
 
 def test_missing_file_and_non_mapping(tmp_path):

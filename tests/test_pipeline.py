@@ -132,7 +132,7 @@ def tiny_pipeline(tmp_path: Path, builtin_cfg, sft_dir: Path) -> Path:
         reward_models=[{"aspect": "helpfulness", "epochs": 3, **small}, {"aspect": "safety", "epochs": 1, **small}],
         final_reward=None,  # the first: helpfulness (scores eval/rm_score)
     )
-    data["final"].update(rounds=["rejection_sampling"], rs={**data["final"]["rs"], "prompts_per_round": 96},
+    data["final"].update(rounds=["rejection_sampling"], rs={**data["final"]["rs"], "prompts_per_round": 64},
                          trainer={**data["final"]["trainer"], "num_ranks": 1, "num_cpus_per_rank": 1.0,
                                   "zero_stage": 0})
     path = tmp_path / "pipeline.yaml"

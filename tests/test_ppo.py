@@ -56,8 +56,9 @@ def test_smoke_run_leaves_checkpoints_metrics_and_report(smoke_run):
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     for key in ("reward/rm_score", "kl/mean_sequence_kl", "policy/entropy", "policy/clip_frac",
                 "critic/value_loss", "critic/explained_variance", "response/length",
-                "time/generate", "time/score", "time/train", "time/sync"):
+                "time/generate", "time/score", "time/train", "time/sync", "policy/ptx_nll"):
         assert key in rows[1], key
+    assert 0 < rows[1]["policy/ptx_nll"] < 10  # PPO-ptx (smoke.yaml: ptx_coef 0.1): NLL of SFT samples
     assert rows[1]["kl/mean_sequence_kl"] == pytest.approx(0.0, abs=1e-4)  # iteration 1: policy == reference
     assert "eval/gold" in rows[0] and "eval/gold" in rows[3] and "eval/win_rate_vs_initial" in rows[3]
     assert (out / "report.png").stat().st_size > 10_000 and (out / "tensorboard").is_dir()
@@ -129,16 +130,24 @@ def test_killed_job_resumes_like_the_uninterrupted_run(smoke_run, builtin_assets
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator,iterations,margin", [("gae", 20, 0.08), ("grpo", 20, 0.05)])
-def test_ppo_raises_heldout_gold_with_bounded_kl(builtin_cfg, builtin_sft_rm, tmp_path, estimator, iterations, margin):
-    """From the built-in SFT policy, against the built-in reward model (never the gold scorer)."""
+@pytest.mark.parametrize("estimator,iterations,margin,colocate", [
+    ("gae", 20, 0.08, ["colocate.critic_reward=true"]),
+    ("grpo", 16, 0.05, ["colocate.policy_reference=true", "reference.num_ranks=2"]),
+])
+def test_ppo_raises_heldout_gold_with_bounded_kl(builtin_cfg, builtin_sft_rm, tmp_path, estimator, iterations, margin,
+                                                 colocate):
+    """From the built-in SFT policy, against the built-in reward model (never the gold scorer);
+    each run with one colocation switch on (the groups it joins share one placement group)."""
     sft, rm = builtin_sft_rm
     out = tmp_path / estimator
     cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", [
         f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
         f"builtin.cache_dir={builtin_cfg.cache_dir}", f"estimator={estimator}", f"iterations={iterations}",
-        "eval_every=10", f"checkpoint_every={iterations}"])
-    summary = run(cfg)
+        f"eval_every={iterations // 2}", f"checkpoint_every={iterations}", *colocate])
+    lines = []
+    summary = run(cfg, log=lambda m: (lines.append(str(m)), print(m)))
+    together = {"gae": "colocated: critic + reward_group", "grpo": "colocated: trainer + reference"}[estimator]
+    assert together in lines, lines[:10]
     assert summary["gold_final"] > summary["gold_initial"] + margin, summary
     assert summary["rm_final"] > summary["rm_initial"], summary
     assert summary["kl_final"] < 2.0, summary

@@ -21,7 +21,7 @@ def test_rounds_improve_gold_promote_the_best_and_best_of_k_grows(builtin_cfg, b
     summary = run(load_config(RSConfig, CONFIG_DIR / "rejection-sampling-tiny.yaml", [
         f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
         f"builtin.cache_dir={builtin_cfg.cache_dir}", "rounds=[rejection_sampling, rejection_sampling, ppo]",
-        "rs.prompts_per_round=96", "iterations=6", "eval_every=3", "checkpoint_every=6",
+        "rs.prompts_per_round=64", "iterations=4", "eval_every=2", "checkpoint_every=4",
         "best_of_k_eval=[1,4,8]", "best_of_k_seeds=3"]))
     gold = summary["gold_per_round"]
     assert len(gold) == 4
@@ -33,7 +33,7 @@ def test_rounds_improve_gold_promote_the_best_and_best_of_k_grows(builtin_cfg, b
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("round") for r in rows] == [None, "rejection_sampling", "rejection_sampling", "ppo"]
     selected = [json.loads(line) for line in (out / "round_1" / "selected.jsonl").read_text().splitlines()]
-    assert 0 < len(selected) <= 96 and {"messages", "reward"} <= set(selected[0])
+    assert 0 < len(selected) <= 64 and {"messages", "reward"} <= set(selected[0])
     assert selected[0]["messages"][-1]["role"] == "assistant"
     assert (out / "round_3" / "checkpoints").is_dir() and (out / "report.png").exists()
 
