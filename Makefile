@@ -38,8 +38,16 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not ray and not vllm and not slow"
 
-bench: install
+# The benchmarks also need the `bench` extra (TRL, the contender of bench/rl_step.py). Only the extra's
+# own pins are installed: a full `pip install -e .[cpu,dev,bench]` would bring torchvision back.
+BENCH_STAMP := $(VENV)/.bench-installed
+bench: install $(BENCH_STAMP)
 	$(PY) -m bench.run
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))")
+	$(PY) -c "import transformers, vllm, deepspeed, ray, trl"
+	touch $@
 
 lint: install
 	$(PY) -m ruff check rlhf_cluster actors serve deploy tests bench

@@ -6,6 +6,10 @@
                      `export_weights` (gather + serialise) and `update_weights` (load into vLLM)
     reward_service   the reward app on local Ray Serve under 1/8/64 concurrent HTTP clients, batched vs
                      unbatched, against the model's in-process batched forward (bench/reward_service.py)
+    rl_step          one GRPO / PPO iteration of the product (PPORun.step on local Ray) vs TRL's GRPOTrainer
+                     step on the same model, data and batch, alternating; FLOPs utilisation against this
+                     machine's fp32 matmul peak; per-phase breakdown over batch size, length, model size
+                     (bench/rl_step.py, TRL in a child process: bench/trl_grpo.py)
 
 Each benchmark writes bench/results/<name>.json (machine, versions, load, config, raw timings,
 medians, ratios) and the Markdown section of bench/README.md between the markers is regenerated
@@ -409,8 +413,15 @@ def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
     return run(quick)
 
 
+# --------------------------------------------------------------------------- RL step vs TRL
+def bench_rl_step(quick: bool) -> tuple[dict, dict]:
+    from bench.rl_step import bench_rl_step as run  # imports bench.run's helpers
+
+    return run(quick)
+
+
 BENCHMARKS = {"rollout_engines": bench_rollout_engines, "weight_sync": bench_weight_sync,
-              "reward_service": bench_reward_service}
+              "reward_service": bench_reward_service, "rl_step": bench_rl_step}
 
 
 # --------------------------------------------------------------------------- running and recording
@@ -433,6 +444,8 @@ def run_one(name: str, quick: bool, out_dir: Path) -> Path:
                  "other_processes_before": others_before, "other_processes_after": others_after},
         "config": config, "results": results, "wall_s": round(wall, 1),
     }
+    if isinstance(results, dict) and "headline" in results:  # the numbers an issue asks for, at the top level
+        record |= {k: v for k, v in results["headline"].items() if k not in record}
     record["load"]["shared"] = is_shared(record["load"])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
@@ -558,7 +571,14 @@ def _table_reward_service(rec: dict) -> list[str]:
     return lines
 
 
-TABLES = {"rollout_engines": _table_rollout, "weight_sync": _table_sync, "reward_service": _table_reward_service}
+def _table_rl_step(rec: dict) -> list[str]:
+    from bench.rl_step import readme_table
+
+    return readme_table(rec)
+
+
+TABLES = {"rollout_engines": _table_rollout, "weight_sync": _table_sync, "reward_service": _table_reward_service,
+          "rl_step": _table_rl_step}
 
 
 def _display_path(path: Path) -> str:

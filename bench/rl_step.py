@@ -1,0 +1,456 @@
+"""RL step benchmark (issue #9, W1 + FLOPs utilisation + step breakdown), run by bench/run.py as `rl_step`.
+
+One GRPO (and one PPO) iteration of this product — `rlhf_cluster.ppo.PPORun.step()` on a private
+local Ray cluster with the `tiny-cpu.yaml` layout (2 ZeRO-3 policy ranks, reference, reward, vLLM
+engine; critic for PPO) — against one step of TRL's `GRPOTrainer` (bench/trl_grpo.py, in a child
+process) on the same weights, prompts, dtype, batch and hyper-parameters, alternating. Then the
+product's per-phase times as batch size, response length and model size change, the model FLOPs
+of each step, and this machine's fp32 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.run import BENCH_DIR, REPO_ROOT, _assets, log, median
+
+WORK = BENCH_DIR / "out" / "rl_step"  # git-ignored: model copies, prompts, run directories
+PHASES = ["generate", "score", "advantages", "train", "sync"]
+
+
+# --------------------------------------------------------------------------- inputs shared by both sides
+def prepare(size: str, n_prompts: int) -> dict:
+    """Copies of the built-in `size` policy, a 2-layer Llama reward model of the same width and
+    tokenizer (random weights, seed 1), and the first `n_prompts` held-out prompts, under WORK."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from rlhf_cluster.data import encode_prompt
+    from rlhf_cluster.models import count_parameters, llama_config
+
+    assets = _assets(size)
+    root = WORK / "models" / size
+    policy, reward = root / "policy", root / "reward-2layer"
+    if not (policy / "config.json").exists():
+        shutil.rmtree(policy, ignore_errors=True)
+        shutil.copytree(assets.base, policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    if not (reward / "config.json").exists():
+        torch.manual_seed(1)
+        cfg = llama_config(size, tokenizer, num_labels=1)
+        cfg.num_hidden_layers = 2
+        rm = LlamaForSequenceClassification(cfg)
+        tmp = reward.with_name(reward.name + ".tmp")
+        rm.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(reward, ignore_errors=True)
+        os.replace(tmp, reward)
+    rows = [json.loads(line) for line in assets.file("prompts_eval.jsonl").read_text().splitlines() if line.strip()]
+    rows = rows[:n_prompts]
+    prompts = WORK / f"prompts_eval_{n_prompts}.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    prompt_lens = [len(encode_prompt(tokenizer, r["messages"])) for r in rows]
+    return {"size": size, "policy": str(policy), "reward": str(reward), "prompts": str(prompts),
+            "prompt_tokens": prompt_lens, "params": _param_counts(policy, reward),
+            "rm_parameters": count_parameters(LlamaForSequenceClassification.from_pretrained(reward))}
+
+
+def _param_counts(policy: Path, reward: Path) -> dict:
+    """Parameters that take part in matmuls (everything but the input embedding table) per model."""
+    out = {}
+    for name, path in (("policy", policy), ("reward", reward)):
+        c = json.loads((path / "config.json").read_text())
+        d, f, L, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+        kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+        per_layer = d * d * 2 + d * kv * 2 + 3 * d * f + 2 * d  # q,o + k,v + gate,up,down + 2 norms
+        head = d * (v if name == "policy" else c.get("num_labels", 1))
+        out[name] = {"layers": L, "hidden": d, "vocab": v, "matmul_parameters": L * per_layer + head + d,
+                     "embedding_parameters": v * d}
+    return out
+
+
+# --------------------------------------------------------------------------- matmul peak
+def matmul_peak(n: int = 2048, seconds: float = 3.0) -> dict:
+    """fp32 torch.mm of n x n matrices with torch's default threads (all cores): GFLOP/s per call."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    rates, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return {"n": n, "dtype": "float32", "torch_threads": torch.get_num_threads(), "calls": len(rates),
+            "best_gflops": max(rates), "median_gflops": median(rates)}
+
+
+# --------------------------------------------------------------------------- TRL contender (child process)
+class TrlChild:
+    """bench/trl_grpo.py in its own interpreter; one `step()` = one GRPOTrainer step."""
+
+    def __init__(self, spec: dict, python: str = sys.executable):
+        WORK.mkdir(parents=True, exist_ok=True)
+        self.spec_path = WORK / f"trl_spec_{spec['size']}.json"
+        self.spec_path.write_text(json.dumps(spec, indent=1))
+        self.log_path = WORK / f"trl_{spec['size']}.log"
+        self.stderr = open(self.log_path, "w")
+        self.proc = subprocess.Popen([python, "-m", "bench.trl_grpo", str(self.spec_path)], cwd=REPO_ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                     bufsize=1)
+        self.ready = self._read("ready")
+
+    def _read(self, event: str) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the TRL child exited (rc {self.proc.poll()}); see {self.log_path}")
+            msg = json.loads(line)
+            if msg.get("event") == event:
+                return msg
+
+    def step(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._read("step")
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write("stop\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.stderr.close()
+
+
+# --------------------------------------------------------------------------- the product's side
+def _bench_run_class():
+    from rlhf_cluster.ppo import PPORun
+
+    class BenchRun(PPORun):
+        """PPORun unchanged, except that it keeps the token counts of what it sampled and can pass
+        RolloutConfig overrides (max_new_tokens for the length sweep) to its engines."""
+
+        gen_overrides: dict | None = None
+        last_tokens: dict | None = None
+
+        def generate(self, prompt_ids, overrides=None, seed=None):
+            merged = {**(self.gen_overrides or {}), **(overrides or {})} or None
+            samples = super().generate(prompt_ids, merged, seed)
+            self.last_tokens = {"samples": len(samples),
+                                "prompt": sum(len(s["prompt_ids"]) for s in samples),
+                                "response": sum(len(s["response_ids"]) for s in samples)}
+            return samples
+
+    return BenchRun
+
+
+def start_ours(inputs: dict, estimator: str, settings: dict, tag: str):
+    from rlhf_cluster.config import CONFIG_DIR, PPOConfig, check_resources, load_config
+
+    out = WORK / "runs" / f"{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    overrides = [f"policy.path={inputs['policy']}", f"reward.path={inputs['reward']}",
+                 f"builtin.size={inputs['size']}", f"data.train={inputs['prompts']}", f"data.eval={inputs['prompts']}",
+                 f"estimator={estimator}", f"rollout.samples_per_prompt={settings['samples_per_prompt']}",
+                 f"rollout.max_new_tokens={settings['max_new_tokens']}",
+                 f"rollout.temperature={settings['temperature']}",
+                 f"prompts_per_iteration={settings['prompts']}", f"kl_coef={settings['beta']}",
+                 f"trainer.optim.lr={settings['lr']}", "iterations=1000", "eval_every=100000",
+                 "checkpoint_every=100000", f"output_dir={out}", f"registry={out / 'registry'}"]
+    cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", overrides)
+    import ray
+
+    res = ray.cluster_resources()
+    check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+    t = time.perf_counter()
+    run = _bench_run_class()(cfg, inputs["policy"], inputs["reward"], log=lambda m: None)
+    return run, time.perf_counter() - t, overrides
+
+
+def our_step(run) -> dict:
+    t = time.perf_counter()
+    m = run.step()
+    seconds = time.perf_counter() - t
+    run.iteration += 1
+    if m.get("skipped"):
+        raise RuntimeError(f"the product skipped an iteration: {m.get('skip_reason')}")
+    phases = {p: m[f"time/{p}"] for p in PHASES if f"time/{p}" in m}
+    return {"seconds": seconds, "phases": phases, "overhead": seconds - sum(phases.values()),
+            "tokens": dict(run.last_tokens), "rm_score": m["reward/rm_score"], "kl": m["kl/mean_sequence_kl"],
+            "response_length": m["response/length"]}
+
+
+# --------------------------------------------------------------------------- FLOPs
+def step_flops(params: dict, tokens: dict, side: str, estimator: str) -> dict:
+    """Model FLOPs of one step: 2·N per token for a forward pass, 6·N per token for forward + backward,
+    N = the parameters in matmuls (the input embedding table is a lookup); attention's own
+    (context-length) term is left out: at <= 80-token sequences it adds about 1-2 %. Every forward
+    covers prompt + response tokens (generation: prefill + decode)."""
+    n_pol, n_rm = params["policy"]["matmul_parameters"], params["reward"]["matmul_parameters"]
+    seq = tokens["prompt"] + tokens["response"]
+    f = {"generate": 2 * n_pol * seq, "reference": 2 * n_pol * seq, "reward": 2 * n_rm * seq,
+         "train": 6 * n_pol * seq}
+    if side == "ours":
+        f["old_logprobs"] = 2 * n_pol * seq  # the product recomputes the sampling policy's log-probs
+        if estimator == "gae":  # the critic starts from the reward model: values + value step
+            f["critic_values"] = 2 * n_rm * seq
+            f["critic_train"] = 6 * n_rm * seq
+    f["total"] = sum(f.values())
+    return f
+
+
+# --------------------------------------------------------------------------- the benchmark
+def _summary(steps: list[dict]) -> dict:
+    secs = [s["seconds"] for s in steps]
+    toks = [s["tokens"]["response"] for s in steps]
+    out = {"steps": len(steps), "median_step_s": median(secs),
+           "median_tokens_per_s": median([t / s for t, s in zip(toks, secs)]),
+           "median_response_tokens": median(toks)}
+    if steps and "phases" in steps[0]:
+        out["median_phases_s"] = {p: median([s["phases"].get(p, 0.0) for s in steps]) for p in PHASES}
+        out["median_phases_s"]["overhead"] = median([s["overhead"] for s in steps])
+    return out
+
+
+def _trl_record(msg: dict, prompt_tokens: int) -> dict:
+    return {"seconds": msg["seconds"], "tokens": {"prompt": prompt_tokens,
+                                                  "response": round(msg["completion_tokens"] or 0)},
+            "kl": msg.get("kl"), "reward": msg.get("reward"), "mean_completion_length": msg["mean_completion_length"]}
+
+
+def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, reps: int, tag: str,
+            points: list[dict] = (), point_steps: int = 1) -> dict:
+    """Warm-up step of each side (untimed), then `reps` alternating pairs (ours alone when trl is None).
+    Then, on the same running PPORun, the sweep `points` (prompts per step, max new tokens): after each
+    change one untimed step, then `point_steps` timed ones."""
+    run, start_s, overrides = start_ours(inputs, estimator, settings, tag)
+    samples = settings["prompts"] * settings["samples_per_prompt"]
+    prompt_tokens = sum(inputs["prompt_tokens"]) * settings["samples_per_prompt"]
+    ours, theirs, order, swept = [], [], [], []
+    try:
+        warm = {"ours_start_s": start_s}
+        t = time.perf_counter()
+        our_step(run)
+        warm["ours_first_step_s"] = time.perf_counter() - t
+        if trl is not None:
+            warm["trl_first_step_s"] = trl.step()["seconds"]
+        log(f"rl_step/{tag}: warm ({', '.join(f'{k} {v:.1f}' for k, v in warm.items())}); {reps} reps")
+        for rep in range(reps):
+            pair = ["ours"] if trl is None else ["ours", "trl"] if rep % 2 == 0 else ["trl", "ours"]
+            order.append(pair)
+            for side in pair:
+                if side == "ours":
+                    ours.append(our_step(run))
+                else:
+                    theirs.append(_trl_record(trl.step(), prompt_tokens))
+            log(f"rl_step/{tag} rep {rep + 1}/{reps}: ours {ours[-1]['seconds']:.1f} s "
+                f"({' '.join(f'{k} {v:.1f}' for k, v in ours[-1]['phases'].items())})"
+                + (f", TRL {theirs[-1]['seconds']:.1f} s" if theirs else ""))
+        for p in points:
+            run.cfg.prompts_per_iteration = p["prompts"]
+            run.gen_overrides = {"max_new_tokens": p["max_new_tokens"]}
+            our_step(run)
+            rows = [our_step(run) for _ in range(point_steps)]
+            s = _summary(rows)
+            swept.append({"model": inputs["size"], **p, "rows": rows, **s})
+            log(f"rl_step/{tag} sweep {p}: {s['median_step_s']:.1f} s/step, "
+                + " ".join(f"{k} {v:.1f}" for k, v in s["median_phases_s"].items()))
+    finally:
+        run.shutdown()
+    res = {"estimator": estimator, "model": inputs["size"], "prompts": settings["prompts"],
+           "samples_per_step": samples, "max_new_tokens": settings["max_new_tokens"], "overrides": overrides,
+           "order": order, "warmup": warm, "ours": ours, "ours_summary": _summary(ours), "sweep": swept}
+    if theirs:
+        res |= {"trl": theirs, "trl_summary": _summary(theirs)}
+        res["speedup_vs_trl"] = res["trl_summary"]["median_step_s"] / res["ours_summary"]["median_step_s"]
+        res["paired_speedups"] = [t["seconds"] / o["seconds"] for o, t in zip(ours, theirs)]
+        res["tokens_per_s_ratio"] = (res["ours_summary"]["median_tokens_per_s"]
+                                     / res["trl_summary"]["median_tokens_per_s"])
+    return res
+
+
+def bench_rl_step(quick: bool) -> tuple[dict, dict]:
+    import ray
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.pop("RAY_ADDRESS", None)  # always a private local cluster, never someone else's
+    size = "tiny" if quick else "small"
+    settings = {"prompts": 16, "samples_per_prompt": 4, "max_new_tokens": 32 if quick else 64, "temperature": 1.0,
+                "beta": 0.04, "lr": 2.0e-4, "seed": 0}
+    reps, ppo_reps, point_steps = (2, 1, 1) if quick else (4, 2, 1)  # 4 pairs: each side first twice
+    points = ([{"prompts": 8, "max_new_tokens": 32}] if quick else
+              [{"prompts": 8, "max_new_tokens": 64}, {"prompts": 32, "max_new_tokens": 64},
+               {"prompts": 16, "max_new_tokens": 16}, {"prompts": 16, "max_new_tokens": 32}])
+    config = {
+        "model": size, "settings": settings, "reps": {"grpo_vs_trl": reps, "ppo": ppo_reps, "sweep": point_steps},
+        "dtype": "float32", "sweep_points": points, "model_size_point": None if quick else "tiny",
+        "ours": "rlhf_cluster.ppo.PPORun (configs/tiny-cpu.yaml + overrides) on ray.init(address='local', "
+                "num_cpus=4): 2 ZeRO-3 policy ranks (0.5 CPU, 1 torch thread each), reference, reward (and critic "
+                "for PPO), one vLLM engine; one step = PPORun.step(): generate + score (reference, reward, old "
+                "log-probs [, values], in parallel) + advantages + one optimiser step + weight sync",
+        "trl": "trl.GRPOTrainer in a child process (bench/trl_grpo.py), use_cpu, fp32, HF generate "
+               "(use_vllm=False), per_device_train_batch_size = prompts x samples, gradient_accumulation_steps 1, "
+               "steps_per_generation 1, num_iterations 1, beta 0.04, torch's default threads",
+        "same": "policy weights (a copy of the built-in HF directory), 2-layer Llama reward model, the first 16 "
+                "built-in held-out prompts (chat template, generation prompt), samples, max new tokens, temperature "
+                "1, top-p 1, no top-k, beta, lr 2e-4, AdamW betas (0.9, 0.95), eps 1e-5, weight decay 0, grad clip 1,"
+                " cosine schedule, one optimiser step per batch; responses stop at EOS on both sides",
+        "timing": "wall time of one step after one untimed warm-up step on each side; sides alternate "
+                  "(ours, trl), (trl, ours), ...; TRL: from 'go' to on_step_end in the child; PPO: ours only "
+                  "(TRL 1.x has no PPO trainer in its main API), compared with the GRPO run's TRL median",
+        "sweep": "on the GRPO run after the comparison: prompts per step and max new tokens changed on the running "
+                 "PPORun (cfg.prompts_per_iteration; max_new_tokens as a RolloutConfig override of the engine "
+                 "call); one untimed step after each change; the tiny model in its own PPORun",
+        "flops": "2·N per token forward, 6·N per token forward+backward, N = parameters in matmuls (input "
+                 "embedding excluded); attention's context term excluded (~1-2 % here); prompt + response tokens; "
+                 "generation counted as one forward over every sample's prompt + response",
+        "env": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS")},
+    }
+    peak_before = matmul_peak()
+    log(f"rl_step: fp32 matmul peak {peak_before['best_gflops']:.1f} GFLOP/s (best), "
+        f"{peak_before['median_gflops']:.1f} (median), {peak_before['torch_threads']} threads")
+    inputs = {size: prepare(size, settings["prompts"])}
+    spec = {"size": size, "policy": inputs[size]["policy"], "reward": inputs[size]["reward"],
+            "prompts": inputs[size]["prompts"], "output_dir": str(WORK / "runs" / "trl"),
+            "prompts_per_step": settings["prompts"], "samples_per_prompt": settings["samples_per_prompt"],
+            "max_new_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
+            "beta": settings["beta"], "clip_eps": 0.2, "lr": settings["lr"], "betas": [0.9, 0.95], "eps": 1e-5,
+            "weight_decay": 0.0, "grad_clip": 1.0, "seed": 0, "max_steps": 100}
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}})
+    trl = None
+    runs = []
+    try:
+        trl = TrlChild(spec)
+        trl_ready = trl.ready
+        log(f"rl_step: TRL ready in {trl_ready['load_s']:.1f} s ({trl_ready['versions']})")
+        runs.append(compare(inputs[size], "grpo", settings, trl, reps, f"grpo-{size}", points, point_steps))
+        trl.close()
+        trl = None
+        runs.append(compare(inputs[size], "gae", settings, None, ppo_reps, f"ppo-{size}"))
+        if not quick:
+            inputs["tiny"] = prepare("tiny", settings["prompts"])
+            runs.append(compare(inputs["tiny"], "grpo", settings, None, 2, "grpo-tiny"))
+    finally:
+        if trl is not None:
+            trl.close()
+        ray.shutdown()
+    peak_after = matmul_peak()
+    peak = max(peak_before["best_gflops"], peak_after["best_gflops"])
+    log(f"rl_step: fp32 matmul peak after {peak_after['best_gflops']:.1f} GFLOP/s (best)")
+
+    def util(rows: list[dict], side: str, estimator: str, model: str) -> dict:
+        fl = [step_flops(inputs[model]["params"], s["tokens"], side, estimator) for s in rows]
+        rates = [f["total"] / s["seconds"] / 1e9 for f, s in zip(fl, rows)]
+        return {"median_step_gflop": median([f["total"] for f in fl]) / 1e9, "median_gflops": median(rates),
+                "utilisation": median(rates) / peak,
+                "gflop_by_phase_median": {k: median([f[k] for f in fl]) / 1e9 for k in fl[0]}}
+
+    for res in runs:
+        res["flops_ours"] = util(res["ours"], "ours", res["estimator"], res["model"])
+        if "trl" in res:
+            res["flops_trl"] = util(res["trl"], "trl", "grpo", res["model"])
+        for row in res["sweep"]:
+            row["flops_ours"] = util(row["rows"], "ours", "grpo", row["model"])
+    grpo, ppo = runs[0], runs[1]
+    ppo["step_time_vs_trl_grpo"] = grpo["trl_summary"]["median_step_s"] / ppo["ours_summary"]["median_step_s"]
+    headline = {"speedup_vs_trl": grpo["speedup_vs_trl"], "dtype": "float32", "model": size,
+                "ours_grpo_median_step_s": grpo["ours_summary"]["median_step_s"],
+                "trl_grpo_median_step_s": grpo["trl_summary"]["median_step_s"],
+                "ours_ppo_median_step_s": ppo["ours_summary"]["median_step_s"],
+                "ours_grpo_tokens_per_s": grpo["ours_summary"]["median_tokens_per_s"],
+                "trl_grpo_tokens_per_s": grpo["trl_summary"]["median_tokens_per_s"],
+                "flops_utilisation_ours_grpo": grpo["flops_ours"]["utilisation"],
+                "flops_utilisation_ours_ppo": ppo["flops_ours"]["utilisation"],
+                "flops_utilisation_trl_grpo": grpo["flops_trl"]["utilisation"],
+                "matmul_peak_gflops": peak,
+                "targets": {"speedup_vs_trl_ge_2": grpo["speedup_vs_trl"] >= 2.0,
+                            "flops_utilisation_ge_0.5": grpo["flops_ours"]["utilisation"] >= 0.5}}
+    results = {"headline": headline, "runs": runs,
+               "peak": {"before": peak_before, "after": peak_after, "peak_gflops": peak},
+               "trl_child": {"ready": trl_ready, "spec": spec},
+               "inputs": {k: {"params": v["params"], "rm_parameters": v["rm_parameters"],
+                              "prompt_tokens": v["prompt_tokens"]} for k, v in inputs.items()}}
+    return config, results
+
+
+# --------------------------------------------------------------------------- README section
+def _phase_cells(s: dict) -> str:
+    ph = s["median_phases_s"]
+    return " | ".join(f"{ph[p]:.2f}" for p in [*PHASES, "overhead"])
+
+
+def readme_table(rec: dict) -> list[str]:
+    from bench.run import _header
+
+    res, c, st = rec["results"], rec["config"], rec["config"]["settings"]
+    h, peak = res["headline"], res["peak"]
+    grpo, ppo = res["runs"][0], res["runs"][1]
+    pol = res["inputs"][h["model"]]["params"]["policy"]
+    ready = res["trl_child"]["ready"]
+    lines = [f"### rl_step — one GRPO / PPO step of the product vs TRL `GRPOTrainer` (`{rec['_file']}`)", "",
+             *_header(rec),
+             f"Policy `{h['model']}` ({ready['policy_parameters'] / 1e6:.2f} M parameters, {pol['layers']} layers), "
+             f"2-layer Llama reward model ({res['inputs'][h['model']]['rm_parameters'] / 1e6:.2f} M), "
+             f"{st['prompts']} built-in held-out prompts × {st['samples_per_prompt']} samples, ≤ "
+             f"{st['max_new_tokens']} new tokens (stop at EOS), temperature {st['temperature']:g}, KL β "
+             f"{st['beta']:g}, lr {st['lr']:g}, one optimiser step per batch, {c['dtype']} on both sides; TRL "
+             f"{ready['versions']['trl']} with HF `generate` and {ready['torch_threads']} torch threads. "
+             "Untimed warm-up step on each side, then steps alternating (ours, TRL), (TRL, ours), …; medians. "
+             "Model FLOPs per step = 2·N per token for each forward (generation, reference, reward, the product's "
+             "old-log-prob pass, critic values), 6·N per token for each training step, N = matmul parameters, "
+             f"over prompt + response tokens; peak = the best fp32 `torch.mm` 2048² timed in the same process for "
+             f"3 s before and after the benchmark ({peak['before']['best_gflops']:.1f} and "
+             f"{peak['after']['best_gflops']:.1f} GFLOP/s, {peak['before']['torch_threads']} threads): "
+             f"{peak['peak_gflops']:.1f} GFLOP/s.", "",
+             "| side | algorithm | timed steps | median step s | generated tokens / step | tokens/s "
+             "| model GFLOP / step | GFLOP/s | of fp32 peak | TRL step time / this step time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def row(side, algo, s, fl, ratio):
+        return (f"| {side} | {algo} | {s['steps']} | {s['median_step_s']:.1f} | {s['median_response_tokens']:,.0f} | "
+                f"{s['median_tokens_per_s']:,.0f} | {fl['median_step_gflop']:,.0f} | {fl['median_gflops']:.1f} | "
+                f"{100 * fl['utilisation']:.0f} % | {ratio} |")
+
+    lines += [row("product (PPORun.step)", "GRPO", grpo["ours_summary"], grpo["flops_ours"],
+                  f"**{grpo['speedup_vs_trl']:.2f}×**"),
+              row("TRL GRPOTrainer", "GRPO", grpo["trl_summary"], grpo["flops_trl"], "1.00×"),
+              row("product (PPORun.step)", "PPO (GAE, critic)", ppo["ours_summary"], ppo["flops_ours"],
+                  f"{ppo['step_time_vs_trl_grpo']:.2f}× (not alternated)")]
+    paired = ", ".join(f"{x:.2f}" for x in grpo["paired_speedups"])
+    lines += ["", f"Paired TRL / product GRPO step-time ratios: {paired}; tokens/s ratio of medians "
+                  f"{grpo['tokens_per_s_ratio']:.2f}×.  ",
+              f"Targets: speedup vs TRL ≥ 2.0 — **{'met' if h['targets']['speedup_vs_trl_ge_2'] else 'missed'}** "
+              f"({h['speedup_vs_trl']:.2f}×); FLOPs utilisation ≥ 50 % end to end — "
+              f"**{'met' if h['targets']['flops_utilisation_ge_0.5'] else 'missed'}** "
+              f"({100 * h['flops_utilisation_ours_grpo']:.0f} % for GRPO).", "",
+              "Step breakdown of the product (seconds, medians; `score` = reference, reward and old log-probs "
+              "(and critic values for PPO) computed in parallel by their groups; `train` = the policy (and critic) "
+              "optimiser step; `sync` = trainer → vLLM weight sync; overhead = step wall time − the phases):", "",
+              "| model | algorithm | prompts × samples | max new tokens | steps | step s | generate | score "
+              "| advantages | train | sync | overhead | tokens/s | of fp32 peak |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
+    for r in res["runs"]:
+        algo = "GRPO" if r["estimator"] == "grpo" else "PPO"
+        rows.append((r["model"], algo, r["prompts"], r["max_new_tokens"], r["ours_summary"], r["flops_ours"]))
+        for p in r["sweep"]:
+            rows.append((p["model"], algo, p["prompts"], p["max_new_tokens"], p, p["flops_ours"]))
+    for model, algo, prompts, tokens, s, fl in rows:
+        lines.append(f"| {model} | {algo} | {prompts} × {st['samples_per_prompt']} | {tokens} | {s['steps']} | "
+                     f"{s['median_step_s']:.2f} | {_phase_cells(s)} | {s['median_tokens_per_s']:,.0f} | "
+                     f"{100 * fl['utilisation']:.0f} % |")
+    return lines + [""]
