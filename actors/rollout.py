@@ -65,6 +65,10 @@ class RolloutEngine:
         self.rank, self.path = rank, model_path
         self.cfg = RolloutConfig.model_validate(rollout)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.kv_cache_gib))))
+        # The engine core runs inside this actor (it is a process of its own already) instead of in a
+        # spawned child: measured here, LLM() starts in 13 s instead of 40 s and samples 64x32 tokens in
+        # 0.35 s instead of 0.55 s. Tensor-parallel workers (GPU) are still vLLM's own processes.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         extra = {}
         if self.cfg.weight_transport != "object_store":  # vLLM's own GPU transports (actors/weight_transfer.py)
             extra["weight_transfer_config"] = {"backend": self.cfg.weight_transport}

@@ -100,6 +100,8 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
 
     Rendered turn by turn, so multi-turn chats mask every user/system turn.
     """
+    if messages and messages[0]["role"] == "assistant":  # chat templates cannot render an empty prefix
+        raise DataError("the conversation starts with an assistant turn: it needs a user or system turn first")
     ids: list[int] = []
     mask: list[int] = []
     for i, msg in enumerate(messages):
@@ -130,6 +132,8 @@ def _encode_sft(tokenizer, rec: dict, max_tokens: int) -> Encoded:
     messages = _check_turns(rec.get("messages"), "messages")
     if not any(m["role"] == "assistant" for m in messages):
         raise _BadSample("no_assistant_turn")
+    if messages[0]["role"] == "assistant":
+        raise _BadSample("assistant_turn_first")
     if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
         raise _BadSample("empty_response")
     ids, mask = encode_conversation(tokenizer, messages)
@@ -152,6 +156,8 @@ def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int) -> dict:
 
 def _encode_pair(tokenizer, rec: dict, max_tokens: int) -> dict:
     prompt = _check_turns(rec.get("prompt"), "prompt")
+    if prompt[0]["role"] == "assistant":
+        raise _BadSample("assistant_turn_first")
     out = {"messages": prompt, "strength": rec.get("strength")}
     responses = {}
     for key in ("chosen", "rejected", "edited"):

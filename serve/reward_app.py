@@ -65,10 +65,16 @@ class Item(BaseModel):
 
     @model_validator(mode="after")
     def _one_form(self) -> Item:
-        pair = self.prompt is not None and self.response is not None
-        if pair == (self.messages is not None) or (not pair and (self.prompt or self.response)):
-            raise ValueError("give either both 'prompt' and 'response', or 'messages'")
-        if self.messages is not None and self.messages[-1].role != "assistant":
+        either = "give either both 'prompt' and 'response', or 'messages'"
+        if self.messages is None:
+            if self.prompt is None or self.response is None:
+                raise ValueError(either)
+            return self
+        if self.prompt is not None or self.response is not None:
+            raise ValueError(either)
+        if self.messages[0].role == "assistant":
+            raise ValueError("'messages' must start with a user or system turn")
+        if self.messages[-1].role != "assistant":
             raise ValueError("'messages' must end with the assistant turn to score")
         return self
 

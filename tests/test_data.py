@@ -48,12 +48,16 @@ def test_sft_file_with_bad_records_is_counted(tmp_path, tokenizer):
         {"messages": [{"role": "user", "content": "Repeat " * 200}, {"role": "assistant", "content": "x"}]},
         {"messages": []},
         {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"},
+                      {"role": "assistant", "content": "z"}]},                                 # no turn before it
         good,
     ]
     samples, report = load_tokenized(_write(tmp_path / "sft.jsonl", rows), tokenizer, "sft", max_tokens=64)
     assert report.kept == len(samples) == 2
     assert dict(report.skipped) == {"empty_response": 1, "no_assistant_turn": 1, "too_long": 1,
-                                    "empty_messages": 1, "malformed_messages": 1}
+                                    "empty_messages": 1, "malformed_messages": 1, "assistant_turn_first": 1}
+    with pytest.raises(DataError, match="starts with an assistant turn"):  # chat templates cannot render it
+        encode_conversation(tokenizer, rows[6]["messages"])
     assert report.examples["too_long"] == [3]
     assert "2 samples kept" in str(report) and "1 too_long (e.g. records [3])" in str(report)
     with pytest.raises(DataError, match=r"sft\.jsonl, record 1: empty response"):
@@ -70,10 +74,12 @@ def test_preference_pairs(tmp_path, tokenizer):
         {"prompt": p, "chosen": a, "rejected": a},                                   # identical pair
         {"prompt": p, "chosen": a, "rejected": [{"role": "assistant", "content": ""}]},
         {"prompt": p, "chosen": None, "rejected": b},                                # missing chosen
+        {"prompt": a, "chosen": a, "rejected": b},                                   # prompt is an assistant turn
     ]
     samples, report = load_tokenized(_write(tmp_path / "p.jsonl", rows), tokenizer, "preferences", max_tokens=64)
     assert len(samples) == 1
-    assert dict(report.skipped) == {"identical_pair": 1, "empty_response": 1, "empty_chosen": 1}
+    assert dict(report.skipped) == {"identical_pair": 1, "empty_response": 1, "empty_chosen": 1,
+                                    "assistant_turn_first": 1}
     s = samples[0]
     assert s["strength"] == "better" and set(s) >= {"chosen", "rejected", "edited"}
     # chosen and rejected share the prompt tokens; the response starts where they diverge

@@ -159,6 +159,10 @@ BAD_SCORE_BODIES = {
                                                         {"role": "assistant", "content": "y"}]}]}).encode(),
     "ends with user": json.dumps({"items": [{"messages": [{"role": "assistant", "content": "x"},
                                                           {"role": "user", "content": "y"}]}]}).encode(),
+    "starts with assistant": json.dumps({"items": [{"messages": [{"role": "assistant", "content": "x"},
+                                                                 {"role": "assistant", "content": "y"}]}]}).encode(),
+    "messages and an empty prompt": json.dumps({"items": [{"prompt": "", "messages": [
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]}).encode(),
     "extra field": json.dumps({"items": [{"prompt": "a", "response": "b"}], "debug": True}).encode(),
     "empty list": json.dumps({"items": []}).encode(),
     "huge string": json.dumps({"items": [{"prompt": "a" * 20_000, "response": "b"}]}).encode(),
