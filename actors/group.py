@@ -90,10 +90,8 @@ class ActorGroup:
         cls, args, kwargs, env, max_restarts, max_task_retries = self._spec
         resources, n = self.resources, self.resources.num_ranks
         if self.shared_pg is None:
-            bundle = {"CPU": resources.num_cpus_per_rank}
-            if resources.num_gpus_per_rank:
-                bundle["GPU"] = resources.num_gpus_per_rank
-            self.pg = placement_group([bundle] * n, strategy=resources.placement, name=f"{self.name}-pg")
+            self.pg = placement_group([colocated_bundle({self.name: resources})] * n, strategy=resources.placement,
+                                      name=f"{self.name}-pg")
         else:
             self.pg = self.shared_pg
         ray.get(self.pg.ready(), timeout=300)
@@ -191,7 +189,7 @@ def colocated_placement_group(groups: dict[str, GroupResources], strategy: str =
 
 
 def colocated_bundle(groups: dict[str, GroupResources]) -> dict[str, float]:
-    """What one shared bundle holds: the sum of every colocated group's per-rank request."""
+    """What one bundle holds: the sum of the groups' per-rank requests (one group: its own bundle)."""
     cpus = sum(g.num_cpus_per_rank for g in groups.values())
     gpus = sum(g.num_gpus_per_rank for g in groups.values())
     return {"CPU": cpus} | ({"GPU": gpus} if gpus else {})

@@ -199,13 +199,11 @@ class _DeepSpeedRank(Worker):
     # -- GPU weight transports (rollout.weight_transport nccl / ipc; actors/weight_transfer.py) -------
     def rendezvous_address(self) -> tuple[str, int]:
         """This rank's node address and a free port there, for an NCCL rendezvous it will host."""
-        import socket
-
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        from actors.group import _free_port
+
+        return ray.util.get_node_ip_address(), _free_port()
 
     def init_weight_transfer(self, backend: str, engines: list, master_address: str = "", master_port: int = 0,
                              world_size: int = 0) -> None:

@@ -361,16 +361,7 @@ class PPOConfig(JobConfig):
         return self
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
-        r = self.rollout
-        groups = {
-            "trainer": _trainer_demand(self.trainer),
-            "reference": _trainer_demand(self.reference),
-            "reward_group": _trainer_demand(self.reward_group),
-            "rollout": (r.num_engines * r.num_cpus_per_engine, r.num_engines * r.num_gpus_per_engine),
-        }
-        if self.estimator == "gae":
-            groups["critic"] = _trainer_demand(self.critic)
-        return groups
+        return {name: _trainer_demand(g) for name, g in self.group_resources().items()}
 
 
 C = TypeVar("C", bound=JobConfig)
