@@ -95,7 +95,8 @@ class _DeepSpeedRank(Worker):
             from rlhf_cluster.stages import with_lora
 
             model = with_lora(model, self.cfg.lora, self.lora_task_type)
-        self.engine = make_engine(model, self.cfg, total_steps, dtype)
+        # one optimiser step per train_step call (a PPO mini-batch), however many micro-batches it takes
+        self.engine = make_engine(model, self.cfg, total_steps, dtype, managed_accumulation=False)
         self.steps = 0
 
     # -- the pieces a loss needs -------------------------------------------------------------
@@ -117,7 +118,8 @@ class _DeepSpeedRank(Worker):
 
     # -- training ----------------------------------------------------------------------------
     def train_step(self, items: list[dict], loss: str, num_micro: int, **loss_kwargs) -> dict:
-        """Forward + backward + (DeepSpeed-accumulated) optimiser step on this rank's items."""
+        """One optimiser step on this rank's share of a mini-batch: the gradients of its `num_micro`
+        micro-batches (each loss / num_micro) add up, then DeepSpeed reduces them across ranks and steps."""
         self.engine.train()
         loss_fn = getattr(self, f"_loss_{loss}", None)
         if loss_fn is None:
@@ -125,23 +127,25 @@ class _DeepSpeedRank(Worker):
         t0 = time.time()
         sums: dict[str, float] = {}
         counted, skipped_micro = 0, 0
-        optimizer_skips = self.engine.skipped_steps
+        optimizer_skips, optimizer_steps = self.engine.skipped_steps, self.engine.global_steps
         for ids, att, fields, n_real in micro_batches(items, self.cfg.micro_batch_size, num_micro, self.pad_id):
             value, metrics = loss_fn(ids, att, fields, **loss_kwargs)
             if not all_ranks_finite(value.detach()):
-                # a non-finite loss on any rank: every rank drops this micro-batch, weights untouched
+                # a non-finite loss on any rank: every rank drops this micro-batch (it adds no gradient)
                 skipped_micro += 1
                 continue
-            self.engine.backward(value)
-            self.engine.step()  # DeepSpeed skips the optimiser step itself when the gradient norm is not finite
+            self.engine.backward(value / num_micro)
             if n_real:
                 counted += n_real
                 for k, v in {"loss": value.item(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * n_real
+        if skipped_micro < num_micro:  # the same on every rank (all_ranks_finite agrees)
+            self.engine.step()  # DeepSpeed skips the optimiser step itself when the gradient norm is not finite
         self.steps += 1
         out = {k: v / max(1, counted) for k, v in sums.items()}
         out.update(lr=self.engine.get_lr()[0], seconds=time.time() - t0, items=counted,
                    skipped_micro_batches=skipped_micro, micro_batches=num_micro,
+                   optimizer_steps=self.engine.global_steps - optimizer_steps,
                    skipped_optimizer_steps=self.engine.skipped_steps - optimizer_skips)
         return out
 

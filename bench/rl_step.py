@@ -157,7 +157,15 @@ def _bench_run_class():
     return BenchRun
 
 
-def start_ours(inputs: dict, estimator: str, settings: dict, tag: str):
+# One optimiser step per batch, as TRL's side takes: one mini-batch, and one micro-batch of 32 per rank.
+# The product's old log-probs come from vLLM (tiny-cpu.yaml's `old_logprobs: sampler`).
+OURS = ["mini_batches=1", "trainer.micro_batch_size=32"]
+# The same step as the product ran it before this benchmark's optimisations (bench/README.md, "Before /
+# after"): a second policy forward for the old log-probs, micro-batches of 16.
+BEFORE = ["old_logprobs=recompute", "trainer.micro_batch_size=16"]
+
+
+def start_ours(inputs: dict, estimator: str, settings: dict, tag: str, extra: list[str] = ()):
     from rlhf_cluster.config import CONFIG_DIR, PPOConfig, check_resources, load_config
 
     out = WORK / "runs" / f"{tag}"
@@ -169,7 +177,7 @@ def start_ours(inputs: dict, estimator: str, settings: dict, tag: str):
                  f"rollout.temperature={settings['temperature']}",
                  f"prompts_per_iteration={settings['prompts']}", f"kl_coef={settings['beta']}",
                  f"trainer.optim.lr={settings['lr']}", "iterations=1000", "eval_every=100000",
-                 "checkpoint_every=100000", f"output_dir={out}", f"registry={out / 'registry'}"]
+                 "checkpoint_every=100000", f"output_dir={out}", f"registry={out / 'registry'}", *OURS, *extra]
     cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", overrides)
     import ray
 
@@ -177,7 +185,7 @@ def start_ours(inputs: dict, estimator: str, settings: dict, tag: str):
     check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
     t = time.perf_counter()
     run = _bench_run_class()(cfg, inputs["policy"], inputs["reward"], log=lambda m: None)
-    return run, time.perf_counter() - t, overrides
+    return run, time.perf_counter() - t, overrides, cfg.old_logprobs
 
 
 def our_step(run) -> dict:
@@ -194,7 +202,7 @@ def our_step(run) -> dict:
 
 
 # --------------------------------------------------------------------------- FLOPs
-def step_flops(params: dict, tokens: dict, side: str, estimator: str) -> dict:
+def step_flops(params: dict, tokens: dict, side: str, estimator: str, old_logprobs: str = "sampler") -> dict:
     """Model FLOPs of one step: 2·N per token for a forward pass, 6·N per token for forward + backward,
     N = the parameters in matmuls (the input embedding table is a lookup); attention's own
     (context-length) term is left out: at <= 80-token sequences it adds about 1-2 %. Every forward
@@ -204,7 +212,8 @@ def step_flops(params: dict, tokens: dict, side: str, estimator: str) -> dict:
     f = {"generate": 2 * n_pol * seq, "reference": 2 * n_pol * seq, "reward": 2 * n_rm * seq,
          "train": 6 * n_pol * seq}
     if side == "ours":
-        f["old_logprobs"] = 2 * n_pol * seq  # the product recomputes the sampling policy's log-probs
+        if old_logprobs == "recompute":  # a second policy forward for the sampling policy's log-probs
+            f["old_logprobs"] = 2 * n_pol * seq
         if estimator == "gae":  # the critic starts from the reward model: values + value step
             f["critic_values"] = 2 * n_rm * seq
             f["critic_train"] = 6 * n_rm * seq
@@ -232,11 +241,11 @@ def _trl_record(msg: dict, prompt_tokens: int) -> dict:
 
 
 def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, reps: int, tag: str,
-            points: list[dict] = (), point_steps: int = 1) -> dict:
+            points: list[dict] = (), point_steps: int = 1, extra: list[str] = ()) -> dict:
     """Warm-up step of each side (untimed), then `reps` alternating pairs (ours alone when trl is None).
     Then, on the same running PPORun, the sweep `points` (prompts per step, max new tokens): after each
     change one untimed step, then `point_steps` timed ones."""
-    run, start_s, overrides = start_ours(inputs, estimator, settings, tag)
+    run, start_s, overrides, old_logprobs = start_ours(inputs, estimator, settings, tag, extra)
     samples = settings["prompts"] * settings["samples_per_prompt"]
     prompt_tokens = sum(inputs["prompt_tokens"]) * settings["samples_per_prompt"]
     ours, theirs, order, swept = [], [], [], []
@@ -270,7 +279,8 @@ def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, 
                 + " ".join(f"{k} {v:.1f}" for k, v in s["median_phases_s"].items()))
     finally:
         run.shutdown()
-    res = {"estimator": estimator, "model": inputs["size"], "prompts": settings["prompts"],
+    res = {"estimator": estimator, "model": inputs["size"], "tag": tag, "old_logprobs": old_logprobs,
+           "prompts": settings["prompts"],
            "samples_per_step": samples, "max_new_tokens": settings["max_new_tokens"], "overrides": overrides,
            "order": order, "warmup": warm, "ours": ours, "ours_summary": _summary(ours), "sweep": swept}
     if theirs:
@@ -297,10 +307,13 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
     config = {
         "model": size, "settings": settings, "reps": {"grpo_vs_trl": reps, "ppo": ppo_reps, "sweep": point_steps},
         "dtype": "float32", "sweep_points": points, "model_size_point": None if quick else "tiny",
-        "ours": "rlhf_cluster.ppo.PPORun (configs/tiny-cpu.yaml + overrides) on ray.init(address='local', "
-                "num_cpus=4): 2 ZeRO-3 policy ranks (0.5 CPU, 1 torch thread each), reference, reward (and critic "
-                "for PPO), one vLLM engine; one step = PPORun.step(): generate + score (reference, reward, old "
-                "log-probs [, values], in parallel) + advantages + one optimiser step + weight sync",
+        "ours": "rlhf_cluster.ppo.PPORun (configs/tiny-cpu.yaml + overrides, among them " + " ".join(OURS) + ") on "
+                "ray.init(address='local', num_cpus=4): 2 ZeRO-3 policy ranks (0.5 CPU, 1 torch thread each), "
+                "reference, reward (and critic for PPO), one vLLM engine; one step = PPORun.step(): generate + score "
+                "(reference, reward [, values], in parallel; old log-probs from vLLM: old_logprobs=sampler) + "
+                "advantages + one optimiser step + weight sync",
+        "before": "the GRPO step with " + " ".join(BEFORE) + " (the product's previous defaults: a second policy "
+                  "forward for the old log-probs, micro-batches of 16), in its own PPORun after the others",
         "trl": "trl.GRPOTrainer in a child process (bench/trl_grpo.py), use_cpu, fp32, HF generate "
                "(use_vllm=False), per_device_train_batch_size = prompts x samples, gradient_accumulation_steps 1, "
                "steps_per_generation 1, num_iterations 1, beta 0.04, torch's default threads",
@@ -344,6 +357,8 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
         if not quick:
             inputs["tiny"] = prepare("tiny", settings["prompts"])
             runs.append(compare(inputs["tiny"], "grpo", settings, None, 2, "grpo-tiny"))
+        # before / after: the GRPO step as the product ran it before the optimisations, same run and machine
+        runs.append(compare(inputs[size], "grpo", settings, None, ppo_reps + 1, f"grpo-{size}-before", extra=BEFORE))
     finally:
         if trl is not None:
             trl.close()
@@ -352,20 +367,26 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
     peak = max(peak_before["best_gflops"], peak_after["best_gflops"])
     log(f"rl_step: fp32 matmul peak after {peak_after['best_gflops']:.1f} GFLOP/s (best)")
 
-    def util(rows: list[dict], side: str, estimator: str, model: str) -> dict:
-        fl = [step_flops(inputs[model]["params"], s["tokens"], side, estimator) for s in rows]
+    def util(rows: list[dict], side: str, estimator: str, model: str, old_logprobs: str = "sampler") -> dict:
+        fl = [step_flops(inputs[model]["params"], s["tokens"], side, estimator, old_logprobs) for s in rows]
         rates = [f["total"] / s["seconds"] / 1e9 for f, s in zip(fl, rows)]
         return {"median_step_gflop": median([f["total"] for f in fl]) / 1e9, "median_gflops": median(rates),
                 "utilisation": median(rates) / peak,
                 "gflop_by_phase_median": {k: median([f[k] for f in fl]) / 1e9 for k in fl[0]}}
 
     for res in runs:
-        res["flops_ours"] = util(res["ours"], "ours", res["estimator"], res["model"])
+        res["flops_ours"] = util(res["ours"], "ours", res["estimator"], res["model"], res["old_logprobs"])
         if "trl" in res:
             res["flops_trl"] = util(res["trl"], "trl", "grpo", res["model"])
         for row in res["sweep"]:
-            row["flops_ours"] = util(row["rows"], "ours", "grpo", row["model"])
-    grpo, ppo = runs[0], runs[1]
+            row["flops_ours"] = util(row["rows"], "ours", "grpo", row["model"], res["old_logprobs"])
+    grpo, ppo, before = runs[0], runs[1], runs[-1]
+    grpo["before_after"] = {"before_overrides": BEFORE,
+                            "before_median_step_s": before["ours_summary"]["median_step_s"],
+                            "after_median_step_s": grpo["ours_summary"]["median_step_s"],
+                            "speedup": before["ours_summary"]["median_step_s"] / grpo["ours_summary"]["median_step_s"],
+                            "before_phases_s": before["ours_summary"]["median_phases_s"],
+                            "after_phases_s": grpo["ours_summary"]["median_phases_s"]}
     ppo["step_time_vs_trl_grpo"] = grpo["trl_summary"]["median_step_s"] / ppo["ours_summary"]["median_step_s"]
     headline = {"speedup_vs_trl": grpo["speedup_vs_trl"], "dtype": "float32", "model": size,
                 "ours_grpo_median_step_s": grpo["ours_summary"]["median_step_s"],
@@ -377,6 +398,7 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                 "flops_utilisation_ours_ppo": ppo["flops_ours"]["utilisation"],
                 "flops_utilisation_trl_grpo": grpo["flops_trl"]["utilisation"],
                 "matmul_peak_gflops": peak,
+                "speedup_vs_before": grpo["before_after"]["speedup"],
                 "targets": {"speedup_vs_trl_ge_2": grpo["speedup_vs_trl"] >= 2.0,
                             "flops_utilisation_ge_0.5": grpo["flops_ours"]["utilisation"] >= 0.5}}
     results = {"headline": headline, "runs": runs,
@@ -388,6 +410,18 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
 
 
 # --------------------------------------------------------------------------- README section
+def _before_after_lines(grpo: dict) -> list[str]:
+    ba = grpo.get("before_after")
+    if not ba:  # recorded before the before/after run existed
+        return []
+    ph_b, ph_a = ba["before_phases_s"], ba["after_phases_s"]
+    phases = ", ".join(f"{p} {ph_b[p]:.2f} → {ph_a[p]:.2f}" for p in ("generate", "score", "train", "sync"))
+    return [f"Before / after (same run): the GRPO step with `{' '.join(ba['before_overrides'])}` (the previous "
+            f"defaults) took {ba['before_median_step_s']:.1f} s, with the current ones "
+            f"{ba['after_median_step_s']:.1f} s: **{ba['speedup']:.2f}×** ({phases} s)."]
+
+
+
 def _phase_cells(s: dict) -> str:
     ph = s["median_phases_s"]
     return " | ".join(f"{ph[p]:.2f}" for p in [*PHASES, "overhead"])
@@ -410,8 +444,8 @@ def readme_table(rec: dict) -> list[str]:
              f"{st['beta']:g}, lr {st['lr']:g}, one optimiser step per batch, {c['dtype']} on both sides; TRL "
              f"{ready['versions']['trl']} with HF `generate` and {ready['torch_threads']} torch threads. "
              "Untimed warm-up step on each side, then steps alternating (ours, TRL), (TRL, ours), …; medians. "
-             "Model FLOPs per step = 2·N per token for each forward (generation, reference, reward, the product's "
-             "old-log-prob pass, critic values), 6·N per token for each training step, N = matmul parameters, "
+             "Model FLOPs per step = 2·N per token for each forward (generation, reference, reward, critic values, "
+             "and the old-log-prob pass where it runs), 6·N per token for each training step, N = matmul parameters, "
              f"over prompt + response tokens; peak = the best fp32 `torch.mm` 2048² timed in the same process for "
              f"3 s before and after the benchmark ({peak['before']['best_gflops']:.1f} and "
              f"{peak['after']['best_gflops']:.1f} GFLOP/s, {peak['before']['torch_threads']} threads): "
@@ -437,8 +471,10 @@ def readme_table(rec: dict) -> list[str]:
               f"({h['speedup_vs_trl']:.2f}×); FLOPs utilisation ≥ 50 % end to end — "
               f"**{'met' if h['targets']['flops_utilisation_ge_0.5'] else 'missed'}** "
               f"({100 * h['flops_utilisation_ours_grpo']:.0f} % for GRPO).", "",
-              "Step breakdown of the product (seconds, medians; `score` = reference, reward and old log-probs "
-              "(and critic values for PPO) computed in parallel by their groups; `train` = the policy (and critic) "
+              *_before_after_lines(grpo), "",
+              "Step breakdown of the product (seconds, medians; `score` = reference and reward (and critic values "
+              "for PPO; old log-probs in the *before* row) computed in parallel by their groups; `train` = the "
+              "policy (and critic) "
               "optimiser step; `sync` = trainer → vLLM weight sync; overhead = step wall time − the phases):", "",
               "| model | algorithm | prompts × samples | max new tokens | steps | step s | generate | score "
               "| advantages | train | sync | overhead | tokens/s | of fp32 peak |",
@@ -446,6 +482,8 @@ def readme_table(rec: dict) -> list[str]:
     rows = []
     for r in res["runs"]:
         algo = "GRPO" if r["estimator"] == "grpo" else "PPO"
+        if r.get("tag", "").endswith("-before"):
+            algo += " *before*"
         rows.append((r["model"], algo, r["prompts"], r["max_new_tokens"], r["ours_summary"], r["flops_ours"]))
         for p in r["sweep"]:
             rows.append((p["model"], algo, p["prompts"], p["max_new_tokens"], p, p["flops_ours"]))

@@ -284,6 +284,11 @@ class PPOConfig(JobConfig):
     prompts_per_iteration: int = Field(16, ge=1)
     mini_batches: int = Field(1, ge=1)  # optimiser steps per PPO epoch over one iteration's samples
     ppo_epochs: int = Field(1, ge=1)
+    # Where the behaviour policy's log-probs (PPO's ratio, the KL penalty) come from. `recompute`: a forward
+    # pass of the policy trainer over each batch (OpenRLHF, veRL). `sampler`: the log-probs the rollout
+    # engine returned with each sampled token, which saves that pass; equal up to rounding when engine and
+    # trainer compute in the same dtype (fp32 on CPU: tests/test_actors.py), not in bf16 on GPUs.
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"
     clip_eps: float = Field(0.2, gt=0.0)
     dual_clip: float | None = Field(None, gt=1.0)
     value_clip_eps: float = Field(0.2, gt=0.0)

@@ -237,12 +237,10 @@ class PPORun:
         # 2. score: reference, reward, critic and the policy's own (old) log-probs, in parallel
         items = [trainer_item(s) for s in samples]
         seqs = [it["input_ids"] for it in items]
-        n_micro = self.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size)
-        refs = {
-            "ref": self.reference.split_call("logprobs", seqs),
-            "score": self.reward.split_call("score", seqs),
-            "old": self.policy.split_call("logprobs", items, n_micro),
-        }
+        refs = {"ref": self.reference.split_call("logprobs", seqs), "score": self.reward.split_call("score", seqs)}
+        if cfg.old_logprobs == "recompute":
+            refs["old"] = self.policy.split_call(
+                "logprobs", items, self.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size))
         if self.critic:
             refs["values"] = self.critic.split_call(
                 "values", items, self.critic.micro_batches_per_rank(len(items), cfg.critic.micro_batch_size))
@@ -251,7 +249,10 @@ class PPORun:
 
         # 3. rewards and advantages (pure functions, on [B, T] response tensors)
         lengths = [len(s["response_ids"]) for s in samples]
-        old_lp, mask = padded([response_part(s, lp) for s, lp in zip(samples, got["old"])])
+        sampler_lp, mask = padded([s["logprobs"] for s in samples])  # the engine's log-prob of each sampled token
+        old_lp = sampler_lp
+        if cfg.old_logprobs == "recompute":
+            old_lp, _ = padded([response_part(s, lp) for s, lp in zip(samples, got["old"])])
         ref_lp, _ = padded([response_part(s, lp) for s, lp in zip(samples, got["ref"])])
         raw_scores = torch.tensor(got["score"])
         scores = raw_scores
@@ -334,6 +335,8 @@ class PPORun:
             "response/length": sum(lengths) / len(lengths),
             "response/finished": sum(s["finished"] for s in samples) / len(samples),
         }
+        if cfg.old_logprobs == "recompute":  # engine vs trainer on the same tokens: 0 up to rounding in fp32
+            metrics["rollout/logprob_gap"] = ((old_lp - sampler_lp).abs() * mask).sum().item() / mask.sum().item()
         if ptx_metrics:
             metrics["policy/ptx_nll"] = _weighted(ptx_metrics, "nll")
         if self.critic:

@@ -110,11 +110,15 @@ class RejectionSamplingRun(PPORun):
 
         items = [trainer_item(s) for s, _, _ in selected]
         losses = []
+        size = cfg.trainer.micro_batch_size * self.policy.world_size  # one optimiser step per global batch, as SFT
         for _ in range(rs.epochs):
             self.rng.shuffle(items)
-            n_micro = self.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size)
-            losses.append(sum(m["loss"] * m["items"] for m in gather(
-                self.policy.split_call("train_step", items, "sft", n_micro))) / len(items))
+            steps = []
+            for start in range(0, len(items), size):
+                batch = items[start:start + size]
+                n_micro = self.policy.micro_batches_per_rank(len(batch), cfg.trainer.micro_batch_size)
+                steps += gather(self.policy.split_call("train_step", batch, "sft", n_micro))
+            losses.append(sum(m["loss"] * m["items"] for m in steps) / len(items))
         self.sync()
         by_model = {}  # each combined reward model's mean score, over all samples and over the selected ones
         for n, v in model_scores.items():

@@ -32,7 +32,10 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def deepspeed_config(t: TrainerConfig, dtype: str = "float32") -> dict:
+def deepspeed_config(t: TrainerConfig, dtype: str = "float32", managed_accumulation: bool = True) -> dict:
+    """`managed_accumulation=False`: the caller owns the accumulation boundary, so one `step()` applies
+    whatever micro-batches were back-propagated since the last (the actor trainers' PPO mini-batches
+    come in varying numbers of micro-batches); otherwise `grad_accumulation` micro-batches make a step."""
     zero: dict = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
@@ -40,7 +43,10 @@ def deepspeed_config(t: TrainerConfig, dtype: str = "float32") -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if t.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if not managed_accumulation and t.zero_stage == 3:
+        zero["overlap_comm"] = False  # DeepSpeed allows caller-owned boundaries with overlap_comm only in stage 2
     return {
+        "managed_gradient_accumulation": managed_accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accumulation,
         "gradient_clipping": t.optim.grad_clip,
@@ -70,7 +76,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_engine(model: torch.nn.Module, t: TrainerConfig, total_steps: int, dtype: str = "float32"):
+def make_engine(model: torch.nn.Module, t: TrainerConfig, total_steps: int, dtype: str = "float32",
+                managed_accumulation: bool = True):
     """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule."""
     import deepspeed
 
@@ -86,7 +93,7 @@ def make_engine(model: torch.nn.Module, t: TrainerConfig, total_steps: int, dtyp
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, total_steps, o))
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(t, dtype))
+                                      config=deepspeed_config(t, dtype, managed_accumulation))
     return engine
 
 

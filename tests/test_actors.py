@@ -167,6 +167,28 @@ def test_save_load_restores_logprobs(policy, sft_items, tmp_path):
     assert restored == saved  # identical, bit for bit
 
 
+def test_one_optimizer_step_per_call_however_many_micro_batches(policy, sft_items, tmp_path):
+    """A PPO mini-batch is one optimiser step: its micro-batches' gradients add up (loss / n each)."""
+    items = sft_items + sft_items  # 16 per rank: 2 micro-batches of 8
+    n_micro = policy.micro_batches_per_rank(len(items), TRAINER.micro_batch_size)
+    assert n_micro == 2
+    policy.run("save", str(tmp_path / "ckpt"))
+    before = policy.map("logprobs", sft_items, 1)
+    for m in ray.get(policy.split_call("train_step", items, "sft", n_micro)):
+        assert m["optimizer_steps"] == 1 and m["micro_batches"] == 2 and m["items"] == 16
+    once = policy.map("logprobs", sft_items, 1)
+    # the same items as one micro-batch of 8 per rank (each item twice over 2 micro-batches above):
+    # the same gradient, so the same step
+    policy.run("load", str(tmp_path / "ckpt"))
+    assert policy.map("logprobs", sft_items, 1) == before
+    for m in ray.get(policy.split_call("train_step", sft_items, "sft", 1)):
+        assert m["optimizer_steps"] == 1 and m["micro_batches"] == 1
+    single = policy.map("logprobs", sft_items, 1)
+    gap = max(abs(a - b) for x, y in zip(once, single) for a, b in zip(x, y))
+    moved = max(abs(a - b) for x, y in zip(before, single) for a, b in zip(x, y))
+    assert gap < 1e-4 < 1e-2 < moved, (gap, moved)
+
+
 def test_bad_input_gives_clear_errors_and_actors_survive(policy, engine, tokenizer, sft_items):
     gen = engine.actors[0].generate
     with pytest.raises(ray.exceptions.RayTaskError, match="empty prompt list"):
@@ -188,7 +210,7 @@ def test_bad_input_gives_clear_errors_and_actors_survive(policy, engine, tokeniz
     # on every rank, and it is counted
     ray.get(policy.actors[0].inject_nonfinite_gradient.remote(n_micro))
     for m in ray.get(policy.split_call("train_step", sft_items[:4], "sft", n_micro)):
-        assert m["skipped_micro_batches"] == 0 and m["skipped_optimizer_steps"] == n_micro
+        assert m["skipped_micro_batches"] == 0 and m["skipped_optimizer_steps"] == 1  # one step per call
     assert policy.map("logprobs", sft_items[:4], n_micro) == before
     assert policy.run("weights_finite") == [True, True]
     with pytest.raises(ray.exceptions.RayTaskError, match="unknown loss 'dpo2'"):

@@ -60,6 +60,8 @@ def test_smoke_run_leaves_checkpoints_metrics_and_report(smoke_run):
         assert key in rows[1], key
     assert 0 < rows[1]["policy/ptx_nll"] < 10  # PPO-ptx (smoke.yaml: ptx_coef 0.1): NLL of SFT samples
     assert rows[1]["kl/mean_sequence_kl"] == pytest.approx(0.0, abs=1e-4)  # iteration 1: policy == reference
+    # smoke.yaml recomputes the old log-probs; vLLM's agree with the trainer's (what old_logprobs=sampler relies on)
+    assert all(r["rollout/logprob_gap"] < 1e-4 for r in rows[1:]), [r["rollout/logprob_gap"] for r in rows[1:]]
     assert "eval/gold" in rows[0] and "eval/gold" in rows[3] and "eval/win_rate_vs_initial" in rows[3]
     assert (out / "report.png").stat().st_size > 10_000 and (out / "tensorboard").is_dir()
     assert summary["iterations"] == 3 and summary["report"] == str(out / "report.png")
@@ -148,6 +150,8 @@ def test_ppo_raises_heldout_gold_with_bounded_kl(builtin_cfg, builtin_sft_rm, tm
     summary = run(cfg, log=lambda m: (lines.append(str(m)), print(m)))
     together = {"gae": "colocated: critic + reward_group", "grpo": "colocated: trainer + reference"}[estimator]
     assert together in lines, lines[:10]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "rollout/logprob_gap" not in rows[1]  # tiny-cpu.yaml: old_logprobs=sampler, no recompute pass
     assert summary["gold_final"] > summary["gold_initial"] + margin, summary
     assert summary["rm_final"] > summary["rm_initial"], summary
     assert summary["kl_final"] < 2.0, summary
