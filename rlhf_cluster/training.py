@@ -43,8 +43,6 @@ def deepspeed_config(t: TrainerConfig, dtype: str = "float32", managed_accumulat
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
         if t.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if not managed_accumulation and t.zero_stage == 3:
-        zero["overlap_comm"] = False  # DeepSpeed allows caller-owned boundaries with overlap_comm only in stage 2
     return {
         "managed_gradient_accumulation": managed_accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

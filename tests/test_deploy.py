@@ -428,7 +428,6 @@ def test_ppo_rayjob_runs_unchanged_on_a_local_ray_cluster(overlays, builtin_asse
         logs = submit.stdout
         status = subprocess.run([ray, "job", "status", "--address", url, sid], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout
-        print(logs)
         assert f"Job '{sid}' succeeded" in status, f"{status[-3000:]}\n{logs[-5000:]}"
     assert (out / "checkpoints" / "iter_000001" / "manifest.json").is_file()
     assert (out / "metrics.jsonl").read_text().strip()
