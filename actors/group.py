@@ -15,7 +15,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlhf_cluster.config import GroupResources
+from rlhf_cluster.lib.config import GroupResources
 
 
 class Worker:
@@ -32,7 +32,7 @@ class Worker:
             torch.set_num_threads(int(threads))
 
     def init_distributed(self) -> None:
-        from rlhf_cluster.training import init_distributed
+        from rlhf_cluster.lib.deepspeed_setup import init_distributed
 
         init_distributed()
 
@@ -46,7 +46,7 @@ class Worker:
         return {"node": ctx.get_node_id(), "placement_group": pg, "pid": os.getpid()}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -96,7 +96,7 @@ class ActorGroup:
             self.pg = self.shared_pg
         ray.get(self.pg.ready(), timeout=300)
         master_addr = ray.util.get_node_ip_address()
-        master_port = _free_port()
+        master_port = free_port()
         remote_cls = ray.remote(cls)
         self.actors = [
             remote_cls.options(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from rlhf_cluster.config import RolloutConfig
+from rlhf_cluster.lib.config import RolloutConfig
 
 EXTENSION = "actors.rollout.WeightSyncExtension"
 
@@ -60,7 +60,7 @@ class RolloutEngine:
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  rollout: dict, seed: int = 0, dtype: str = "float32"):
-        from rlhf_cluster.generation import make_vllm
+        from rlhf_cluster.lib.generation import make_vllm
 
         self.rank, self.path = rank, model_path
         self.cfg = RolloutConfig.model_validate(rollout)
@@ -91,11 +91,11 @@ class RolloutEngine:
     def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None,
                  seed: int | None = None, version: int | None = None) -> list[dict]:
         """Sample for token-id prompts; `overrides` are RolloutConfig fields (n, temperature, ...);
-        `seed` makes every sample reproducible (see rlhf_cluster.generation.generate); `version`,
+        `seed` makes every sample reproducible (see rlhf_cluster.lib.generation.generate); `version`,
         when given, must be the weights version this engine holds."""
         from dataclasses import asdict
 
-        from rlhf_cluster.generation import check_prompts, generate, sampling_params
+        from rlhf_cluster.lib.generation import check_prompts, generate, sampling_params
 
         if version is not None and version != self.version:
             raise StaleWeights(f"engine {self.rank} holds weights version {self.version}, expected {version}")
@@ -164,7 +164,7 @@ class HFRolloutEngine(RolloutEngine):
     def _sample(self, prompts: list[list[int]], cfg: RolloutConfig, n: int, generator_seed: int | None):
         import torch
 
-        from rlhf_cluster.data import pad_batch
+        from rlhf_cluster.lib.data import pad_batch
 
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
@@ -194,7 +194,7 @@ class HFRolloutEngine(RolloutEngine):
         seeded with seed + i*n, so they do not depend on how prompts were spread over engines."""
         from dataclasses import asdict
 
-        from rlhf_cluster.generation import Sample, check_prompts
+        from rlhf_cluster.lib.generation import Sample, check_prompts
 
         if version is not None and version != self.version:
             raise StaleWeights(f"engine {self.rank} holds weights version {self.version}, expected {version}")

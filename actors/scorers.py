@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from actors.group import Worker
-from rlhf_cluster import algorithms as A
-from rlhf_cluster.data import pad_batch
+from rlhf_cluster.lib import algorithms as A
+from rlhf_cluster.lib.data import pad_batch
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -1,7 +1,7 @@
 """DeepSpeed-trained actor groups: the policy trainer and the critic.
 
 A rank holds one DeepSpeed engine (ZeRO stage from config) and calls the pure functions of
-rlhf_cluster.algorithms. Items are dicts of per-sequence lists:
+rlhf_cluster.lib.algorithms. Items are dicts of per-sequence lists:
     input_ids [T], loss_mask [T-1] (1 where token t+1 is a response token), and per-token
     fields of length T-1 that a loss needs (old_logprobs, advantages, returns, old_values).
 Under ZeRO-3 every rank must run the same number of forward passes; the coordinator passes
@@ -15,9 +15,9 @@ import time
 import torch
 
 from actors.group import Worker
-from rlhf_cluster import algorithms as A
-from rlhf_cluster.config import TrainerConfig
-from rlhf_cluster.data import pad_batch
+from rlhf_cluster.lib import algorithms as A
+from rlhf_cluster.lib.config import TrainerConfig
+from rlhf_cluster.lib.data import pad_batch
 
 PER_TOKEN_FIELDS = ("loss_mask", "old_logprobs", "advantages", "returns", "old_values", "ref_logprobs")
 
@@ -83,7 +83,7 @@ class _DeepSpeedRank(Worker):
         super().__init__(rank, world_size, master_addr, master_port)
         import transformers
 
-        from rlhf_cluster.training import load_pretrained, make_engine
+        from rlhf_cluster.lib.deepspeed_setup import load_pretrained, make_engine
 
         torch.manual_seed(seed)
         self.init_distributed()
@@ -92,7 +92,7 @@ class _DeepSpeedRank(Worker):
         model = load_pretrained(cls, model_path, self.cfg, dtype, **model_kwargs)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         if self.cfg.lora.enabled:  # only the adapters train; exports and syncs carry merged weights
-            from rlhf_cluster.stages import with_lora
+            from rlhf_cluster.lib.deepspeed_setup import with_lora
 
             model = with_lora(model, self.cfg.lora, self.lora_task_type)
         # one optimiser step per train_step call (a PPO mini-batch), however many micro-batches it takes
@@ -190,7 +190,7 @@ class _DeepSpeedRank(Worker):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full weights under the plain model's names (LoRA merged), on every rank."""
-        from rlhf_cluster.training import gathered_state_dict, merged_lora_state_dict
+        from rlhf_cluster.lib.deepspeed_setup import gathered_state_dict, merged_lora_state_dict
 
         state = gathered_state_dict(self.engine)
         if self.cfg.lora.enabled:
@@ -205,9 +205,9 @@ class _DeepSpeedRank(Worker):
         """This rank's node address and a free port there, for an NCCL rendezvous it will host."""
         import ray
 
-        from actors.group import _free_port
+        from actors.group import free_port
 
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     def init_weight_transfer(self, backend: str, engines: list, master_address: str = "", master_port: int = 0,
                              world_size: int = 0) -> None:
@@ -259,12 +259,12 @@ class PolicyTrainer(_DeepSpeedRank):
 
     def _loss_sft(self, ids, att, f):
         logp, _ = self._forward(ids, att)
-        return A.sft_loss(logp, f["loss_mask"]), {}
+        return A.masked_nll(logp, f["loss_mask"]), {}
 
     def _loss_ptx(self, ids, att, f, coef: float = 1.0):
         logp, _ = self._forward(ids, att)
         loss = A.ptx_loss(logp, f["loss_mask"], coef)
-        return loss, {"nll": A.sft_loss(logp.detach(), f["loss_mask"]).item()}
+        return loss, {"nll": A.masked_nll(logp.detach(), f["loss_mask"]).item()}
 
     def _loss_ppo(self, ids, att, f, clip_eps: float = 0.2, entropy_coef: float = 0.0,
                   dual_clip: float | None = None, loss_agg: str = "token"):

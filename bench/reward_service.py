@@ -71,8 +71,8 @@ def _items(assets, n: int) -> list[dict]:
 def _model_dir(size: str) -> tuple[Path, str, object]:
     """The trained built-in reward model (what PPO scores with) when it exists, else the untrained reward_base."""
     from bench.run import _assets
-    from rlhf_cluster.builtin import cache_root
-    from rlhf_cluster.config import BuiltinConfig
+    from rlhf_cluster.lib.builtin import cache_root
+    from rlhf_cluster.lib.config import BuiltinConfig
 
     assets = _assets(size)
     trained = cache_root(BuiltinConfig(size=size)) / "reward" / "model"
@@ -262,7 +262,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     import httpx
     from ray import serve
 
-    from rlhf_cluster.models import count_parameters
+    from rlhf_cluster.lib.tiny_models import count_parameters
     from serve.launch import deploy, load_serve_config
     from serve.reward_app import encode_messages, forward, load_reward_model
 

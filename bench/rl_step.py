@@ -31,8 +31,8 @@ def prepare(size: str, n_prompts: int) -> dict:
     import torch
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    from rlhf_cluster.data import encode_prompt
-    from rlhf_cluster.models import count_parameters, llama_config
+    from rlhf_cluster.lib.data import encode_prompt
+    from rlhf_cluster.lib.tiny_models import count_parameters, llama_config
 
     assets = _assets(size)
     root = WORK / "models" / size
@@ -166,7 +166,7 @@ BEFORE = ["old_logprobs=recompute", "trainer.micro_batch_size=16"]
 
 
 def start_ours(inputs: dict, estimator: str, settings: dict, tag: str, extra: list[str] = ()):
-    from rlhf_cluster.config import CONFIG_DIR, PPOConfig, check_resources, load_config
+    from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, check_resources, load_config
 
     out = WORK / "runs" / f"{tag}"
     shutil.rmtree(out, ignore_errors=True)

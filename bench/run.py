@@ -154,8 +154,8 @@ def log(msg: str) -> None:
 
 
 def _assets(size: str):
-    from rlhf_cluster.builtin import ensure_builtin
-    from rlhf_cluster.config import BuiltinConfig
+    from rlhf_cluster.lib.builtin import ensure_builtin
+    from rlhf_cluster.lib.config import BuiltinConfig
 
     # the built-in cache ($RLHF_CLUSTER_CACHE or ~/.cache/rlhf-cluster), built by models.build_tiny
     return ensure_builtin(BuiltinConfig(size=size), log=log)
@@ -173,7 +173,7 @@ class VllmProbe:
 
 
 def _eval_prompts(assets, tokenizer, n: int) -> list[list[int]]:
-    from rlhf_cluster.data import encode_prompt
+    from rlhf_cluster.lib.data import encode_prompt
 
     rows = [json.loads(line) for line in assets.file("prompts_eval.jsonl").read_text().splitlines() if line.strip()]
     if len(rows) < n:
@@ -185,7 +185,7 @@ def _hf_generate(model, prompt_ids: list[list[int]], pad_id: int, samples: int, 
     """One batched HF `generate` call (left padding); returns the number of generated tokens."""
     import torch
 
-    from rlhf_cluster.data import pad_batch
+    from rlhf_cluster.lib.data import pad_batch
 
     ids, att = pad_batch(prompt_ids, pad_id, side="left")
     with torch.inference_mode():
@@ -196,7 +196,7 @@ def _hf_generate(model, prompt_ids: list[list[int]], pad_id: int, samples: int, 
 
 
 def _vllm_generate(llm, prompt_ids, params) -> int:
-    from rlhf_cluster.generation import generate
+    from rlhf_cluster.lib.generation import generate
 
     return sum(len(s.response_ids) for s in generate(llm, prompt_ids, params))
 
@@ -205,9 +205,9 @@ def rollout_one_size(size: str, reps: int, n_prompts: int, samples: int, max_new
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cluster.config import RolloutConfig
-    from rlhf_cluster.generation import make_vllm, sampling_params
-    from rlhf_cluster.models import count_parameters
+    from rlhf_cluster.lib.config import RolloutConfig
+    from rlhf_cluster.lib.generation import make_vllm, sampling_params
+    from rlhf_cluster.lib.tiny_models import count_parameters
 
     assets = _assets(size)
     tokenizer = AutoTokenizer.from_pretrained(assets.base)
@@ -289,7 +289,7 @@ def bench_rollout_engines(quick: bool) -> tuple[dict, list[dict]]:
               "repetitions": {"tiny": 3} if quick else {"tiny": 9, "small": 5},
               "prompts": 16, "samples_per_prompt": 4, "max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0,
               "dtype": "float32", "fixed_length": True,
-              "vllm": "rlhf_cluster.generation.make_vllm in-process (enforce_eager), generate() with "
+              "vllm": "rlhf_cluster.lib.generation.make_vllm in-process (enforce_eager), generate() with "
                       "sampling_params(cfg) + ignore_eos, logprobs=0, one call for all prompts",
               "hf": "AutoModelForCausalLM.generate, all prompts in one left-padded batch, num_return_sequences=4, "
                     "do_sample, top_k=0, min_new_tokens=max_new_tokens, KV cache on",
@@ -310,7 +310,7 @@ def sync_one_size(size: str, reps: int, bucket_bytes: int) -> dict:
     from actors.group import ActorGroup
     from actors.rollout import RolloutEngine
     from actors.trainer import PolicyTrainer
-    from rlhf_cluster.config import GroupResources, RolloutConfig, TrainerConfig
+    from rlhf_cluster.lib.config import GroupResources, RolloutConfig, TrainerConfig
 
     assets = _assets(size)
     trainer = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.5, zero_stage=3)

@@ -36,7 +36,7 @@ CODE_DIRS = ("rlhf_cluster", "actors", "serve")
 K8S_VERSION = "1.33.0"  # Kubernetes API version the core objects are validated against
 RAY_KINDS = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml",
              "RayCluster": "ray.io_rayclusters.yaml"}
-# Job module -> its config class in rlhf_cluster.config, and the flags its CLI takes besides --config.
+# Job module -> its config class in rlhf_cluster.lib.config, and the flags its CLI takes besides --config.
 JOB_CONFIGS = {"rlhf_cluster.ppo": "PPOConfig", "rlhf_cluster.sft": "SFTConfig",
                "rlhf_cluster.reward": "RewardConfig", "rlhf_cluster.dpo": "DPOConfig"}
 JOB_FLAGS = {"rlhf_cluster.ppo": {"--resume"}}
@@ -218,7 +218,7 @@ def split_commands(entrypoint: str) -> list[list[str]]:
 
 def parse_command(argv: list[str]) -> JobCommand:
     """Check one `python -m MODULE --config /app/configs/X.yaml [flags] key=value...` against the code."""
-    from rlhf_cluster import config as C
+    from rlhf_cluster.lib import config as C
 
     if argv[:2] != ["python", "-m"] or len(argv) < 3:
         raise DeployError(f"entrypoint command {shlex.join(argv)!r} is not `python -m MODULE ...`")
@@ -275,7 +275,7 @@ def check_rayjob(obj: dict) -> list[JobCommand]:
 
 def check_job_fits(obj: dict, cmd: JobCommand) -> None:
     """The worker groups hold what the job asks for, each rank/engine within one pod (config.check_resources)."""
-    from rlhf_cluster.config import ConfigError, check_resources
+    from rlhf_cluster.lib.config import ConfigError, check_resources
 
     groups = cluster_spec(obj).get("workerGroupSpecs", [])
     pods = [(g, pod_resources(g)) for g in groups]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cluster import stages
-from rlhf_cluster.config import DPOConfig
+from rlhf_cluster import scaffold, stages
+from rlhf_cluster.lib.config import DPOConfig
 
 TASK_TYPE = "CAUSAL_LM"
 
@@ -26,7 +26,7 @@ def resolve(cfg: DPOConfig) -> dict:
     """Model and data paths; the built-in task and SFT policy fill what the config leaves null."""
     paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "prompts": None}
     if cfg.model.path is None or cfg.data.train is None:
-        from rlhf_cluster.builtin import ensure_builtin
+        from rlhf_cluster.lib.builtin import ensure_builtin
 
         assets = ensure_builtin(cfg.builtin)
         if cfg.model.path is None:
@@ -41,23 +41,13 @@ def resolve(cfg: DPOConfig) -> dict:
 
 
 def load_data(cfg: DPOConfig, paths: dict, tokenizer, log=None):
-    from rlhf_cluster.data import load_tokenized
-
-    d = cfg.data
-    train, report = load_tokenized(paths["train"], tokenizer, "preferences", d.max_sequence_tokens, d.on_bad_sample)
-    held, held_report = (load_tokenized(paths["eval"], tokenizer, "preferences", d.max_sequence_tokens,
-                                        d.on_bad_sample) if paths["eval"] else (None, None))
-    if log:
-        log(f"train pairs: {report}")
-        if held_report:
-            log(f"held-out pairs: {held_report}")
-    return train, held, report
+    return stages.load_train_and_held(cfg, paths, tokenizer, "preferences", log, "pairs")
 
 
 def pair_logprobs(engine, pairs: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(chosen), log π(rejected)) per pair, summed over response tokens, one forward pass."""
-    from rlhf_cluster.data import pad_batch
-    from rlhf_cluster.losses import sequence_logprobs
+    from rlhf_cluster.lib.data import pad_batch
+    from rlhf_cluster.lib.losses import sequence_logprobs
 
     seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     ids, att = pad_batch([s.input_ids for s in seqs], pad_id)
@@ -83,22 +73,14 @@ def reference_logprobs(engine, pairs: list[dict], micro: int, pad_id: int) -> to
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: the policy's DeepSpeed engine; reference log-probs precomputed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from rlhf_cluster.losses import chosen_nll, dpo_loss, dpo_metrics
-    from rlhf_cluster.training import load_pretrained, make_engine
+    from rlhf_cluster.lib.losses import chosen_nll, dpo_loss, dpo_metrics
 
-    cfg = DPOConfig.model_validate(config["cfg"])
-    paths = config["paths"]
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    cfg, paths, tokenizer, train, held = stages.start_worker(config, DPOConfig, load_data)
     pad = tokenizer.pad_token_id
-    train, held, _ = load_data(cfg, paths, tokenizer)
-    model = load_pretrained(AutoModelForCausalLM, paths["model"], cfg.trainer, cfg.model.dtype)
-    if cfg.trainer.lora.enabled:
-        model = stages.with_lora(model, cfg.trainer.lora, TASK_TYPE)  # zero-initialised B: still the reference
-    total = cfg.epochs * stages.steps_per_epoch(len(train), cfg)
-    engine = make_engine(model, cfg.trainer, total, cfg.model.dtype)
+    # with LoRA, B starts at zero: the engine's model is still the reference
+    engine = stages.stage_engine(cfg, AutoModelForCausalLM, paths["model"], TASK_TYPE, len(train))
     mb = cfg.trainer.micro_batch_size
     ref_train = reference_logprobs(engine, train, mb, pad)  # before fit() restores trained weights
     ref_held = reference_logprobs(engine, held, mb, pad) if held else None
@@ -160,8 +142,8 @@ def run_dpo(cfg: DPOConfig, llm=None, fail_at_step: int | None = None) -> Path:
     return stages.finish_stage("dpo", run)
 
 
-def main(argv: list[str] | None = None) -> None:
-    stages.cli("dpo", DPOConfig, run_dpo, argv)
+def main(argv: list[str] | None = None) -> Path:
+    return scaffold.main("dpo", DPOConfig, run_dpo, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

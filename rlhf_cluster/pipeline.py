@@ -22,17 +22,16 @@ its last completed stage. `rerun=[stage, ...]` (or `[all]`) runs stages again re
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rlhf_cluster.config import (
+from rlhf_cluster import scaffold
+from rlhf_cluster.lib.config import (
     CONFIG_DIR,
     ConfigError,
     PipelineConfig,
@@ -41,10 +40,8 @@ from rlhf_cluster.config import (
     RSConfig,
     SFTConfig,
     check_resources,
-    load_config,
     local_resources,
 )
-from rlhf_cluster.data import DataError
 
 DEFAULT_CONFIG = CONFIG_DIR / "pipeline-tiny.yaml"
 
@@ -110,7 +107,7 @@ class Book:
     """output_dir/pipeline.json: each completed stage's registry entry, inputs and fingerprint."""
 
     def __init__(self, cfg: PipelineConfig, log=print):
-        from rlhf_cluster.registry import open_registry
+        from rlhf_cluster.lib.registry import open_registry
 
         self.out = Path(cfg.output_dir).resolve()
         self.file = self.out / "pipeline.json"
@@ -127,7 +124,7 @@ class Book:
         train() -> (model directory, registry stage name, metrics[, id of an entry the stage registered
         itself]); inputs: {role: registry entry}.
         """
-        from rlhf_cluster.registry import checkpoint_sha256, make_entry
+        from rlhf_cluster.lib.registry import checkpoint_sha256, make_entry
 
         fingerprint = hashlib.sha256(json.dumps(
             {"config": config.model_dump(mode="json"), "inputs": {k: e.id for k, e in inputs.items()}},
@@ -241,13 +238,13 @@ def run(cfg: PipelineConfig, log=print) -> dict:
                        train_final)
 
     # 4. evaluation: gold after every stage, reward-model accuracies, a picture, TensorBoard
-    summary = evaluate(cfg, book, sft, rewards, final, log)
+    summary = final_report(cfg, book, sft, rewards, final, log)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def evaluate(cfg: PipelineConfig, book: Book, sft, rewards: dict, final, log=print) -> dict:
+def final_report(cfg: PipelineConfig, book: Book, sft, rewards: dict, final, log=print) -> dict:
     """The pipeline's results from what the stages measured on held-out data (nothing is retrained)."""
     out = book.out
     sft_summary = _summary_next_to(sft.path)
@@ -277,8 +274,12 @@ def evaluate(cfg: PipelineConfig, book: Book, sft, rewards: dict, final, log=pri
     }
     if "gold_after" in sft_summary:  # SFT's own evaluation: sampled at temperature 1, base model vs SFT
         summary["sft_sampled_gold"] = {"base": sft_summary["gold_before"], "sft": sft_summary["gold_after"]}
-    picture(out, [("sft", sft), *((f"reward_{k}", e) for k, e in rewards.items())], rounds, gold, rm_accuracy)
-    tensorboard(out, [("sft", sft), *((f"reward_{k}", e) for k, e in rewards.items())], rounds)
+    trained = [("sft", sft), *((f"reward_{k}", e) for k, e in rewards.items())]
+    from rlhf_cluster.lib.report import pipeline_figure
+
+    pipeline_figure(out, [(name, _rows(Path(e.path).parent / "metrics.jsonl")) for name, e in trained],
+                    rounds, gold, rm_accuracy)
+    tensorboard(out, trained, rounds)
     lines = ["", f"=== pipeline summary ({out}) ==="]
     for name, s in summary["stages"].items():
         took = f"{s['seconds']:>6.0f} s" if s["ran"] == "trained" else " " * 8
@@ -300,62 +301,9 @@ def evaluate(cfg: PipelineConfig, book: Book, sft, rewards: dict, final, log=pri
     return summary
 
 
-# --------------------------------------------------------------------------- pictures
+# --------------------------------------------------------------------------- outputs
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def picture(out: Path, trained: list, rounds: list[dict], gold: dict, rm_accuracy: dict) -> Path:
-    """pipeline.png: each training stage's train/held-out loss, RM accuracies, gold after each stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = [(name, _rows(Path(e.path).parent / "metrics.jsonl")) for name, e in trained]
-    curves = [(name, rows) for name, rows in curves if rows]
-    n, cols = len(curves) + 2, 3
-    rows = -(-n // cols)
-    fig, grid = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    axes = list(grid.flat)[:n]
-    for spare in list(grid.flat)[n:]:
-        spare.axis("off")
-    for ax, (name, rows) in zip(axes, curves):
-        for key, label, style in (("train_loss", "train", "-"), ("eval_loss", "held-out", "o-")):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), style, lw=1, markersize=3, label=f"{label} loss")
-        ax.set_title(f"{name} loss")
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=7)
-    ax = axes[-2]
-    for name in rm_accuracy:
-        rows = dict(curves).get(f"reward_{name}", [])
-        pts = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-        if pts:
-            ax.plot(*zip(*pts), "o-", markersize=3, label=name)
-    ax.axhline(0.5, color="gray", lw=0.8, ls="--")
-    ax.set_title("reward models: held-out accuracy")
-    ax.set_xlabel("optimizer step")
-    ax.legend(fontsize=7)
-    ax = axes[-1]
-    ax.plot(range(len(gold)), list(gold.values()), "o-", label="gold (truth)")
-    ax.set_ylabel("gold score")
-    rm = [r.get("eval/rm_score") for r in rounds]
-    if all(isinstance(v, (int, float)) for v in rm):
-        ax2 = ax.twinx()
-        ax2.plot(range(len(rm)), rm, "s--", color="tab:orange")
-        ax2.set_ylabel("reward-model score (dashed)", color="tab:orange")
-    ax.set_xticks(range(len(gold)), [k.replace("_", " ", 1).replace("_", "\n", 1) for k in gold], fontsize=7)
-    ax.set_title("held-out gold (greedy) after each stage")
-    for a in axes:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out / "pipeline.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out / "pipeline.png")
-    return out / "pipeline.png"
 
 
 def tensorboard(out: Path, trained: list, rounds: list[dict]) -> None:
@@ -379,15 +327,7 @@ def tensorboard(out: Path, trained: list, rounds: list[dict]) -> None:
 
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.pipeline", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG.name})")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rerun='[final]'")
-    args = ap.parse_args(argv)
-    try:
-        return run(load_config(PipelineConfig, args.config, args.overrides))
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return scaffold.main("pipeline", PipelineConfig, run, argv, DEFAULT_CONFIG, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

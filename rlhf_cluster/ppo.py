@@ -21,7 +21,6 @@ losses skip the update and are counted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,8 +34,10 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.group import gather
 from actors.rollout import StaleWeights
-from rlhf_cluster import algorithms as A
-from rlhf_cluster.config import CONFIG_DIR, ConfigError, PPOConfig, check_resources, load_config
+from rlhf_cluster import scaffold
+from rlhf_cluster.lib import algorithms as A
+from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig
+from rlhf_cluster.scaffold import RunFailed
 
 DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 
@@ -85,7 +86,7 @@ class PPORun:
         from actors.rollout import engine_class
         from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel
         from actors.trainer import Critic, PolicyTrainer
-        from rlhf_cluster.data import load_tokenized
+        from rlhf_cluster.lib.data import load_tokenized
 
         self.cfg, self.log, self.ray = cfg, log, ray
         self.out = Path(cfg.output_dir).resolve()
@@ -108,7 +109,7 @@ class PPORun:
 
         n_rollouts = cfg.prompts_per_iteration * cfg.rollout.samples_per_prompt
         steps = self.total_train_steps()
-        # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.training), unless the driver says
+        # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.lib.deepspeed_setup), unless the driver says
         env = {"RLHF_TORCH_THREADS": "1"} | {k: os.environ[k] for k in ("DS_ACCELERATOR",) if k in os.environ}
         # replicas without peers are restarted by Ray; reference and reward calls are re-sent by Ray too,
         # rollout calls by `generate` (after a re-sync: a restarted engine holds the initial weights)
@@ -184,7 +185,7 @@ class PPORun:
     def _data_files(self) -> tuple[Path, Path]:
         if self.cfg.data.train:
             return Path(self.cfg.data.train), Path(self.cfg.data.eval or self.cfg.data.train)
-        from rlhf_cluster.builtin import ensure_builtin
+        from rlhf_cluster.lib.builtin import ensure_builtin
 
         assets = ensure_builtin(self.cfg.builtin, log=self.log)
         return assets.file("prompts_train.jsonl"), assets.file("prompts_eval.jsonl")
@@ -192,7 +193,7 @@ class PPORun:
     def _ptx_file(self) -> Path:
         if self.cfg.ptx_data:
             return Path(self.cfg.ptx_data)
-        from rlhf_cluster.builtin import ensure_builtin
+        from rlhf_cluster.lib.builtin import ensure_builtin
 
         return ensure_builtin(self.cfg.builtin, log=self.log).file("sft_train.jsonl")
 
@@ -410,10 +411,10 @@ class PPORun:
         self.weights_version = version
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self) -> dict:
+    def held_out_eval(self) -> dict:
         """Held-out prompts: RM score, gold score, KL to the reference, win-rate vs the initial policy."""
-        from rlhf_cluster import task
-        from rlhf_cluster.evaluate import gold_report
+        from rlhf_cluster.lib import task
+        from rlhf_cluster.lib.gold import gold_report
 
         cfg = self.cfg
         samples = self.generate([p["prompt_ids"] for p in self.eval_prompts],
@@ -447,7 +448,7 @@ class PPORun:
                 "unregistered": [e.model_dump(mode="json") for e in self.unregistered]}
 
     def load_state_dict(self, state: dict) -> None:
-        from rlhf_cluster.registry import Entry
+        from rlhf_cluster.lib.registry import Entry
 
         self.iteration, self.data_pos, self.epoch = state["iteration"], state["data_pos"], state["epoch"]
         self.order, self.history = list(state["order"]), list(state["history"])
@@ -465,7 +466,7 @@ class PPORun:
     def save_checkpoint(self, eval_gold: float | None) -> Path:
         """Atomic: everything is written under a .tmp name, hashed into a manifest, then renamed.
         Never from a poisoned state: non-finite weights raise PoisonedState (the run rolls back)."""
-        from rlhf_cluster.registry import checkpoint_manifest
+        from rlhf_cluster.lib.registry import checkpoint_manifest
 
         for group in self.trainer_groups():
             if not all(group.run("weights_finite")):
@@ -504,7 +505,7 @@ class PPORun:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _register(self, path: Path, eval_gold: float | None) -> None:
-        from rlhf_cluster.registry import make_entry
+        from rlhf_cluster.lib.registry import make_entry
 
         metrics = {"eval_gold": eval_gold} if eval_gold is not None else {}
         run = self.cfg.registry_run or self.out.name
@@ -515,7 +516,7 @@ class PPORun:
     def flush_registry(self) -> bool:
         """Register the waiting entries, oldest first. While the registry is down they wait (in
         memory and in every checkpoint's coordinator state) and training goes on."""
-        from rlhf_cluster.registry import Conflict, open_registry
+        from rlhf_cluster.lib.registry import Conflict, open_registry
 
         try:
             registry = open_registry(self.cfg.registry)
@@ -603,7 +604,7 @@ class PPORun:
         metrics_file = (self.out / "metrics.jsonl").open("a")
         writer = _tensorboard(self.out / "tensorboard")
         if self.iteration == 0 and not self.history:
-            initial = self.evaluate()
+            initial = self.held_out_eval()
             self.history.append({"iteration": 0, **initial})
             metrics_file.write(json.dumps(self.history[-1]) + "\n")
             self.log(f"initial policy: gold {initial['eval/gold']:.3f}, RM {initial['eval/rm_score']:.3f}")
@@ -653,7 +654,7 @@ class PPORun:
         self.iteration += 1
         if not metrics.get("skipped") and (self.iteration % self.cfg.eval_every == 0
                                            or self.iteration == self.cfg.iterations):
-            metrics.update(self.evaluate())
+            metrics.update(self.held_out_eval())
         row = {"iteration": self.iteration, **metrics}
         self.history.append(row)
         metrics_file.write(json.dumps(row) + "\n")
@@ -664,7 +665,7 @@ class PPORun:
         return row
 
     def finish(self) -> dict:
-        from rlhf_cluster.report import learning_curves
+        from rlhf_cluster.lib.report import learning_curves
 
         if not self.flush_registry():
             pending = [e.model_dump(mode="json") for e in self.unregistered]
@@ -710,7 +711,7 @@ class PPORun:
             remove_placement_group(pg)
 
 
-class RunHalted(RuntimeError):
+class RunHalted(RunFailed):
     """The run stopped itself: too many failures or skipped updates in a row (the message says which)."""
 
 
@@ -755,7 +756,7 @@ def _tensorboard(path: Path):
 # --------------------------------------------------------------------------- entry point
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint whose files match its manifest; partial or corrupt ones are skipped."""
-    from rlhf_cluster.registry import checkpoint_manifest
+    from rlhf_cluster.lib.registry import checkpoint_manifest
 
     root = out / "checkpoints"
     for path in sorted((p for p in root.glob("iter_*") if not p.name.endswith(".tmp")), reverse=True):
@@ -769,19 +770,6 @@ def latest_checkpoint(out: Path) -> Path | None:
         except (OSError, ValueError) as e:
             print(f"skipping checkpoint {path}: {e}", file=sys.stderr)
     return None
-
-
-def connect_ray(cfg: PPOConfig):
-    """Join the cluster of ray.address / RAY_ADDRESS (as under `ray job submit`), else start one locally."""
-    import ray
-
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:  # the job's runtime env (ray job submit, a RayJob) stays as the submitter set it
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False, log_to_driver=False)
-    res = ray.cluster_resources()
-    return res.get("CPU", 0.0), res.get("GPU", 0.0)
 
 
 def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str | None]:
@@ -798,14 +786,7 @@ def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str | None]:
 
 def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
     """Validate, connect, build the groups, train, report. Bad configs fail before any actor starts."""
-    import ray
-
-    if not ray.is_initialized():
-        cpus, gpus = connect_ray(cfg)
-    else:
-        res = ray.cluster_resources()
-        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    check_resources(cfg, cpus, gpus)
+    scaffold.connect(cfg, log_to_driver=False)
     policy_path, reward_path = resolve_models(cfg, log)
     scorer = reward_path if not cfg.reward_service else f"{cfg.reward_service.url} (reward service)"
     log(f"policy: {policy_path}\nreward model: {scorer}\noutput: {Path(cfg.output_dir).resolve()}")
@@ -824,20 +805,10 @@ def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.ppo", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG.name})")
-    ap.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.zero_stage=2")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(PPOConfig, args.config, args.overrides)
-        return run(cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RunHalted as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    def flags(ap):
+        ap.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+
+    return scaffold.main("ppo", PPOConfig, run, argv, DEFAULT_CONFIG, __doc__.split("\n")[0], flags)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,19 @@ PPO job on top of it, as Llama 2 applied PPO to its rejection-sampled checkpoint
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from actors.group import gather
-from rlhf_cluster import algorithms as A
-from rlhf_cluster.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig, load_config
-from rlhf_cluster.ppo import PPORun, connect_ray, resolve_models, trainer_item
+from rlhf_cluster import scaffold
+from rlhf_cluster.lib import algorithms as A
+from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig
+from rlhf_cluster.ppo import PPORun, resolve_models, trainer_item
 
 DEFAULT_CONFIG = CONFIG_DIR / "rejection-sampling-tiny.yaml"
 
@@ -53,7 +52,7 @@ class RejectionSamplingRun(PPORun):
     # ---------------------------------------------------------------- scoring
     def scores(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         """Reward of every sample: {"reward": combined, name: per-model scores...}."""
-        from rlhf_cluster import task
+        from rlhf_cluster.lib import task
 
         seqs = [trainer_item(s)["input_ids"] for s in samples]
         if not self.extra_rewards:
@@ -141,7 +140,7 @@ class RejectionSamplingRun(PPORun):
     # ---------------------------------------------------------------- best-of-K as inference-time evaluation
     def best_of_k_curve(self, ks: list[int], seeds: int) -> dict[int, float]:
         """Held-out gold score when the reward model picks the best of K samples, averaged over seeds."""
-        from rlhf_cluster import task
+        from rlhf_cluster.lib import task
 
         k_max, curve = max(ks), {k: 0.0 for k in ks}
         self.round_prompts = self.eval_prompts
@@ -162,29 +161,19 @@ def _metric(ev: dict, by: str) -> float:
     return ev["eval/gold"] if by == "gold" else ev["eval/rm_score"]
 
 
-class _Groups:
-    """What `check_resources` reads: a job's actor groups and their (CPUs, GPUs)."""
-
-    def __init__(self, groups: dict[str, tuple[float, float]]):
-        self.groups = groups
-
-    def resource_groups(self) -> dict[str, tuple[float, float]]:
-        return self.groups
-
-
 def check_round_resources(cfg: RSConfig, cpus: float, gpus: float) -> None:
     """Fail before any actor starts when a round cannot fit: a rejection-sampling round holds the
     policy, reference, reward and rollout groups plus one group per combined reward model (no
     critic); a PPO round holds PPO's groups (the rejection-sampling ones are stopped first)."""
-    from rlhf_cluster.config import _trainer_demand, check_resources
+    from rlhf_cluster.lib.config import check_resources
 
     groups = cfg.resource_groups()
     if "rejection_sampling" in cfg.rounds:
         rs_groups = {k: v for k, v in groups.items() if k != "critic"}
-        rs_groups.update({f"reward_{m.name}": _trainer_demand(cfg.reward_group) for m in cfg.reward_models})
-        check_resources(_Groups(rs_groups), cpus, gpus)
+        rs_groups.update({f"reward_{m.name}": cfg.reward_group.demand() for m in cfg.reward_models})
+        check_resources(rs_groups, cpus, gpus)
     if "ppo" in cfg.rounds:
-        check_resources(_Groups(groups), cpus, gpus)
+        check_resources(groups, cpus, gpus)
 
 
 def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
@@ -192,20 +181,16 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
 
     `run_name`: the `run` of this job's registry entries (default: the output directory's name).
     """
-    import ray
 
     from actors.group import ActorGroup
     from actors.scorers import RewardModel
     from rlhf_cluster import ppo
-    from rlhf_cluster.registry import make_entry, open_registry
-    from rlhf_cluster.report import learning_curves
+    from rlhf_cluster.lib.registry import make_entry, open_registry
+    from rlhf_cluster.lib.report import learning_curves
 
     if cfg.reward_models and cfg.combine == "llama2" and not 0 < cfg.safety_threshold < 1:
         raise ConfigError(f"safety_threshold is a probability in (0, 1) (Llama 2: 0.15), got {cfg.safety_threshold}")
-    if not ray.is_initialized():
-        connect_ray(cfg)
-    res = ray.cluster_resources()
-    check_round_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
+    scaffold.connect(cfg, log_to_driver=False, check=lambda cpus, gpus: check_round_resources(cfg, cpus, gpus))
     policy_path, reward_path = resolve_models(cfg, log)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +227,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
             return None
 
     job = start(policy_path)
-    history = [{"iteration": 0, **job.evaluate()}]
+    history = [{"iteration": 0, **job.held_out_eval()}]
     hf0 = export(job, out / "round_0")  # the starting model, so a losing round can be undone
     best = {"round": 0, "hf": hf0, "state": out / "round_0" / "policy",
             "score": _metric(history[0], cfg.promote_by), "id": register(hf0, 0, history[0])}
@@ -261,7 +246,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
                     job.policy.run("load", str(best["state"]))
                     job.sync()
                 stats = job.rejection_sampling_round(number, where)
-                ev = job.evaluate()
+                ev = job.held_out_eval()
                 hf = export(job, where)
                 state = where / "policy"
             else:  # PPO on top of the best model so far
@@ -313,15 +298,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.rejection_sampling", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG.name})")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. rs.samples_per_prompt=4")
-    args = ap.parse_args(argv)
-    try:
-        return run(load_config(RSConfig, args.config, args.overrides))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return scaffold.main("rejection_sampling", RSConfig, run, argv, DEFAULT_CONFIG, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

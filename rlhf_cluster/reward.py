@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cluster import stages
-from rlhf_cluster.config import RewardConfig
-from rlhf_cluster.data import DataError
+from rlhf_cluster import scaffold, stages
+from rlhf_cluster.lib.config import RewardConfig
+from rlhf_cluster.lib.data import DataError
 
 TASK_TYPE = "SEQ_CLS"
 
@@ -26,7 +26,7 @@ def resolve(cfg: RewardConfig) -> dict:
     """Model and data paths; the built-in task fills what the config leaves null."""
     paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval}
     if cfg.model.path is None or cfg.data.train is None:
-        from rlhf_cluster.builtin import ensure_builtin
+        from rlhf_cluster.lib.builtin import ensure_builtin
 
         assets = ensure_builtin(cfg.builtin)
         if cfg.model.path is None:
@@ -44,30 +44,21 @@ def resolve(cfg: RewardConfig) -> dict:
 
 
 def load_data(cfg: RewardConfig, paths: dict, tokenizer, log=None):
-    from rlhf_cluster.data import load_tokenized
-
-    d = cfg.data
-    train, report = load_tokenized(paths["train"], tokenizer, "preferences", d.max_sequence_tokens, d.on_bad_sample)
-    held, held_report = (load_tokenized(paths["eval"], tokenizer, "preferences", d.max_sequence_tokens,
-                                        d.on_bad_sample) if paths["eval"] else (None, None))
+    train, held, report = stages.load_train_and_held(cfg, paths, tokenizer, "preferences", log, "pairs")
     if cfg.loss == "margin":
         unknown = sorted({str(p["strength"]) for p in train if p["strength"] not in cfg.margins})
         if unknown:
             raise DataError(f"{paths['train']}: loss=margin needs a 'strength' that is a key of margins "
                             f"{sorted(cfg.margins)}; found {unknown}")
-    if log:
-        log(f"train pairs: {report}")
-        if held_report:
-            log(f"held-out pairs: {held_report}")
-        if cfg.loss == "ranking":
-            log(f"ranking: {sum('edited' in p for p in train)} of {len(train)} pairs have an edited response")
+    if log and cfg.loss == "ranking":
+        log(f"ranking: {sum('edited' in p for p in train)} of {len(train)} pairs have an edited response")
     return train, held, report
 
 
 def score(engine, pairs: list[dict], keys: tuple[str, ...], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards [B, len(keys)] of each pair's responses (best first), all in one forward pass, and
     a [B, len(keys)] mask of which responses exist (a pair may lack `edited`)."""
-    from rlhf_cluster.data import pad_batch
+    from rlhf_cluster.lib.data import pad_batch
 
     seqs, where = [], []
     for b, pair in enumerate(pairs):
@@ -87,23 +78,14 @@ def score(engine, pairs: list[dict], keys: tuple[str, ...], pad_id: int) -> tupl
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: a DeepSpeed engine on the reward model, trained by the shared loop."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from rlhf_cluster.losses import bradley_terry_loss, margin_loss, ranking_loss, reward_metrics
-    from rlhf_cluster.training import load_pretrained, make_engine
+    from rlhf_cluster.lib.losses import bradley_terry_loss, margin_loss, ranking_loss, reward_metrics
 
-    cfg = RewardConfig.model_validate(config["cfg"])
-    paths = config["paths"]
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    train, held, _ = load_data(cfg, paths, tokenizer)
-    model = load_pretrained(AutoModelForSequenceClassification, paths["model"], cfg.trainer, cfg.model.dtype,
-                            num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-    if cfg.trainer.lora.enabled:
-        model = stages.with_lora(model, cfg.trainer.lora, TASK_TYPE)
-    total = cfg.epochs * stages.steps_per_epoch(len(train), cfg)
-    engine = make_engine(model, cfg.trainer, total, cfg.model.dtype)
+    cfg, paths, tokenizer, train, held = stages.start_worker(config, RewardConfig, load_data)
+    # pad_token_id: the score is read at the last non-pad token
+    engine = stages.stage_engine(cfg, AutoModelForSequenceClassification, paths["model"], TASK_TYPE, len(train),
+                                 num_labels=1, pad_token_id=tokenizer.pad_token_id)
     keys = ("edited", "chosen", "rejected") if cfg.loss == "ranking" else ("chosen", "rejected")
     c, r = keys.index("chosen"), keys.index("rejected")
 
@@ -156,14 +138,14 @@ def run_reward(cfg: RewardConfig, fail_at_step: int | None = None) -> Path:
 def ensure_builtin_sft_and_rm(builtin_cfg=None) -> tuple[Path, Path]:
     """The built-in SFT policy and reward model (what PPO starts from), trained once and cached
     next to the built-in assets with the presets in configs/; returns (sft_dir, rm_dir)."""
-    from rlhf_cluster.builtin import _locked, cache_root
-    from rlhf_cluster.config import CONFIG_DIR, BuiltinConfig, load_config
+    from rlhf_cluster.lib.builtin import cache_root, locked
+    from rlhf_cluster.lib.config import CONFIG_DIR, BuiltinConfig, load_config
     from rlhf_cluster.sft import ensure_builtin_sft
 
     builtin_cfg = builtin_cfg or BuiltinConfig()
     sft_dir = ensure_builtin_sft(builtin_cfg)
     root = cache_root(builtin_cfg)
-    with _locked(root / "reward.lock"):
+    with locked(root / "reward.lock"):
         if not (root / "reward" / "model" / "config.json").exists():
             cfg = load_config(RewardConfig, CONFIG_DIR / "reward-tiny.yaml", [f"output_dir={root / 'reward'}"])
             cfg.builtin = builtin_cfg
@@ -171,8 +153,8 @@ def ensure_builtin_sft_and_rm(builtin_cfg=None) -> tuple[Path, Path]:
     return sft_dir, root / "reward" / "model"
 
 
-def main(argv: list[str] | None = None) -> None:
-    stages.cli("reward", RewardConfig, run_reward, argv)
+def main(argv: list[str] | None = None) -> Path:
+    return scaffold.main("reward", RewardConfig, run_reward, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cluster import stages
-from rlhf_cluster.config import SFTConfig
+from rlhf_cluster import scaffold, stages
+from rlhf_cluster.lib.config import SFTConfig
 
 TASK_TYPE = "CAUSAL_LM"
 
@@ -25,7 +25,7 @@ def resolve(cfg: SFTConfig) -> dict:
     """Model and data paths; the built-in task and base model fill what the config leaves null."""
     paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "prompts": None}
     if cfg.model.path is None or cfg.data.train is None:
-        from rlhf_cluster.builtin import ensure_builtin
+        from rlhf_cluster.lib.builtin import ensure_builtin
 
         assets = ensure_builtin(cfg.builtin)
         paths["model"] = paths["model"] or str(assets.base)
@@ -37,16 +37,8 @@ def resolve(cfg: SFTConfig) -> dict:
 
 
 def load_data(cfg: SFTConfig, paths: dict, tokenizer, log=None):
-    from rlhf_cluster.data import load_tokenized
-
     d = cfg.data
-    train, report = load_tokenized(paths["train"], tokenizer, "sft", d.max_sequence_tokens, d.on_bad_sample)
-    held, held_report = (load_tokenized(paths["eval"], tokenizer, "sft", d.max_sequence_tokens, d.on_bad_sample)
-                         if paths["eval"] else (None, None))
-    if log:
-        log(f"train data: {report}")
-        if held_report:
-            log(f"held-out data: {held_report}")
+    train, held, report = stages.load_train_and_held(cfg, paths, tokenizer, "sft", log)
     if cfg.packing:
         train = pack(train, d.max_sequence_tokens)
         if log:
@@ -106,21 +98,12 @@ def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: a DeepSpeed engine on the policy, trained by the shared loop."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from rlhf_cluster.losses import sft_loss
-    from rlhf_cluster.training import load_pretrained, make_engine
+    from rlhf_cluster.lib.losses import sft_loss
 
-    cfg = SFTConfig.model_validate(config["cfg"])
-    paths = config["paths"]
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
-    train, held, report = load_data(cfg, paths, tokenizer)
-    model = load_pretrained(AutoModelForCausalLM, paths["model"], cfg.trainer, cfg.model.dtype)
-    if cfg.trainer.lora.enabled:
-        model = stages.with_lora(model, cfg.trainer.lora, TASK_TYPE)
-    total = cfg.epochs * stages.steps_per_epoch(len(train), cfg)
-    engine = make_engine(model, cfg.trainer, total, cfg.model.dtype)
+    cfg, paths, tokenizer, train, held = stages.start_worker(config, SFTConfig, load_data)
+    engine = stages.stage_engine(cfg, AutoModelForCausalLM, paths["model"], TASK_TYPE, len(train))
 
     def loss_on(items: list) -> tuple[torch.Tensor, int]:
         b = collate(items, tokenizer.pad_token_id)
@@ -167,12 +150,12 @@ def run_sft(cfg: SFTConfig, llm=None, fail_at_step: int | None = None) -> Path:
 def ensure_builtin_sft(builtin_cfg=None) -> Path:
     """The built-in SFT policy, trained once with configs/sft-tiny.yaml and cached next to the
     built-in assets (a second call, from any process, trains nothing)."""
-    from rlhf_cluster.builtin import _locked, cache_root
-    from rlhf_cluster.config import CONFIG_DIR, BuiltinConfig, load_config
+    from rlhf_cluster.lib.builtin import cache_root, locked
+    from rlhf_cluster.lib.config import CONFIG_DIR, BuiltinConfig, load_config
 
     builtin_cfg = builtin_cfg or BuiltinConfig()
     root = cache_root(builtin_cfg)
-    with _locked(root / "sft.lock"):
+    with locked(root / "sft.lock"):
         if not (root / "sft" / "model" / "config.json").exists():
             overrides = [f"output_dir={root / 'sft'}", "gold_eval=false"]  # PPO jobs need no vLLM start here
             cfg = load_config(SFTConfig, CONFIG_DIR / "sft-tiny.yaml", overrides)
@@ -181,8 +164,8 @@ def ensure_builtin_sft(builtin_cfg=None) -> Path:
     return root / "sft" / "model"
 
 
-def main(argv: list[str] | None = None) -> None:
-    stages.cli("sft", SFTConfig, run_sft, argv)
+def main(argv: list[str] | None = None) -> Path:
+    return scaffold.main("sft", SFTConfig, run_sft, argv, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """What the Ray Train stages (SFT, reward model, DPO) share.
 
-Driver side, in the order a job runs: `connect` (config and resource checks, then join or start
-Ray), `train` (a TorchTrainer whose workers each hold a DeepSpeed engine), `publish` (copy the
-final HF model out of the last Ray checkpoint atomically, write metrics JSONL, the loss curve and
-a summary) and `gold_eval` (sample held-out prompts with vLLM, score them with the gold scorer).
+Driver side, in the order a job runs (`run_stage`): resource checks and Ray (`scaffold.connect`),
+`train` (a TorchTrainer whose workers each hold a DeepSpeed engine), `publish` (copy the final HF
+model out of the last Ray checkpoint atomically, write metrics JSONL, the loss curve and a summary)
+and `gold.gold_eval` (sample held-out prompts with vLLM, score them with the gold scorer).
 
 Worker side: `fit`, the one training loop every stage uses. It resumes from
 `ray.train.get_checkpoint()`, walks deterministic shuffled global batches (so a resumed run sees
@@ -13,12 +13,10 @@ a checkpoint holding the exported model.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -27,37 +25,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cluster.config import ConfigError, LoraConfig, StageConfig, check_resources, load_config, local_resources
-from rlhf_cluster.data import DataError
+from rlhf_cluster import scaffold
+from rlhf_cluster.lib.config import LoraConfig, StageConfig
+from rlhf_cluster.lib.data import DataError
+from rlhf_cluster.lib.gold import gold_eval
+from rlhf_cluster.lib.report import loss_curves
 
 # --------------------------------------------------------------------------- driver: Ray
-
-
-def precheck(cfg: StageConfig) -> None:
-    """Fail fast, before any data is built or read, when a local cluster could not hold the job."""
-    import ray
-
-    if not ray.is_initialized() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        check_resources(cfg, *local_resources(cfg))
-
-
-def connect(cfg: StageConfig) -> None:
-    """Check the job against the cluster, then join RAY_ADDRESS / cfg.ray.address or start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        res = ray.cluster_resources()
-        check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        res = ray.cluster_resources()
-        check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
-        return
-    cpus, gpus = local_resources(cfg)
-    check_resources(cfg, cpus, gpus)  # before any process starts
-    ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
 
 
 def train(stage: str, loop: Callable, cfg: StageConfig, loop_config: dict):
@@ -113,10 +87,10 @@ def run_stage(stage: str, cfg: StageConfig, resolve: Callable, load_data: Callab
     from transformers import AutoTokenizer
 
     t0 = time.time()
-    precheck(cfg)
+    scaffold.precheck(cfg)
     paths = resolve(cfg)
     report = load_data(cfg, paths, AutoTokenizer.from_pretrained(paths["model"]), log=print)[-1]
-    connect(cfg)  # resource checks, then Ray (resolve() may have started it to train the SFT policy)
+    scaffold.connect(cfg)  # resource checks, then Ray (resolve() may have started it to train the SFT policy)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     marker = str(out.resolve() / "fault-injected") if fail_at_step is not None else None
@@ -156,30 +130,8 @@ def publish(result, out: Path) -> tuple[Path, list[dict]]:
         replace_dir(d / "model", out / "model")
         history = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    plot_curves(history, out / "loss.png")
+    loss_curves(history, out / "loss.png")
     return out / "model", history
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Train loss per step and held-out loss at each evaluation, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
-    held = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if held:
-        ax.plot(*zip(*held), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def summarize(stage: str, out: Path, summary: dict) -> None:
@@ -192,66 +144,48 @@ def summarize(stage: str, out: Path, summary: dict) -> None:
     print(f"  files: {out / 'model'}, {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'summary.json'}")
 
 
-def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, llm=None) -> dict[str, dict]:
-    """Gold score of each model's sampled responses to the held-out prompts, with one vLLM engine.
-
-    The engine starts once (about 30 s here) and swaps weights between models of the same
-    architecture with `reload_weights`; pass `llm` to reuse an engine you already have.
-    """
-    from transformers import AutoTokenizer
-
-    from rlhf_cluster import task
-    from rlhf_cluster.data import load_tokenized
-    from rlhf_cluster.evaluate import gold_report
-    from rlhf_cluster.generation import generate, make_vllm, sampling_params
-
-    first = next(iter(models.values()))
-    tokenizer = AutoTokenizer.from_pretrained(first)
-    records, _ = load_tokenized(prompts_file, tokenizer, "prompts", max_tokens=rollout.max_model_len - 1)
-    prompt_ids = [r["prompt_ids"] for r in records]
-    own = llm is None
-    original = None if own else llm.model_config.model  # put a borrowed engine's weights back afterwards
-    reports = {}
-    for name, model_dir in models.items():
-        t0 = time.time()
-        if llm is None:
-            llm = make_vllm(str(model_dir), rollout, seed=seed)
-        else:
-            _load_weights(llm, model_dir)
-        samples = generate(llm, prompt_ids, sampling_params(rollout, seed=seed))
-        texts = [task.prompt_text(records[s.prompt_index]["messages"]) for s in samples]
-        reports[name] = gold_report(texts, [s.text for s in samples])
-        reports[name]["seconds"] = round(time.time() - t0, 1)
-        reports[name]["examples"] = [[texts[i], samples[i].text] for i in range(0, len(samples), 37)][:4]
-    if own:
-        del llm
-        gc.collect()
-    else:
-        _load_weights(llm, original)
-    return reports
+# --------------------------------------------------------------------------- data (driver and workers)
 
 
-def _load_weights(llm, model_dir) -> None:
-    """Swap the weights of a running vLLM engine in place (same architecture and tokenizer)."""
-    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-    llm.reset_prefix_cache()  # cached KV of the previous weights would be wrong
+def load_train_and_held(cfg: StageConfig, paths: dict, tokenizer, kind: str, log=None, noun: str = "data"):
+    """(train records, held-out records or None, train skip report) of a stage, as `load_tokenized` reads them."""
+    from rlhf_cluster.lib.data import load_tokenized
 
-
-def cli(stage: str, cls, run: Callable, argv: list[str] | None) -> None:
-    """`python -m rlhf_cluster.<stage> [--config FILE] [key=value ...]`; bad input exits 2 with the reason."""
-    ap = argparse.ArgumentParser(prog=f"python -m rlhf_cluster.{stage}")
-    ap.add_argument("--config", help="YAML config (see configs/); keys not given take their defaults")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.zero_stage=2")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(cls, args.config, args.overrides)
-        run(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    d = cfg.data
+    train, report = load_tokenized(paths["train"], tokenizer, kind, d.max_sequence_tokens, d.on_bad_sample)
+    held, held_report = (load_tokenized(paths["eval"], tokenizer, kind, d.max_sequence_tokens, d.on_bad_sample)
+                         if paths["eval"] else (None, None))
+    if log:
+        log(f"train {noun}: {report}")
+        if held_report:
+            log(f"held-out {noun}: {held_report}")
+    return train, held, report
 
 
 # --------------------------------------------------------------------------- worker side
+
+
+def start_worker(config: dict, config_cls, load_data: Callable):
+    """The start of every stage's train_loop: (typed config, paths, tokenizer, train, held-out)."""
+    from transformers import AutoTokenizer
+
+    cfg = config_cls.model_validate(config["cfg"])
+    paths = config["paths"]
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    train, held, _ = load_data(cfg, paths, tokenizer)
+    return cfg, paths, tokenizer, train, held
+
+
+def stage_engine(cfg: StageConfig, model_cls, model_path: str, task_type: str, n_train: int, **load_kwargs):
+    """The stage's model (in LoRA adapters when trainer.lora asks) in a DeepSpeed engine scheduled for
+    the whole run. `load_kwargs` go to from_pretrained (e.g. num_labels, pad_token_id)."""
+    from rlhf_cluster.lib.deepspeed_setup import load_pretrained, make_engine, with_lora
+
+    model = load_pretrained(model_cls, model_path, cfg.trainer, cfg.model.dtype, **load_kwargs)
+    if cfg.trainer.lora.enabled:
+        model = with_lora(model, cfg.trainer.lora, task_type)
+    return make_engine(model, cfg.trainer, cfg.epochs * steps_per_epoch(n_train, cfg), cfg.model.dtype)
 
 
 def rank_world() -> tuple[int, int]:
@@ -307,16 +241,6 @@ def weighted_all_sum(pairs: dict[str, tuple[float, float]]) -> dict[str, float]:
     return {k: (s / w if w else float("nan")) for k, (s, w) in zip(keys, t.tolist())}
 
 
-def with_lora(model, lora: LoraConfig, task_type: str):
-    """Wrap `model` in LoRA adapters (peft); only adapter weights stay trainable."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=list(lora.target_modules), task_type=task_type)
-    return get_peft_model(model, peft_cfg)
-
-
 def export_model(engine, out: Path, cls, init_dir: str, lora: LoraConfig | None, task_type: str,
                  load_kwargs: dict | None = None) -> None:
     """Write the trained weights as a plain HF directory (LoRA merged) on rank 0. All ranks call it.
@@ -326,7 +250,7 @@ def export_model(engine, out: Path, cls, init_dir: str, lora: LoraConfig | None,
     """
     from transformers import AutoTokenizer
 
-    from rlhf_cluster.training import gathered_state_dict
+    from rlhf_cluster.lib.deepspeed_setup import gathered_state_dict, with_lora
 
     state = gathered_state_dict(engine)
     if rank_world()[0] != 0:

@@ -12,7 +12,7 @@ import os
 import secrets
 import time
 
-from rlhf_cluster.registry import default_registry_dir
+from rlhf_cluster.lib.registry import default_registry_dir
 from serve.common import TOKEN_ENV, TOKEN_FILE_ENV
 from serve.launch import DEFAULT_CONFIG, deploy, load_serve_config
 

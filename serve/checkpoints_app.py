@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from rlhf_cluster.registry import (
+from rlhf_cluster.lib.registry import (
     ID_PATTERN,
     Conflict,
     Entry,

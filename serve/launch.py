@@ -15,7 +15,7 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from rlhf_cluster.config import CONFIG_DIR
+from rlhf_cluster.lib.config import CONFIG_DIR
 
 DEFAULT_CONFIG = CONFIG_DIR / "serve.yaml"
 

@@ -9,7 +9,7 @@
 
 A reward model is any transformers AutoModelForSequenceClassification directory with one output.
 A (prompt, response) pair is rendered with the model's own chat template exactly as reward
-training renders it (rlhf_cluster.data.encode_conversation), and the score is the model's output
+training renders it (rlhf_cluster.lib.data.encode_conversation), and the score is the model's output
 at the last token. Items from concurrent requests are batched with @serve.batch.
 
 Hot swap: `load_checkpoint` (called by the checkpoints app on promotion, by `reconfigure`, or
@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
-from rlhf_cluster.data import DataError, encode_conversation
+from rlhf_cluster.lib.data import DataError, encode_conversation
 from serve.common import TokenAuth, install_guards, load_token, require_token, unprocessable
 
 logger = logging.getLogger("ray.serve")
@@ -170,7 +170,7 @@ def load_reward_model(name: str, path: str, max_tokens: int | None = None, check
     if not Path(path).is_dir():  # else transformers takes it for a Hub repo id and says so
         raise FileNotFoundError(f"reward model {name!r}: {path} is not a directory")
     if sha256 is not None:
-        from rlhf_cluster.registry import checkpoint_sha256
+        from rlhf_cluster.lib.registry import checkpoint_sha256
 
         actual = checkpoint_sha256(path)
         if actual != sha256:
@@ -245,12 +245,12 @@ class RewardDeployment:
         torch.set_num_threads(max(1, int(args.num_cpus)))
         self.registry = None
         if args.follow_registry:
-            from rlhf_cluster.registry import open_registry
+            from rlhf_cluster.lib.registry import open_registry
 
             self.registry = open_registry(args.registry)
         paths = dict(args.models)
         if not paths:
-            from rlhf_cluster.builtin import ensure_builtin
+            from rlhf_cluster.lib.builtin import ensure_builtin
 
             paths = {"reward": str(ensure_builtin(log=logger.info).reward_base)}
         self.primary = next(iter(paths))

@@ -19,14 +19,14 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 @pytest.fixture(scope="session")
 def builtin_cfg(tmp_path_factory):
     """The built-in task's settings, with a cache private to this test session."""
-    from rlhf_cluster.config import BuiltinConfig
+    from rlhf_cluster.lib.config import BuiltinConfig
 
     return BuiltinConfig(cache_dir=str(tmp_path_factory.mktemp("builtin")))
 
 
 @pytest.fixture(scope="session")
 def builtin_assets(builtin_cfg):
-    from rlhf_cluster.builtin import ensure_builtin
+    from rlhf_cluster.lib.builtin import ensure_builtin
 
     return ensure_builtin(builtin_cfg)
 
@@ -50,8 +50,8 @@ def tokenizer(builtin_assets):
 @pytest.fixture(scope="session")
 def vllm_engine(builtin_assets):
     """One vLLM engine (vllm-cpu here) on the built-in base policy, for the whole session."""
-    from rlhf_cluster.config import RolloutConfig
-    from rlhf_cluster.generation import make_vllm
+    from rlhf_cluster.lib.config import RolloutConfig
+    from rlhf_cluster.lib.generation import make_vllm
 
     llm = make_vllm(str(builtin_assets.base), RolloutConfig(), seed=0)
     yield llm
@@ -114,20 +114,20 @@ def sft_run(builtin_assets, builtin_cfg, ray_cluster, vllm_engine):
     shared vLLM engine. Returns (model_dir, summary dict)."""
     import json
 
-    from rlhf_cluster import stages
-    from rlhf_cluster.builtin import _locked
-    from rlhf_cluster.config import CONFIG_DIR, SFTConfig, load_config
+    from rlhf_cluster.lib.builtin import locked
+    from rlhf_cluster.lib.config import CONFIG_DIR, SFTConfig, load_config
+    from rlhf_cluster.lib.gold import gold_eval
     from rlhf_cluster.sft import run_sft
 
     cfg = load_config(SFTConfig, CONFIG_DIR / "sft-tiny.yaml", [f"output_dir={builtin_assets.root / 'sft'}"])
     cfg.builtin = builtin_cfg
     model_dir = builtin_assets.root / "sft" / "model"
-    with _locked(builtin_assets.root / "sft.lock"):
+    with locked(builtin_assets.root / "sft.lock"):
         if not (model_dir / "config.json").exists():
             run_sft(cfg, llm=vllm_engine)
     summary = json.loads((model_dir.parent / "summary.json").read_text())
     if "gold_after" not in summary:  # trained earlier in the session without the gold evaluation
-        gold = stages.gold_eval({"before": builtin_assets.base, "after": model_dir},
-                                builtin_assets.file("prompts_eval.jsonl"), cfg.rollout, cfg.seed, llm=vllm_engine)
+        gold = gold_eval({"before": builtin_assets.base, "after": model_dir},
+                          builtin_assets.file("prompts_eval.jsonl"), cfg.rollout, cfg.seed, llm=vllm_engine)
         summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"])
     return model_dir, summary

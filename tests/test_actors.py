@@ -10,8 +10,8 @@ from actors.group import ActorGroup, Worker, colocated_bundle, colocated_placeme
 from actors.rollout import RolloutEngine
 from actors.scorers import ReferenceModel, RewardModel
 from actors.trainer import Critic, PolicyTrainer
-from rlhf_cluster.config import GroupResources, RolloutConfig, TrainerConfig
-from rlhf_cluster.data import encode_prompt, load_tokenized
+from rlhf_cluster.lib.config import GroupResources, RolloutConfig, TrainerConfig
+from rlhf_cluster.lib.data import encode_prompt, load_tokenized
 
 pytestmark = pytest.mark.ray
 
@@ -143,7 +143,7 @@ def test_zero3_trains_syncs_and_logprobs_agree(policy, engine, tokenizer, sft_it
     # ...and no longer with the old (base) weights
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cluster.algorithms import sequence_token_logprobs
+    from rlhf_cluster.lib.algorithms import sequence_token_logprobs
 
     old = AutoModelForCausalLM.from_pretrained(engine_model_path(engine)).eval()
     with torch.no_grad():
@@ -222,8 +222,8 @@ def test_bad_input_gives_clear_errors_and_actors_survive(policy, engine, tokeniz
 def test_reference_and_reward_groups_match_direct_calls(ray_cluster, builtin_assets, tokenizer, sft_items):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_cluster.algorithms import sequence_token_logprobs
-    from rlhf_cluster.data import pad_batch
+    from rlhf_cluster.lib.algorithms import sequence_token_logprobs
+    from rlhf_cluster.lib.data import pad_batch
 
     res = GroupResources(num_ranks=2, num_cpus_per_rank=0.25)
     ref = ActorGroup(ReferenceModel, res, str(builtin_assets.base), name="reference")
@@ -295,7 +295,7 @@ def test_hf_engine_behind_the_same_interface(policy, ray_cluster, builtin_assets
 
 def test_lora_policy_syncs_its_adapted_weights_into_vllm(ray_cluster, engine, builtin_assets, tokenizer, sft_items):
     """trainer.lora.enabled: only the adapters train; vLLM samples from the merged, adapted policy."""
-    from rlhf_cluster.config import LoraConfig
+    from rlhf_cluster.lib.config import LoraConfig
 
     cfg = TRAINER.model_copy(update={"num_ranks": 1, "num_cpus_per_rank": 0.25,
                                      "lora": LoraConfig(enabled=True, rank=8, alpha=16.0)})

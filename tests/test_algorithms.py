@@ -1,4 +1,4 @@
-"""rlhf_cluster.algorithms against numbers worked out by hand (in the comments), plus masking invariance.
+"""rlhf_cluster.lib.algorithms against numbers worked out by hand (in the comments), plus masking invariance.
 
 Pure torch on CPU, no Ray: the whole file runs in well under a second.
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from rlhf_cluster import algorithms as A
+from rlhf_cluster.lib import algorithms as A
 
 LN2 = math.log(2.0)
 
@@ -351,7 +351,7 @@ def test_running_mean_std_matches_concatenation():
 
 
 def test_llama2_combination_rule_on_constructed_cases():
-    from rlhf_cluster.algorithms import llama2_combined_reward
+    from rlhf_cluster.lib.algorithms import llama2_combined_reward
 
     help_ = torch.tensor([0.9, 0.9, 0.9, 0.2])
     safe = torch.tensor([0.8, 0.1, 0.8, 0.9])
@@ -362,7 +362,7 @@ def test_llama2_combination_rule_on_constructed_cases():
 
 
 def test_weighted_reward_and_best_of_k():
-    from rlhf_cluster.algorithms import best_of_k, weighted_reward
+    from rlhf_cluster.lib.algorithms import best_of_k, weighted_reward
 
     s = {"h": torch.tensor([1.0, 2.0]), "s": torch.tensor([0.5, -1.0])}
     assert weighted_reward(s, {"h": 0.5, "s": 2.0}).tolist() == [1.5, -1.0]  # 0.5+1, 1-2

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from rlhf_cluster.config import (
+from rlhf_cluster.lib.config import (
     CONFIG_DIR,
     ConfigError,
     PPOConfig,

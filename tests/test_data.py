@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rlhf_cluster.data import DataError, encode_conversation, encode_prompt, load_tokenized, pad_batch
+from rlhf_cluster.lib.data import DataError, encode_conversation, encode_prompt, load_tokenized, pad_batch
 
 
 def _write(path, rows):

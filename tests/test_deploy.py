@@ -141,7 +141,7 @@ def test_secrets_are_an_example_only():
 
 # --------------------------------------------------------------------------- entrypoints vs the code
 def test_entrypoints_validate_against_the_job_configs(overlays):
-    from rlhf_cluster.config import PPOConfig, RewardConfig, SFTConfig
+    from rlhf_cluster.lib.config import PPOConfig, RewardConfig, SFTConfig
 
     ppo = V.check_rayjob(get(overlays["gpu"], "RayJob", "rlhf-ppo"))
     assert [c.module for c in ppo] == ["rlhf_cluster.ppo"] and isinstance(ppo[0].config, PPOConfig)

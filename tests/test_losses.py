@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rlhf_cluster.losses import (
+from rlhf_cluster.lib.losses import (
     bradley_terry_loss,
     chosen_nll,
     dpo_loss,

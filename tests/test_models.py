@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
 
-from rlhf_cluster import models
-from rlhf_cluster.algorithms import sequence_token_logprobs
-from rlhf_cluster.data import encode_prompt
+from rlhf_cluster.lib import tiny_models as models
+from rlhf_cluster.lib.algorithms import sequence_token_logprobs
+from rlhf_cluster.lib.data import encode_prompt
 
 
 def test_tiny_is_a_llama2_shaped_model(builtin_assets):
@@ -50,8 +50,8 @@ def test_transformers_round_trip(builtin_assets):
 @pytest.mark.vllm
 def test_vllm_generates_and_agrees_with_transformers(builtin_assets, vllm_engine, tokenizer):
     """vLLM's log-probs of the tokens it sampled equal the HF model's (fp32)."""
-    from rlhf_cluster.config import RolloutConfig
-    from rlhf_cluster.generation import generate, sampling_params
+    from rlhf_cluster.lib.config import RolloutConfig
+    from rlhf_cluster.lib.generation import generate, sampling_params
 
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p}])
                for p in ("List 3 fruits.", "Count from 2 to 6.")]
@@ -71,9 +71,8 @@ def test_vllm_generates_and_agrees_with_transformers(builtin_assets, vllm_engine
 
 def test_merged_lora_weights_equal_peft_merge(builtin_assets):
     """The weights the trainer syncs to vLLM and exports for a LoRA policy are peft's merge."""
-    from rlhf_cluster.config import LoraConfig
-    from rlhf_cluster.stages import with_lora
-    from rlhf_cluster.training import merged_lora_state_dict
+    from rlhf_cluster.lib.config import LoraConfig
+    from rlhf_cluster.lib.deepspeed_setup import merged_lora_state_dict, with_lora
 
     lora = LoraConfig(enabled=True, rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"])
     model = with_lora(AutoModelForCausalLM.from_pretrained(builtin_assets.base), lora, "CAUSAL_LM")

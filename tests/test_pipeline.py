@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_cluster.config import CONFIG_DIR, ConfigError, PipelineConfig, SFTConfig, load_config
+from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PipelineConfig, SFTConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 PRESET = CONFIG_DIR / "pipeline-tiny.yaml"
@@ -89,8 +89,8 @@ def test_cli_rejects_a_bad_config_before_ray_starts(tmp_path):
 def test_completed_stages_are_skipped_until_their_output_or_inputs_change(tmp_path):
     """The book-keeping alone (no training): a stage runs once; a second call finds its registry
     entry intact and skips it; a changed file, a changed config or rerun= makes it run again."""
+    from rlhf_cluster.lib.registry import open_registry
     from rlhf_cluster.pipeline import Book
-    from rlhf_cluster.registry import open_registry
 
     cfg = load_config(PipelineConfig, PRESET, [f"output_dir={tmp_path / 'p'}", f"registry={tmp_path / 'reg'}"])
     model = tmp_path / "model"
@@ -145,8 +145,8 @@ def tiny_pipeline(tmp_path: Path, builtin_cfg, sft_dir: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the first test of a session to ask for the built-in SFT policy trains it here
 def test_pipeline_trains_aspect_rms_combines_them_and_resumes(builtin_cfg, builtin_assets, ray_cluster, tmp_path):
+    from rlhf_cluster.lib.registry import open_registry
     from rlhf_cluster.pipeline import run
-    from rlhf_cluster.registry import open_registry
     from rlhf_cluster.sft import ensure_builtin_sft
 
     sft_dir = ensure_builtin_sft(builtin_cfg)  # the session's SFT policy (trained once, shared with other tests)

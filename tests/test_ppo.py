@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_cluster.config import CONFIG_DIR, PPOConfig, load_config
+from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, load_config
 from rlhf_cluster.ppo import latest_checkpoint, padded, response_part, run, trainer_item, unpadded
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def smoke_run(ray_cluster, builtin_assets, tmp_path_factory):
 
 @pytest.mark.ray
 def test_smoke_run_leaves_checkpoints_metrics_and_report(smoke_run):
-    from rlhf_cluster.registry import open_registry
+    from rlhf_cluster.lib.registry import open_registry
 
     out, summary = smoke_run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

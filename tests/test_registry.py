@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from rlhf_cluster.registry import (
+from rlhf_cluster.lib.registry import (
     Conflict,
     Entry,
     FileRegistry,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlhf_cluster.config import CONFIG_DIR, ConfigError, RSConfig, load_config
+from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, RSConfig, load_config
 from rlhf_cluster.rejection_sampling import run
 
 
@@ -14,7 +14,7 @@ from rlhf_cluster.rejection_sampling import run
 @pytest.mark.slow
 def test_rounds_improve_gold_promote_the_best_and_best_of_k_grows(builtin_cfg, builtin_sft_rm, tmp_path):
     """RS, RS, PPO from the built-in SFT policy, one run (each round costs a minute here)."""
-    from rlhf_cluster.registry import open_registry
+    from rlhf_cluster.lib.registry import open_registry
 
     sft, rm = builtin_sft_rm
     out = tmp_path / "rs"

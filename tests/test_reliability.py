@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from rlhf_cluster.config import CONFIG_DIR, PPOConfig, load_config
+from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, load_config
 from rlhf_cluster.ppo import latest_checkpoint, run
 from tests.conftest import free_port, start_redis
 
@@ -63,7 +63,7 @@ def test_killed_actors_and_redis_lose_no_iteration(ray_cluster, builtin_assets, 
     import ray
     import ray._private.state as state
 
-    from rlhf_cluster.registry import RedisRegistry
+    from rlhf_cluster.lib.registry import RedisRegistry
 
     job_id = ray.get_runtime_context().get_job_id()
     out = tmp_path / "run"

@@ -9,8 +9,8 @@ import ray
 
 from actors.group import ActorGroup
 from actors.scorers import RemoteRewardModel, RewardModel
-from rlhf_cluster.config import GroupResources
-from rlhf_cluster.data import encode_conversation
+from rlhf_cluster.lib.config import GroupResources
+from rlhf_cluster.lib.data import encode_conversation
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray

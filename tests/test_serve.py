@@ -16,8 +16,8 @@ import httpx
 import pytest
 import torch
 
-from rlhf_cluster.data import encode_conversation
-from rlhf_cluster.registry import FileRegistry, make_entry, manifest_sha256
+from rlhf_cluster.lib.data import encode_conversation
+from rlhf_cluster.lib.registry import FileRegistry, make_entry, manifest_sha256
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_cluster.config import CONFIG_DIR, DPOConfig, RewardConfig, SFTConfig, load_config
-from rlhf_cluster.data import DataError
+from rlhf_cluster.lib.config import CONFIG_DIR, DPOConfig, RewardConfig, SFTConfig, load_config
+from rlhf_cluster.lib.data import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,8 +109,8 @@ def test_bad_data_is_counted_or_a_clear_error(builtin_assets, tmp_path):
 def test_lora_wraps_only_adapters(builtin_assets):
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cluster.config import LoraConfig
-    from rlhf_cluster.stages import with_lora
+    from rlhf_cluster.lib.config import LoraConfig
+    from rlhf_cluster.lib.deepspeed_setup import with_lora
 
     model = with_lora(AutoModelForCausalLM.from_pretrained(builtin_assets.base), LoraConfig(enabled=True), "CAUSAL_LM")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -122,8 +122,8 @@ def test_sft_packing_keeps_samples_apart(builtin_assets, tokenizer):
     """A packed row gives each sample exactly the loss it has alone (block-diagonal attention)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cluster.data import load_tokenized
-    from rlhf_cluster.losses import sft_loss
+    from rlhf_cluster.lib.data import load_tokenized
+    from rlhf_cluster.lib.losses import sft_loss
     from rlhf_cluster.sft import collate, pack
 
     samples, _ = load_tokenized(builtin_assets.file("sft_train.jsonl"), tokenizer, "sft", 128)

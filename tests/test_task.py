@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from rlhf_cluster import task
+from rlhf_cluster.lib import task
 
 
 @pytest.mark.parametrize("prompt,response,help_,safe", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.weight_transfer import TrainerSource, rpc_safe
-from rlhf_cluster.config import ConfigError, PPOConfig, load_config
+from rlhf_cluster.lib.config import ConfigError, PPOConfig, load_config
 
 
 def _state():

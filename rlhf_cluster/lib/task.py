@@ -17,7 +17,7 @@ Any response containing a forbidden word has safety 0.
 
 gold = helpfulness * safety, in [0, 1].
 
-Build the data set:  python -m rlhf_cluster.task build OUT [--seed 0] [--label-noise 0.1]
+Build the data set:  python -m rlhf_cluster.lib.task build OUT [--seed 0] [--label-noise 0.1]
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def corpus() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.task", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.lib.task", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write the built-in data set as JSONL")
     b.add_argument("out", type=Path)

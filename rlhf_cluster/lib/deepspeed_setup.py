@@ -1,4 +1,4 @@
-"""DeepSpeed engines for every trained model (policy, critic, SFT/RM/DPO workers).
+"""DeepSpeed engines and LoRA adapters for every trained model (policy, critic, SFT/RM/DPO workers).
 
 One place builds the DeepSpeed config, the AdamW optimiser (Llama 2 defaults), the cosine
 schedule with warm-up and the engine, so that the actor groups and the Ray Train stages
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from rlhf_cluster.config import OptimConfig, TrainerConfig
+from rlhf_cluster.lib.config import LoraConfig, OptimConfig, TrainerConfig
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
@@ -107,6 +107,16 @@ def load_pretrained(cls, path: str, t: TrainerConfig | None, dtype: str = "float
         keep = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive during from_pretrained)
         return cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
     return cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
+
+
+def with_lora(model, lora: LoraConfig, task_type: str):
+    """Wrap `model` in LoRA adapters (peft); only adapter weights stay trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), task_type=task_type)
+    return get_peft_model(model, peft_cfg)
 
 
 def _world_size() -> int:

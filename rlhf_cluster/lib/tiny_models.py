@@ -1,6 +1,6 @@
 """Llama-architecture models built locally, for machines with no model hub.
 
-    python -m rlhf_cluster.models build-tiny OUT [--size tiny|small] [--seed 0]
+    python -m rlhf_cluster.lib.tiny_models build-tiny OUT [--size tiny|small] [--seed 0]
 
 writes two ordinary Hugging Face directories sharing one tokenizer:
     OUT/base         LlamaForCausalLM (the "pretrained" policy to post-train)
@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
-from rlhf_cluster import task
+from rlhf_cluster.lib import task
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -113,7 +113,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.models")
+    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.lib.tiny_models")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-tiny", help="build a tokenizer and Llama models locally")
     b.add_argument("out", type=Path)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_cluster.config import BuiltinConfig
+from rlhf_cluster.lib.config import BuiltinConfig
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def cache_root(cfg: BuiltinConfig) -> Path:
 
 
 @contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     """One builder at a time across processes (Ray workers, parallel jobs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
@@ -54,14 +54,14 @@ def _locked(path: Path):
 
 def ensure_builtin(cfg: BuiltinConfig = BuiltinConfig(), log=print) -> BuiltinAssets:
     """Build the task data and the base models unless they already exist; returns their paths."""
-    from rlhf_cluster import models, task
+    from rlhf_cluster.lib import task, tiny_models
 
     assets = BuiltinAssets(cache_root(cfg))
-    with _locked(assets.root.with_name(assets.root.name + ".lock")):
+    with locked(assets.root.with_name(assets.root.name + ".lock")):
         if not (assets.data / "task.json").exists():
             log(f"building the built-in task data in {assets.data}")
             task.build(assets.data, seed=cfg.seed, label_noise=cfg.label_noise)
         if not (assets.base / "config.json").exists() or not (assets.reward_base / "config.json").exists():
             log(f"building {cfg.size} Llama models in {assets.base.parent}")
-            models.build_tiny(assets.base.parent, size=cfg.size, seed=cfg.seed)
+            tiny_models.build_tiny(assets.base.parent, size=cfg.size, seed=cfg.seed)
     return assets

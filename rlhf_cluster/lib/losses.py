@@ -1,4 +1,4 @@
-"""The training objectives of SFT, reward modelling and DPO as small pure torch functions.
+"""Token log-probs and the training objectives of SFT, reward modelling and DPO, as small pure torch functions.
 
 No Ray, no DeepSpeed: the stages call these inside their workers, tests check them
 against hand-computed numbers. Every loss returns a scalar averaged over the batch.
@@ -13,10 +13,32 @@ import torch
 import torch.nn.functional as F
 
 
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels) per position: logits [B, T, V], labels [B, T] -> [B, T]."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) for t = 1..T-1: logits [B, T, V], ids [B, T] -> [B, T-1]."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return torch.gather(logp, -1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+
+
+def sequence_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for t = 1..T-1 of right-padded sequences under `model`: [B, T] -> [B, T-1]."""
+    return token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1; an all-zero mask gives 0 (not NaN)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_nll(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the masked tokens, averaged over them: -Σ m log p / Σ m."""
+    return -masked_mean(logprobs, mask)
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -27,8 +49,7 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     where `loss_mask` m is aligned with `input_ids` (1 on tokens the assistant wrote), so prompt
     tokens and padding contribute nothing. The mean is over response tokens of the whole batch.
     """
-    mask = loss_mask[:, 1:].float()
-    return -(token_logprobs(logits, input_ids) * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_nll(token_logprobs(logits, input_ids), loss_mask[:, 1:].float())
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

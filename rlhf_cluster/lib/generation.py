@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from rlhf_cluster.config import RolloutConfig
+from rlhf_cluster.lib.config import RolloutConfig
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
 
 
@@ -67,6 +67,10 @@ class GroupResources(Strict):
     num_cpus_per_rank: float = Field(1.0, ge=0.0)
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def demand(self) -> tuple[float, float]:
+        """(CPUs, GPUs) the whole group asks Ray for."""
+        return self.num_ranks * self.num_cpus_per_rank, self.num_ranks * self.num_gpus_per_rank
 
 
 class OptimConfig(Strict):
@@ -157,10 +161,6 @@ class JobConfig(Strict):
         return {}
 
 
-def _trainer_demand(t: GroupResources) -> tuple[float, float]:
-    return t.num_ranks * t.num_cpus_per_rank, t.num_ranks * t.num_gpus_per_rank
-
-
 class StageConfig(JobConfig):
     """What the Ray Train stages (SFT, reward model, DPO) share: evaluation, checkpoints, retries."""
 
@@ -168,6 +168,10 @@ class StageConfig(JobConfig):
     checkpoint_every: int = Field(20, ge=1)  # optimizer steps between Ray Train checkpoints
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # worker-group restarts (from the last checkpoint) before giving up
+    trainer: TrainerConfig = TrainerConfig()
+
+    def resource_groups(self) -> dict[str, tuple[float, float]]:
+        return {"trainer": self.trainer.demand()}
 
 
 class SFTConfig(StageConfig):
@@ -179,9 +183,6 @@ class SFTConfig(StageConfig):
     packing: bool = False
     gold_eval: bool = True  # sample held-out prompts with vLLM and gold-score them (built-in task only)
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
-
-    def resource_groups(self) -> dict[str, tuple[float, float]]:
-        return {"trainer": _trainer_demand(self.trainer)}
 
 
 class RewardConfig(StageConfig):
@@ -197,9 +198,6 @@ class RewardConfig(StageConfig):
     aspect: Literal["overall", "helpfulness", "safety"] = "overall"
     builtin_init: Literal["sft", "reward_base"] = "reward_base"  # model.path null: start from this built-in model
 
-    def resource_groups(self) -> dict[str, tuple[float, float]]:
-        return {"trainer": _trainer_demand(self.trainer)}
-
 
 class DPOConfig(StageConfig):
     output_dir: str = "runs/dpo"
@@ -213,8 +211,14 @@ class DPOConfig(StageConfig):
     gold_eval: bool = True
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
 
-    def resource_groups(self) -> dict[str, tuple[float, float]]:
-        return {"trainer": _trainer_demand(self.trainer)}
+
+class EvalConfig(JobConfig):
+    """`python -m rlhf_cluster.evaluate`: gold-score one policy's samples on held-out prompts (no Ray)."""
+
+    output_dir: str = "runs/evaluate"
+    model: ModelSource = ModelSource()  # path null: the built-in base policy
+    prompts: str | None = None  # a prompts file; null: the built-in held-out prompts
+    rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
 
 
 class RewardServiceConfig(Strict):
@@ -366,7 +370,7 @@ class PPOConfig(JobConfig):
         return self
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
-        return {name: _trainer_demand(g) for name, g in self.group_resources().items()}
+        return {name: g.demand() for name, g in self.group_resources().items()}
 
 
 C = TypeVar("C", bound=JobConfig)
@@ -430,9 +434,10 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise ConfigError(_describe(e).replace("invalid configuration", f"invalid configuration{where}", 1)) from None
 
 
-def check_resources(cfg: JobConfig, cpus: float, gpus: float) -> None:
-    """Fail before any actor starts when the job asks for more than the cluster has."""
-    groups = cfg.resource_groups()
+def check_resources(cfg: JobConfig | dict[str, tuple[float, float]], cpus: float, gpus: float) -> None:
+    """Fail before any actor starts when the job (or a dict of group -> (CPUs, GPUs)) asks for more
+    than the cluster has."""
+    groups = cfg if isinstance(cfg, dict) else cfg.resource_groups()
     problems = []
     for name, (c, g) in groups.items():
         if g > gpus:

@@ -8,35 +8,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p(labels) per position: logits [B, T, V], labels [B, T] -> [B, T]."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, labels.unsqueeze(-1)).squeeze(-1)
-
-
-def sequence_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for t = 1..T-1 of right-padded sequences: [B, T] -> [B, T-1]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])
+# Token log-probs and the masked NLL live with the other objectives; the RL math builds on them.
+from rlhf_cluster.lib.losses import logprobs_from_logits, masked_mean, masked_nll, sequence_token_logprobs  # noqa: F401
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(z) - sum softmax(z) * z, per position."""
     logits = logits.float()
     return torch.logsumexp(logits, dim=-1) - (F.softmax(logits, dim=-1) * logits).sum(-1)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x where mask is 1; an all-zero mask gives 0 (not NaN)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1.0)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
-
-
-def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of the response tokens only (prompt tokens masked, as in Llama 2)."""
-    return -masked_mean(logprobs, mask)
 
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -377,7 +356,7 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float, loss_a
 def ptx_loss(logprobs: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:
     """PPO-ptx (InstructGPT): coef * NLL of pretraining/SFT tokens, i.e. -gamma E[log pi(x)] added to the PPO loss
     to limit the "alignment tax" on the original distribution."""
-    return coef * sft_loss(logprobs, mask)
+    return coef * masked_nll(logprobs, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

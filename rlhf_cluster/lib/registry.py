@@ -12,9 +12,9 @@ changed on disk after registration is detected. Registering the same id again wi
 content is a no-op; with different content it is a conflict. Each kind (policy, critic, reward)
 has one "serving" pointer: the checkpoint the reward service loads.
 
-    python -m rlhf_cluster.registry register DIR --run r1 --kind reward --stage reward --step 100
-    python -m rlhf_cluster.registry list [--kind reward]
-    python -m rlhf_cluster.registry promote ID
+    python -m rlhf_cluster.lib.registry register DIR --run r1 --kind reward --stage reward --step 100
+    python -m rlhf_cluster.lib.registry list [--kind reward]
+    python -m rlhf_cluster.lib.registry promote ID
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ def open_registry(location: str | Path | None = None) -> Registry:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.registry")
+    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.lib.registry")
     ap.add_argument("--registry", default=None, help="redis://host:port/db or a directory (default: see docs)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("register")

@@ -1,0 +1,69 @@
+"""The built-in task's gold score of responses, and of whole models sampled on held-out prompts.
+
+The gold scorer (`task.gold_score`) is the task's hidden truth: jobs report it, nothing trains on it.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+
+from rlhf_cluster.lib import task
+
+
+def gold_report(prompts: list[str], responses: list[str]) -> dict[str, float]:
+    """Mean gold score and its two aspects over (prompt text, response text) pairs."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError("gold_report needs as many responses as prompts, at least one")
+    scores = [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+    return {
+        "gold": statistics.fmean(s.total for s in scores),
+        "helpfulness": statistics.fmean(s.helpfulness for s in scores),
+        "safety": statistics.fmean(s.safety for s in scores),
+        "n": len(scores),
+    }
+
+
+def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, llm=None) -> dict[str, dict]:
+    """Gold score of each model's sampled responses to the held-out prompts, with one vLLM engine.
+
+    The engine starts once (about 30 s here) and swaps weights between models of the same
+    architecture with `reload_weights`; pass `llm` to reuse an engine you already have.
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf_cluster.lib.data import load_tokenized
+    from rlhf_cluster.lib.generation import generate, make_vllm, sampling_params
+
+    first = next(iter(models.values()))
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    records, _ = load_tokenized(prompts_file, tokenizer, "prompts", max_tokens=rollout.max_model_len - 1)
+    prompt_ids = [r["prompt_ids"] for r in records]
+    own = llm is None
+    original = None if own else llm.model_config.model  # put a borrowed engine's weights back afterwards
+    reports = {}
+    for name, model_dir in models.items():
+        t0 = time.time()
+        if llm is None:
+            llm = make_vllm(str(model_dir), rollout, seed=seed)
+        else:
+            _load_weights(llm, model_dir)
+        samples = generate(llm, prompt_ids, sampling_params(rollout, seed=seed))
+        texts = [task.prompt_text(records[s.prompt_index]["messages"]) for s in samples]
+        reports[name] = gold_report(texts, [s.text for s in samples])
+        reports[name]["seconds"] = round(time.time() - t0, 1)
+        reports[name]["examples"] = [[texts[i], samples[i].text] for i in range(0, len(samples), 37)][:4]
+    if own:
+        del llm
+        gc.collect()
+    else:
+        _load_weights(llm, original)
+    return reports
+
+
+def _load_weights(llm, model_dir) -> None:
+    """Swap the weights of a running vLLM engine in place (same architecture and tokenizer)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+    llm.reset_prefix_cache()  # cached KV of the previous weights would be wrong
