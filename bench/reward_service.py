@@ -14,11 +14,11 @@ import asyncio
 import json
 import math
 import os
-import socket
-import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import builtin_assets, header, log, median, percentile, read_jsonl
 
 # The two modes, switched on the running replica through `reconfigure(user_config)` (no restart):
 # unbatched = every request's item is its own forward pass; batched = @serve.batch collects items of
@@ -33,31 +33,10 @@ POOL = 128  # distinct (prompt, response) items from the built-in held-out prefe
 TARGETS = {"batched_over_limit": 0.8, "batched_over_unbatched": 5.0}
 
 
-def _log(msg: str) -> None:
-    from bench.run import log
-
-    log(msg)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    s = sorted(xs)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
-
-
 def _items(assets, n: int) -> list[dict]:
     """(prompt, response) pairs of the built-in task: chosen and rejected answers to held-out prompts."""
     out = []
-    for line in assets.file("preferences_eval.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in read_jsonl(assets.file("preferences_eval.jsonl")):
         prompt = row["prompt"][-1]["content"]
         for side in ("chosen", "rejected"):
             out.append({"prompt": prompt, "response": row[side][-1]["content"]})
@@ -70,11 +49,10 @@ def _items(assets, n: int) -> list[dict]:
 
 def _model_dir(size: str) -> tuple[Path, str, object]:
     """The trained built-in reward model (what PPO scores with) when it exists, else the untrained reward_base."""
-    from bench.run import _assets
     from rlhf_cluster.lib.builtin import cache_root
     from rlhf_cluster.lib.config import BuiltinConfig
 
-    assets = _assets(size)
+    assets = builtin_assets(size)
     trained = cache_root(BuiltinConfig(size=size)) / "reward" / "model"
     if (trained / "config.json").exists():
         return trained, "trained built-in reward model", assets
@@ -244,7 +222,7 @@ def _summarise(rounds: list[dict], clients: int, items_per_request: int, per_cli
         "warmup_requests": clients * len(rounds), "warmup_errors": len(warm_errors),
         "latency_ms": {"p50": 1e3 * percentile(lat, 50), "p99": 1e3 * percentile(lat, 99),
                        "mean": 1e3 * sum(lat) / len(lat), "max": 1e3 * max(lat)} if lat else None,
-        "items_per_s": tput, "median_items_per_s": statistics.median(tput),
+        "items_per_s": tput, "median_items_per_s": median(tput),
         "batches": batches, "mean_batch": batched_items / batches if batches else None,
         "largest_batch": max(r["largest_batch"] for r in rounds),
         "cpu_ms_per_item": {k: round(1e3 * v / max(1, items), 3) for k, v in cpu.items()},
@@ -262,6 +240,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     import httpx
     from ray import serve
 
+    from actors.group import free_port
     from rlhf_cluster.lib.tiny_models import count_parameters
     from serve.launch import deploy, load_serve_config
     from serve.reward_app import encode_messages, forward, load_reward_model
@@ -280,7 +259,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     app_args = dict(cfg.applications[0].args or {})
     replica_cpus = float(app_args.get("num_cpus", 1))
     replica_threads = max(1, int(replica_cpus))  # the replica calls torch.set_num_threads(int(num_cpus))
-    port = _free_port()
+    port = free_port()
     tmp = tempfile.TemporaryDirectory(prefix="bench-reward-")
     t = time.perf_counter()
     deploy(cfg, http_port=port, arg_overrides={"reward": {
@@ -298,8 +277,8 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
             max_diff = max(abs(a - b) for a, b in zip(direct, served))
             if len(served) != 16 or max_diff > 1e-4:
                 raise RuntimeError(f"served scores differ from the model's by {max_diff}")
-            _log(f"reward_service/{size}: {which} at {model_dir}; Serve up in {start_s:.1f} s; scores match the "
-                 f"model (max diff {max_diff:.1e}); items of {lengths[0]}-{lengths[-1]} tokens; {reps} reps")
+            log(f"reward_service/{size}: {which} at {model_dir}; Serve up in {start_s:.1f} s; scores match the "
+                f"model (max diff {max_diff:.1e}); items of {lengths[0]}-{lengths[-1]} tokens; {reps} reps")
             for clients, ipr in CASES:
                 per_client = max(1, requests[(clients, ipr)] // clients)
                 for rep in range(reps):
@@ -318,14 +297,14 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
                             r["limit_items_per_s"] = _limit(rm, encoded, [r["limit_batch"]], limit_seconds,
                                                             replica_threads)[r["limit_batch"]]
                         rounds.setdefault((mode, clients, ipr), []).append(r)
-                        _log(f"reward_service/{size} {clients:>2} clients x {ipr:>2} items {mode:>9} rep {rep + 1}/"
-                             f"{reps}: {clients * per_client * ipr / r['wall_s']:6.1f} items/s, p50 "
-                             f"{1e3 * percentile(lat, 50) if lat else float('nan'):.0f} ms, errors "
-                             f"{len(r['errors']) + len(r['warmup_errors'])}, mean batch {mean_batch:.1f}, "
-                             + (f"limit {r['limit_items_per_s']:.0f} items/s at batch {r['limit_batch']}, "
-                                if mode == "batched" else "") + "CPU s "
-                             + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items())
-                             + f", others {r['other_cpu_s']:.2f}")
+                        log(f"reward_service/{size} {clients:>2} clients x {ipr:>2} items {mode:>9} rep {rep + 1}/"
+                            f"{reps}: {clients * per_client * ipr / r['wall_s']:6.1f} items/s, p50 "
+                            f"{1e3 * percentile(lat, 50) if lat else float('nan'):.0f} ms, errors "
+                            f"{len(r['errors']) + len(r['warmup_errors'])}, mean batch {mean_batch:.1f}, "
+                            + (f"limit {r['limit_items_per_s']:.0f} items/s at batch {r['limit_batch']}, "
+                               if mode == "batched" else "") + "CPU s "
+                            + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items())
+                            + f", others {r['other_cpu_s']:.2f}")
             # leave the replica as configured (it is shut down next anyway)
             handle.reconfigure.remote({k: app_args[k] for k in ("max_batch_size", "batch_wait_timeout_s")}).result()
     finally:
@@ -337,21 +316,21 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     # the model's forward by batch size, after Serve is gone (a reference curve; the ratios use the
     # limits measured right after each batched round)
     limit = _limit(rm, encoded, [1, 8, 16, 32, 64], limit_seconds, replica_threads)
-    _log(f"reward_service/{size}: limit (serve.reward_app.forward in-process, {replica_threads} torch thread) "
-         + ", ".join(f"batch {k}: {v:.0f}" for k, v in limit.items()) + " items/s")
+    log(f"reward_service/{size}: limit (serve.reward_app.forward in-process, {replica_threads} torch thread) "
+        + ", ".join(f"batch {k}: {v:.0f}" for k, v in limit.items()) + " items/s")
     ratios = {}
     for n, ipr in CASES:
         k = _key(n, ipr)
         b_rounds, u_rounds = rounds[("batched", n, ipr)], rounds[("unbatched", n, ipr)]
         b, u = cases["batched"][k]["items_per_s"], cases["unbatched"][k]["items_per_s"]
         lim = [r["limit_items_per_s"] for r in b_rounds]
-        ratios[k] = {"batched_over_unbatched": statistics.median(b) / statistics.median(u),
+        ratios[k] = {"batched_over_unbatched": median(b) / median(u),
                      "batched_over_unbatched_paired": [x / y for x, y in zip(b, u)],
                      "limit_batch": [r["limit_batch"] for r in b_rounds], "limit_items_per_s": lim,
-                     "median_limit_items_per_s": statistics.median(lim),
+                     "median_limit_items_per_s": median(lim),
                      "batched_over_limit_paired": [x / y for x, y in zip(b, lim)],
-                     "batched_over_limit": statistics.median([x / y for x, y in zip(b, lim)]),
-                     "unbatched_over_limit_batch1": statistics.median(u) / limit[1]}
+                     "batched_over_limit": median([x / y for x, y in zip(b, lim)]),
+                     "unbatched_over_limit_batch1": median(u) / limit[1]}
         assert len(u_rounds) == len(b_rounds)
     errors = sum(c["errors"] + c["warmup_errors"] for m in cases.values() for c in m.values())
     target = ratios[_key(*TARGET_CASE)]
@@ -412,3 +391,53 @@ def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
     finally:
         ray.shutdown()
     return config, results
+
+
+# --------------------------------------------------------------------------- README section
+def readme_table(rec: dict) -> list[str]:
+    c = rec["config"]
+    modes = ", ".join(f"{m} = `max_batch_size` {v['max_batch_size']}, `batch_wait_timeout_s` "
+                      f"{v['batch_wait_timeout_s']:g}" for m, v in c["modes"].items())
+    lines = [f"### reward_service — `/v1/score` over HTTP, batched vs unbatched, against the model's forward "
+             f"(`{rec['_file']}`)", "", *header(rec)]
+    for r in rec["results"]:
+        t = r["ratios"][r["target_case"]]
+        ok = r["targets"]
+        lim = ", ".join(f"{k}: {v:,.0f}" for k, v in r["limit_after_items_per_s"].items())
+        lines += [f"Model `{r['model']}` ({r['parameters'] / 1e6:.2f} M parameters, {r['model_kind']}); items of "
+                  f"{r['items']['tokens_min']}–{r['items']['tokens_max']} tokens (median "
+                  f"{r['items']['tokens_median']}); one replica, {r['replica']['num_cpus']:g} CPU, "
+                  f"{r['replica']['torch_threads']} torch thread; {modes}; {r['repetitions']} rounds per case and "
+                  f"mode, alternating; served scores checked against the model (max diff "
+                  f"{r['verified_max_abs_diff']:.0e}).", "",
+                  "| clients × items/request | mode | requests | errors | p50 ms | p99 ms | items/s | mean batch "
+                  "| CPU ms/item: proxy | replica | clients | rest of Ray | others | batched / unbatched "
+                  "| batched / limit |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key in r["cases"]:
+            n, ipr = key.split("x")
+            for mode in r["results"]:
+                x, ratio = r["results"][mode][key], r["ratios"][key]
+                lat, cpu = x["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}, x["cpu_ms_per_item"]
+                batch = sorted(ratio["limit_batch"])
+                extra = (f"**{ratio['batched_over_unbatched']:.2f}×** | **{100 * ratio['batched_over_limit']:.0f} %** "
+                         f"(limit {ratio['median_limit_items_per_s']:,.0f} at batch "
+                         f"{batch[0] if batch[0] == batch[-1] else f'{batch[0]}–{batch[-1]}'})"
+                         if mode == "batched" else " | ")
+                lines.append(f"| {n} × {ipr} | {mode} | {x['requests']:,} | {x['errors'] + x['warmup_errors']} | "
+                             f"{lat['p50']:,.0f} | {lat['p99']:,.0f} | {x['median_items_per_s']:,.1f} | "
+                             f"{x['mean_batch'] or 0:.1f} | {cpu['proxy']:.1f} | {cpu['replica']:.1f} | "
+                             f"{cpu['clients']:.1f} | {cpu['ray_rest']:.1f} | {x['other_cpu_ms_per_item']:.1f} | "
+                             f"{extra} |")
+        lines += ["", "Limit = the same model's `serve.reward_app.forward` in the benchmark process, "
+                      f"{r['limit_torch_threads']} torch thread like the replica, at the batched round's mean batch "
+                      "size, measured right after each batched round; batched / limit is the median of those paired "
+                      "ratios, batched / unbatched the ratio of median throughputs. The same forward after Serve was "
+                      f"shut down, items/s by batch size: {lim}.  ",
+                  f"Targets at {r['target_case'].replace('x', ' clients × ')} item/request: "
+                  f"0 errors — **{'met' if ok['zero_errors'] else 'missed'}** ({r['errors_total']}); "
+                  f"batched ≥ 80 % of the limit — **{'met' if ok['batched_over_limit_ge_0.8'] else 'missed'}** "
+                  f"({100 * t['batched_over_limit']:.0f} %); batched ≥ 5× unbatched — "
+                  f"**{'met' if ok['batched_over_unbatched_ge_5'] else 'missed'}** "
+                  f"({t['batched_over_unbatched']:.2f}×).", ""]
+    return lines

@@ -1,4 +1,4 @@
-"""RL step benchmark (issue #9, W1 + FLOPs utilisation + step breakdown), run by bench/run.py as `rl_step`.
+"""Benchmark `rl_step` (issue #9, W1 + FLOPs utilisation + step breakdown), run by bench/run.py.
 
 One GRPO (and one PPO) iteration of this product — `rlhf_cluster.ppo.PPORun.step()` on a private
 local Ray cluster with the `tiny-cpu.yaml` layout (2 ZeRO-3 policy ranks, reference, reward, vLLM
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.run import BENCH_DIR, REPO_ROOT, _assets, log, median
+from bench.common import BENCH_DIR, REPO_ROOT, builtin_assets, header, log, median, read_jsonl
 
 WORK = BENCH_DIR / "out" / "rl_step"  # git-ignored: model copies, prompts, run directories
 PHASES = ["generate", "score", "advantages", "train", "sync"]
@@ -34,7 +34,7 @@ def prepare(size: str, n_prompts: int) -> dict:
     from rlhf_cluster.lib.data import encode_prompt
     from rlhf_cluster.lib.tiny_models import count_parameters, llama_config
 
-    assets = _assets(size)
+    assets = builtin_assets(size)
     root = WORK / "models" / size
     policy, reward = root / "policy", root / "reward-2layer"
     if not (policy / "config.json").exists():
@@ -51,8 +51,7 @@ def prepare(size: str, n_prompts: int) -> dict:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(reward, ignore_errors=True)
         os.replace(tmp, reward)
-    rows = [json.loads(line) for line in assets.file("prompts_eval.jsonl").read_text().splitlines() if line.strip()]
-    rows = rows[:n_prompts]
+    rows = read_jsonl(assets.file("prompts_eval.jsonl"))[:n_prompts]
     prompts = WORK / f"prompts_eval_{n_prompts}.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
     prompt_lens = [len(encode_prompt(tokenizer, r["messages"])) for r in rows]
@@ -421,22 +420,19 @@ def _before_after_lines(grpo: dict) -> list[str]:
             f"{ba['after_median_step_s']:.1f} s: **{ba['speedup']:.2f}×** ({phases} s)."]
 
 
-
 def _phase_cells(s: dict) -> str:
     ph = s["median_phases_s"]
     return " | ".join(f"{ph[p]:.2f}" for p in [*PHASES, "overhead"])
 
 
 def readme_table(rec: dict) -> list[str]:
-    from bench.run import _header
-
     res, c, st = rec["results"], rec["config"], rec["config"]["settings"]
     h, peak = res["headline"], res["peak"]
     grpo, ppo = res["runs"][0], res["runs"][1]
     pol = res["inputs"][h["model"]]["params"]["policy"]
     ready = res["trl_child"]["ready"]
     lines = [f"### rl_step — one GRPO / PPO step of the product vs TRL `GRPOTrainer` (`{rec['_file']}`)", "",
-             *_header(rec),
+             *header(rec),
              f"Policy `{h['model']}` ({ready['policy_parameters'] / 1e6:.2f} M parameters, {pol['layers']} layers), "
              f"2-layer Llama reward model ({res['inputs'][h['model']]['rm_parameters'] / 1e6:.2f} M), "
              f"{st['prompts']} built-in held-out prompts × {st['samples_per_prompt']} samples, ≤ "

@@ -24,20 +24,9 @@ TASK_TYPE = "CAUSAL_LM"
 
 def resolve(cfg: DPOConfig) -> dict:
     """Model and data paths; the built-in task and SFT policy fill what the config leaves null."""
-    paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "prompts": None}
-    if cfg.model.path is None or cfg.data.train is None:
-        from rlhf_cluster.lib.builtin import ensure_builtin
+    from rlhf_cluster.sft import ensure_builtin_sft
 
-        assets = ensure_builtin(cfg.builtin)
-        if cfg.model.path is None:
-            from rlhf_cluster.sft import ensure_builtin_sft
-
-            paths["model"] = str(ensure_builtin_sft(cfg.builtin))
-        if cfg.data.train is None:
-            paths["train"] = str(assets.file("preferences_train.jsonl"))
-            paths["eval"] = paths["eval"] or str(assets.file("preferences_eval.jsonl"))
-            paths["prompts"] = str(assets.file("prompts_eval.jsonl"))
-    return paths
+    return stages.resolve_paths(cfg, "preferences", lambda assets: ensure_builtin_sft(cfg.builtin))
 
 
 def load_data(cfg: DPOConfig, paths: dict, tokenizer, log=None):

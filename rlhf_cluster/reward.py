@@ -23,24 +23,15 @@ TASK_TYPE = "SEQ_CLS"
 
 
 def resolve(cfg: RewardConfig) -> dict:
-    """Model and data paths; the built-in task fills what the config leaves null."""
-    paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval}
-    if cfg.model.path is None or cfg.data.train is None:
-        from rlhf_cluster.lib.builtin import ensure_builtin
+    """Model and data paths; the built-in task fills what the config leaves null (the aspect's
+    preference pairs; the model `builtin_init` names)."""
+    from rlhf_cluster.sft import ensure_builtin_sft
 
-        assets = ensure_builtin(cfg.builtin)
-        if cfg.model.path is None:
-            if cfg.builtin_init == "sft":
-                from rlhf_cluster.sft import ensure_builtin_sft
+    def builtin_model(assets):
+        return ensure_builtin_sft(cfg.builtin) if cfg.builtin_init == "sft" else assets.reward_base
 
-                paths["model"] = str(ensure_builtin_sft(cfg.builtin))
-            else:
-                paths["model"] = str(assets.reward_base)
-        if cfg.data.train is None:
-            prefix = "preferences" if cfg.aspect == "overall" else f"preferences_{cfg.aspect}"
-            paths["train"] = str(assets.file(f"{prefix}_train.jsonl"))
-            paths["eval"] = paths["eval"] or str(assets.file(f"{prefix}_eval.jsonl"))
-    return paths
+    prefix = "preferences" if cfg.aspect == "overall" else f"preferences_{cfg.aspect}"
+    return stages.resolve_paths(cfg, prefix, builtin_model)
 
 
 def load_data(cfg: RewardConfig, paths: dict, tokenizer, log=None):

@@ -23,17 +23,7 @@ TASK_TYPE = "CAUSAL_LM"
 
 def resolve(cfg: SFTConfig) -> dict:
     """Model and data paths; the built-in task and base model fill what the config leaves null."""
-    paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "prompts": None}
-    if cfg.model.path is None or cfg.data.train is None:
-        from rlhf_cluster.lib.builtin import ensure_builtin
-
-        assets = ensure_builtin(cfg.builtin)
-        paths["model"] = paths["model"] or str(assets.base)
-        if cfg.data.train is None:
-            paths["train"] = str(assets.file("sft_train.jsonl"))
-            paths["eval"] = paths["eval"] or str(assets.file("sft_eval.jsonl"))
-            paths["prompts"] = str(assets.file("prompts_eval.jsonl"))
-    return paths
+    return stages.resolve_paths(cfg, "sft", lambda assets: assets.base)
 
 
 def load_data(cfg: SFTConfig, paths: dict, tokenizer, log=None):

@@ -147,6 +147,23 @@ def summarize(stage: str, out: Path, summary: dict) -> None:
 # --------------------------------------------------------------------------- data (driver and workers)
 
 
+def resolve_paths(cfg: StageConfig, builtin_data: str, builtin_model: Callable) -> dict:
+    """Model and data paths of a stage; the built-in task fills what the config leaves null: the
+    model `builtin_model(assets)`, the data `<builtin_data>_{train,eval}.jsonl` and held-out prompts."""
+    paths = {"model": cfg.model.path, "train": cfg.data.train, "eval": cfg.data.eval, "prompts": None}
+    if cfg.model.path is None or cfg.data.train is None:
+        from rlhf_cluster.lib.builtin import ensure_builtin
+
+        assets = ensure_builtin(cfg.builtin)
+        if cfg.model.path is None:
+            paths["model"] = str(builtin_model(assets))
+        if cfg.data.train is None:
+            paths["train"] = str(assets.file(f"{builtin_data}_train.jsonl"))
+            paths["eval"] = paths["eval"] or str(assets.file(f"{builtin_data}_eval.jsonl"))
+            paths["prompts"] = str(assets.file("prompts_eval.jsonl"))
+    return paths
+
+
 def load_train_and_held(cfg: StageConfig, paths: dict, tokenizer, kind: str, log=None, noun: str = "data"):
     """(train records, held-out records or None, train skip report) of a stage, as `load_tokenized` reads them."""
     from rlhf_cluster.lib.data import load_tokenized

@@ -168,6 +168,8 @@ class StageConfig(JobConfig):
     checkpoint_every: int = Field(20, ge=1)  # optimizer steps between Ray Train checkpoints
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # worker-group restarts (from the last checkpoint) before giving up
+    model: ModelSource = ModelSource()
+    data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
@@ -176,8 +178,6 @@ class StageConfig(JobConfig):
 
 class SFTConfig(StageConfig):
     output_dir: str = "runs/sft"
-    model: ModelSource = ModelSource()
-    data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=1e-3, warmup_steps=10))
     epochs: int = Field(2, ge=1)
     packing: bool = False
@@ -187,8 +187,6 @@ class SFTConfig(StageConfig):
 
 class RewardConfig(StageConfig):
     output_dir: str = "runs/reward"
-    model: ModelSource = ModelSource()
-    data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=5e-4, warmup_steps=10))
     epochs: int = Field(2, ge=1)
     loss: Literal["bradley_terry", "margin", "ranking"] = "bradley_terry"
@@ -201,8 +199,6 @@ class RewardConfig(StageConfig):
 
 class DPOConfig(StageConfig):
     output_dir: str = "runs/dpo"
-    model: ModelSource = ModelSource()
-    data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=1e-4))
     epochs: int = Field(1, ge=1)
     beta: float = Field(0.1, gt=0.0)
