@@ -36,7 +36,7 @@ TARGETS = {"batched_over_limit": 0.8, "batched_over_unbatched": 5.0}
 def _items(assets, n: int) -> list[dict]:
     """(prompt, response) pairs of the built-in task: chosen and rejected answers to held-out prompts."""
     out = []
-    for row in read_jsonl(assets.file("preferences_eval.jsonl")):
+    for row in read_jsonl(assets.file("preferences_test.jsonl")):
         prompt = row["prompt"][-1]["content"]
         for side in ("chosen", "rejected"):
             out.append({"prompt": prompt, "response": row[side][-1]["content"]})
@@ -336,7 +336,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     target = ratios[_key(*TARGET_CASE)]
     return {
         "model": size, "model_dir": str(model_dir), "model_kind": which, "parameters": count_parameters(rm.model),
-        "items": {"pool": len(pool), "source": "preferences_eval.jsonl: chosen and rejected responses",
+        "items": {"pool": len(pool), "source": "preferences_test.jsonl: chosen and rejected responses",
                   "tokens_min": lengths[0], "tokens_median": lengths[len(lengths) // 2], "tokens_max": lengths[-1]},
         "cases": [_key(n, ipr) for n, ipr in CASES], "repetitions": reps, "order": order,
         "serve_start_s": round(start_s, 1), "verified_max_abs_diff": max_diff,

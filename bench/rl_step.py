@@ -51,7 +51,7 @@ def prepare(size: str, n_prompts: int) -> dict:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(reward, ignore_errors=True)
         os.replace(tmp, reward)
-    rows = read_jsonl(assets.file("prompts_eval.jsonl"))[:n_prompts]
+    rows = read_jsonl(assets.file("prompts_test.jsonl"))[:n_prompts]
     prompts = WORK / f"prompts_eval_{n_prompts}.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
     prompt_lens = [len(encode_prompt(tokenizer, r["messages"])) for r in rows]

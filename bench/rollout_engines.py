@@ -29,7 +29,7 @@ class VllmProbe:
 def _eval_prompts(assets, tokenizer, n: int) -> list[list[int]]:
     from rlhf_cluster.lib.data import encode_prompt
 
-    rows = read_jsonl(assets.file("prompts_eval.jsonl"))
+    rows = read_jsonl(assets.file("prompts_test.jsonl"))
     if len(rows) < n:
         raise RuntimeError(f"the built-in task has {len(rows)} held-out prompts, the benchmark needs {n}")
     return [encode_prompt(tokenizer, r["messages"]) for r in rows[:n]]

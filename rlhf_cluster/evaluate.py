@@ -35,7 +35,7 @@ def run(cfg: EvalConfig, model: str | None = None, prompts: str | None = None, s
     if cfg.model.path is None or cfg.prompts is None:
         assets = ensure_builtin(cfg.builtin.model_copy(update={"seed": cfg.seed}))
         cfg.model.path = cfg.model.path or str(assets.base)
-        cfg.prompts = cfg.prompts or str(assets.file("prompts_eval.jsonl"))
+        cfg.prompts = cfg.prompts or str(assets.file("prompts_test.jsonl"))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     records, report = load_tokenized(cfg.prompts, tokenizer, "prompts", max_tokens=cfg.rollout.max_model_len - 1)
     print(f"prompts: {report}")

@@ -231,7 +231,8 @@ def run(cfg: PipelineConfig, log=print) -> dict:
         s = rejection_sampling.run(final_cfg, log=log, run_name=f"{book.run}-final")
         best = s["best_round"]
         if best == 0:  # no round beat the SFT policy: register the starting point as the stage's output
-            return Path(s["best_model"]), "sft", {"eval_gold": s["gold_per_round"][0], "eval_rm": s["rm_per_round"][0]}
+            measured = {"val_gold": s["val_gold_per_round"][0], "val_rm": s["val_rm_per_round"][0]}
+            return Path(s["best_model"]), "sft", measured
         return Path(s["best_model"]), cfg.final.rounds[best - 1], {}, s["best_entry"]  # registered by the round
 
     final = book.stage("final", "policy", final_cfg, {"policy": sft, **{f"reward_{k}": e for k, e in rewards.items()}},
@@ -250,9 +251,10 @@ def final_report(cfg: PipelineConfig, book: Book, sft, rewards: dict, final, log
     sft_summary = _summary_next_to(sft.path)
     rounds = [json.loads(line) for line in (out / "final" / "metrics.jsonl").read_text().splitlines()]
     final_summary = json.loads((out / "final" / "summary.json").read_text())
-    gold = {"sft": rounds[0]["eval/gold"]}  # held-out, greedy: round 0 evaluates the starting (SFT) policy
+    shown = final_summary["reported_split"]  # test (reported only); the rounds were promoted on validation
+    gold = {"sft": rounds[0][f"{shown}/gold"]}  # greedy: round 0 evaluates the starting (SFT) policy
     for r in rounds[1:]:
-        gold[f"round_{r['iteration']}_{r['round']}"] = r["eval/gold"]
+        gold[f"round_{r['iteration']}_{r['round']}"] = r[f"{shown}/gold"]
     rm_accuracy = {}
     for name, entry in rewards.items():
         s = _summary_next_to(entry.path)
@@ -267,7 +269,8 @@ def final_report(cfg: PipelineConfig, book: Book, sft, rewards: dict, final, log
         "registered": {name: {"id": e.id, "kind": e.kind, "stage": e.stage, "path": e.path}
                        for name, e in [("sft", sft), *((f"reward_{k}", e) for k, e in rewards.items()),
                                        ("final", final)]},
-        "gold": gold, "best_round": final_summary["best_round"],
+        "gold": gold, "gold_split": shown, "best_round": final_summary["best_round"],
+        "promote_by": final_summary["promote_by"],
         "rm_accuracy": rm_accuracy, "rm_scores_last_rs_round": per_rm,
         "combine": cfg.final.combine if len(rewards) > 1 else None,
         "picture": str(out / "pipeline.png"), "tensorboard": str(out / "tensorboard"),
@@ -284,13 +287,13 @@ def final_report(cfg: PipelineConfig, book: Book, sft, rewards: dict, final, log
     for name, s in summary["stages"].items():
         took = f"{s['seconds']:>6.0f} s" if s["ran"] == "trained" else " " * 8
         lines.append(f"{name:<20} {s['ran']:<8} {took}  {s['entry']}")
-    lines.append("held-out gold (greedy): " + " -> ".join(f"{k} {v:.3f}" for k, v in gold.items())
+    lines.append(f"{shown} gold (greedy): " + " -> ".join(f"{k} {v:.3f}" for k, v in gold.items())
                  + f"   (best: round {summary['best_round']})")
     if "sft_sampled_gold" in summary:
         g = summary["sft_sampled_gold"]
         lines.append(f"SFT gold (sampled, T=1): base {g['base']:.3f} -> sft {g['sft']:.3f}")
     for name, acc in rm_accuracy.items():
-        lines.append(f"reward model {name}: held-out accuracy {acc['before']:.3f} -> {acc['after']:.3f}")
+        lines.append(f"reward model {name}: validation accuracy {acc['before']:.3f} -> {acc['after']:.3f}")
     if per_rm:
         lines.append(f"reward-model scores in the last rejection-sampling round ({cfg.final.combine}; all samples"
                      " -> selected): " + ", ".join(f"{k} {v['all']:.3f} -> {v['selected']:.3f}"

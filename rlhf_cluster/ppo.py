@@ -94,13 +94,13 @@ class PPORun:
         self.policy_path, self.reward_path = policy_path, reward_path
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
         max_prompt = cfg.data.max_prompt_tokens
-        train_file, eval_file = self._data_files()
-        self.train_prompts, report = load_tokenized(train_file, self.tokenizer, "prompts", max_prompt,
-                                                    cfg.data.on_bad_sample)
-        log(f"train prompts: {report}")
-        self.eval_prompts, report = load_tokenized(eval_file, self.tokenizer, "prompts", max_prompt,
-                                                   cfg.data.on_bad_sample)
-        log(f"eval prompts: {report}")
+        # train: what the policy samples on; val: what chooses (best checkpoint, promotion); test: reported only
+        self.prompts: dict[str, list[dict]] = {}
+        for split, path in self._data_files().items():
+            self.prompts[split], report = load_tokenized(path, self.tokenizer, "prompts", max_prompt,
+                                                         cfg.data.on_bad_sample)
+            log(f"{split} prompts: {report}")
+        self.train_prompts = self.prompts["train"]
         self.ptx_data = []
         if cfg.ptx_coef > 0:
             self.ptx_data, report = load_tokenized(self._ptx_file(), self.tokenizer, "sft",
@@ -163,7 +163,7 @@ class PPORun:
         self.rng = random.Random(cfg.seed)
         self.order = self._shuffled()
         self.history: list[dict] = []
-        self.baseline_eval: list[str] | None = None  # the initial policy's eval responses (for win-rate)
+        self.baseline_eval: dict[str, list[str]] = {}  # the initial policy's held-out responses (win-rate)
         self.best: tuple[float, str] | None = None
         self.weights_version = 0  # bumped by every sync; engines refuse to sample with another version
         self.faults = {"rollbacks": 0, "engine_failures": 0, "skipped_iterations": 0}
@@ -182,13 +182,15 @@ class PPORun:
     def trainer_config(self):
         return self.cfg.trainer
 
-    def _data_files(self) -> tuple[Path, Path]:
-        if self.cfg.data.train:
-            return Path(self.cfg.data.train), Path(self.cfg.data.eval or self.cfg.data.train)
+    def _data_files(self) -> dict[str, Path]:
+        """{train, val[, test]} prompt files: the config's, or the built-in task's three splits."""
+        d = self.cfg.data
+        if d.train:
+            return {"train": Path(d.train), "val": Path(d.eval or d.train)} | ({"test": Path(d.test)} if d.test else {})
         from rlhf_cluster.lib.builtin import ensure_builtin
 
         assets = ensure_builtin(self.cfg.builtin, log=self.log)
-        return assets.file("prompts_train.jsonl"), assets.file("prompts_eval.jsonl")
+        return {split: assets.file(f"prompts_{split}.jsonl") for split in ("train", "val", "test")}
 
     def _ptx_file(self) -> Path:
         if self.cfg.ptx_data:
@@ -412,30 +414,39 @@ class PPORun:
 
     # ---------------------------------------------------------------- evaluation
     def held_out_eval(self) -> dict:
-        """Held-out prompts: RM score, gold score, KL to the reference, win-rate vs the initial policy."""
+        """`val/*` (what chooses) and `test/*` (reported only) metrics of the current policy."""
+        out = {}
+        for split in ("val", "test"):
+            if split in self.prompts:
+                out |= self.split_eval(split)
+        return out
+
+    def split_eval(self, split: str) -> dict:
+        """Greedy responses to one held-out split: RM score, gold score with its standard error, KL
+        to the reference, win-rate against the initial policy; keys `<split>/...`."""
         from rlhf_cluster.lib import task
         from rlhf_cluster.lib.gold import gold_report
 
-        cfg = self.cfg
-        samples = self.generate([p["prompt_ids"] for p in self.eval_prompts],
+        cfg, prompts = self.cfg, self.prompts[split]
+        samples = self.generate([p["prompt_ids"] for p in prompts],
                                 {"samples_per_prompt": 1, "temperature": cfg.eval_temperature})
         items = [trainer_item(s) for s in samples]
         seqs = [it["input_ids"] for it in items]
         scores = self.reward.map("score", seqs)
         ref = self.reference.map("logprobs", seqs)
         kl = [sum(a - b for a, b in zip(s["logprobs"], response_part(s, r))) for s, r in zip(samples, ref)]
-        texts = [task.prompt_text(self.eval_prompts[s["prompt_index"]]["messages"]) for s in samples]
+        texts = [task.prompt_text(prompts[s["prompt_index"]]["messages"]) for s in samples]
         responses = [s["text"] for s in samples]
         gold = gold_report(texts, responses)
-        if self.baseline_eval is None:
-            self.baseline_eval = responses
+        baseline = self.baseline_eval.setdefault(split, responses)
         wins = [(task.gold_score(p, a).total > task.gold_score(p, b).total) +
                 0.5 * (task.gold_score(p, a).total == task.gold_score(p, b).total)
-                for p, a, b in zip(texts, responses, self.baseline_eval)]
-        return {"eval/rm_score": sum(scores) / len(scores), "eval/gold": gold["gold"],
-                "eval/helpfulness": gold["helpfulness"], "eval/safety": gold["safety"],
-                "eval/kl": sum(kl) / len(kl), "eval/win_rate_vs_initial": sum(wins) / len(wins),
-                "eval/example": f"{texts[0]!r} -> {responses[0]!r}"}
+                for p, a, b in zip(texts, responses, baseline)]
+        return {f"{split}/rm_score": sum(scores) / len(scores), f"{split}/gold": gold["gold"],
+                f"{split}/gold_se": gold["gold_se"], f"{split}/helpfulness": gold["helpfulness"],
+                f"{split}/safety": gold["safety"], f"{split}/kl": sum(kl) / len(kl),
+                f"{split}/win_rate_vs_initial": sum(wins) / len(wins),
+                f"{split}/example": f"{texts[0]!r} -> {responses[0]!r}"}
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -452,7 +463,7 @@ class PPORun:
 
         self.iteration, self.data_pos, self.epoch = state["iteration"], state["data_pos"], state["epoch"]
         self.order, self.history = list(state["order"]), list(state["history"])
-        self.baseline_eval = state["baseline_eval"]
+        self.baseline_eval = dict(state["baseline_eval"])
         self.best = tuple(state["best"]) if state["best"] else None
         self.rng.setstate(_rng_tuple(state["rng"]))
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -463,7 +474,7 @@ class PPORun:
         # the metrics log restarts from the restored state: rows of iterations after it are redone
         (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
-    def save_checkpoint(self, eval_gold: float | None) -> Path:
+    def save_checkpoint(self, row: dict) -> Path:
         """Atomic: everything is written under a .tmp name, hashed into a manifest, then renamed.
         Never from a poisoned state: non-finite weights raise PoisonedState (the run rolls back)."""
         from rlhf_cluster.lib.registry import checkpoint_manifest
@@ -481,21 +492,22 @@ class PPORun:
             self.critic.run("save", str(tmp / "critic"))
         self.policy.run("save_pretrained", str(tmp / "hf"))
         self.tokenizer.save_pretrained(tmp / "hf")
+        val_gold = row.get("val/gold")
         best = self.best
-        if eval_gold is not None and (best is None or eval_gold > best[0]):
-            best = (eval_gold, name)
-        state = self.state_dict() | {"eval_gold": eval_gold, "best": best}
+        if val_gold is not None and (best is None or val_gold > best[0]):  # chosen on validation, never test
+            best = (val_gold, name)
+        state = self.state_dict() | {"val_gold": val_gold, "best": best}
         (tmp / "coordinator.json").write_text(json.dumps(state))
         (tmp / "manifest.json").write_text(json.dumps(checkpoint_manifest(tmp)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         self.best = best
         self._prune(root)
-        self._register(final, eval_gold)
+        self._register(final, {k.replace("/", "_"): row[k] for k in ("val/gold", "test/gold") if k in row})
         return final
 
     def _prune(self, root: Path) -> None:
-        """Keep the last `keep_checkpoints` and the best by eval gold score."""
+        """Keep the last `keep_checkpoints` and the best by validation gold score."""
         done = sorted(p for p in root.glob("iter_*") if not p.name.endswith(".tmp"))
         keep = set(done[-self.cfg.keep_checkpoints:])
         if self.best:
@@ -504,10 +516,9 @@ class PPORun:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def _register(self, path: Path, eval_gold: float | None) -> None:
+    def _register(self, path: Path, metrics: dict[str, float]) -> None:
         from rlhf_cluster.lib.registry import make_entry
 
-        metrics = {"eval_gold": eval_gold} if eval_gold is not None else {}
         run = self.cfg.registry_run or self.out.name
         self.unregistered.append(make_entry(path / "hf", run=run, kind="policy", stage="ppo", step=self.iteration,
                                             metrics=metrics))
@@ -607,7 +618,7 @@ class PPORun:
             initial = self.held_out_eval()
             self.history.append({"iteration": 0, **initial})
             metrics_file.write(json.dumps(self.history[-1]) + "\n")
-            self.log(f"initial policy: gold {initial['eval/gold']:.3f}, RM {initial['eval/rm_score']:.3f}")
+            self.log(f"initial policy: validation gold {initial['val/gold']:.3f}, RM {initial['val/rm_score']:.3f}")
         if self.start_state is None:
             self.start_state = self.state_dict()
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", file=sys.stdout,
@@ -641,7 +652,7 @@ class PPORun:
                 bar.set_postfix(rm=f"{row['reward/rm_score']:.2f}", kl=f"{row['kl/mean_sequence_kl']:.2f}")
                 self.log(_progress_line(row))
             if self.iteration % cfg.checkpoint_every == 0 or self.iteration in (cfg.iterations, stop_at):
-                path = self.save_checkpoint(row.get("eval/gold"))
+                path = self.save_checkpoint(row)
                 self.log(f"checkpoint {path}")
         bar.close()
         writer.close()
@@ -672,13 +683,16 @@ class PPORun:
             (self.out / "unregistered.json").write_text(json.dumps(pending, indent=1))
             self.log(f"warning: {len(self.unregistered)} checkpoint(s) not registered; listed in "
                      f"{self.out / 'unregistered.json'} (a --resume registers them)")
-        evals = [h for h in self.history if "eval/gold" in h]
+        shown = "test" if "test" in self.prompts else "val"  # what the figures report; val chose the checkpoint
+        evals = [h for h in self.history if f"{shown}/gold" in h]
         first, last = evals[0], evals[-1]
         summary = {
-            "iterations": self.iteration,
-            "gold_initial": first["eval/gold"], "gold_final": last["eval/gold"],
-            "rm_initial": first["eval/rm_score"], "rm_final": last["eval/rm_score"],
-            "kl_final": last["eval/kl"], "win_rate_vs_initial": last["eval/win_rate_vs_initial"],
+            "iterations": self.iteration, "reported_split": shown,
+            "gold_initial": first[f"{shown}/gold"], "gold_final": last[f"{shown}/gold"],
+            "gold_final_se": last[f"{shown}/gold_se"],
+            "rm_initial": first[f"{shown}/rm_score"], "rm_final": last[f"{shown}/rm_score"],
+            "kl_final": last[f"{shown}/kl"], "win_rate_vs_initial": last[f"{shown}/win_rate_vs_initial"],
+            "val_gold_initial": first["val/gold"], "val_gold_final": last["val/gold"],
             "best_checkpoint": self.best[1] if self.best else None,
             "report": str(self.out / "report.png"), "metrics": str(self.out / "metrics.jsonl"),
             "checkpoints": str(self.out / "checkpoints"),
@@ -688,7 +702,10 @@ class PPORun:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log("\n".join([
             "", "=== PPO summary ===",
-            f"gold score (held-out): {summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}",
+            f"gold score ({shown}):    {summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}"
+            f" ± {summary['gold_final_se']:.3f} (s.e.)",
+            f"validation gold:       {summary['val_gold_initial']:.3f} -> {summary['val_gold_final']:.3f}"
+            f" (best checkpoint by it: {summary['best_checkpoint']})",
             f"reward-model score:    {summary['rm_initial']:.3f} -> {summary['rm_final']:.3f}",
             f"KL to reference:       {summary['kl_final']:.3f}",
             f"win-rate vs initial:   {summary['win_rate_vs_initial']:.2f}",
@@ -732,8 +749,9 @@ def _weighted(rows: list[dict], key: str) -> float:
 def _progress_line(row: dict) -> str:
     parts = [f"iter {row['iteration']}", f"rm {row['reward/rm_score']:.3f}", f"kl {row['kl/mean_sequence_kl']:.3f}",
              f"len {row['response/length']:.1f}"]
-    if "eval/gold" in row:
-        parts.append(f"eval gold {row['eval/gold']:.3f}")
+    for split in ("val", "test"):
+        if f"{split}/gold" in row:
+            parts.append(f"{split} gold {row[f'{split}/gold']:.3f}")
     parts.append("time " + " ".join(f"{k[5:]}={v:.1f}s" for k, v in row.items() if k.startswith("time/")))
     return " | ".join(parts)
 

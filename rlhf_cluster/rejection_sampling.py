@@ -7,7 +7,8 @@ A rejection-sampling round, on the same actor groups as PPO:
     rollout engines sample K responses per prompt  →  reward model(s) score all of them
     keep the best of K per prompt (threshold, de-duplication)  →  written to round_N/selected.jsonl
     SFT on the selected set in the policy trainer group  →  weight sync  →  held-out evaluation
-Each round starts from the best model so far (held-out gold or RM score); a PPO round runs the
+Each round starts from the best model so far by validation gold or RM score (`promote_by`; the test
+split is only reported, never compared); a PPO round runs the
 PPO job on top of it, as Llama 2 applied PPO to its rejection-sampled checkpoint.
 """
 
@@ -139,13 +140,14 @@ class RejectionSamplingRun(PPORun):
 
     # ---------------------------------------------------------------- best-of-K as inference-time evaluation
     def best_of_k_curve(self, ks: list[int], seeds: int) -> dict[int, float]:
-        """Held-out gold score when the reward model picks the best of K samples, averaged over seeds."""
+        """Test gold score (validation without a test split) when the reward model picks the best of K
+        samples, averaged over seeds. Reported only."""
         from rlhf_cluster.lib import task
 
         k_max, curve = max(ks), {k: 0.0 for k in ks}
-        self.round_prompts = self.eval_prompts
+        self.round_prompts = self.prompts.get("test", self.prompts["val"])
         for seed in range(seeds):
-            samples = self.generate([p["prompt_ids"] for p in self.eval_prompts],
+            samples = self.generate([p["prompt_ids"] for p in self.round_prompts],
                                     {"samples_per_prompt": k_max, "temperature": self.cfg.rs.temperature},
                                     seed=10_000_019 * (seed + 1))
             reward = self.scores(samples)["reward"].view(-1, k_max)
@@ -157,8 +159,19 @@ class RejectionSamplingRun(PPORun):
         return curve
 
 
-def _metric(ev: dict, by: str) -> float:
-    return ev["eval/gold"] if by == "gold" else ev["eval/rm_score"]
+MEASURES = ("val/gold", "val/rm_score", "test/gold", "test/rm_score")  # what a round's registry entry records
+
+
+def _scores(ev: dict) -> str:
+    """'val gold 0.700, RM 0.310 | test gold 0.712 ± 0.040, RM 0.300' for a log line."""
+    return " | ".join(f"{split} gold {ev[f'{split}/gold']:.3f}"
+                      + (f" ± {ev[f'{split}/gold_se']:.3f}" if split == "test" else "")
+                      + f", RM {ev[f'{split}/rm_score']:.3f}" for split in ("val", "test") if f"{split}/gold" in ev)
+
+
+def promotion_score(ev: dict, promote_by: str) -> float:
+    """The validation metric that promotes a round (`promote_by`): never a test-split number."""
+    return ev["val/gold"] if promote_by == "val_gold" else ev["val/rm_score"]
 
 
 def check_round_resources(cfg: RSConfig, cpus: float, gpus: float) -> None:
@@ -216,7 +229,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
     def register(path: Path, number: int, ev: dict, stage: str = "rejection_sampling") -> str | None:
         try:
             entry = make_entry(path, run=run_name, kind="policy", stage=stage, step=number,
-                               metrics={"eval_gold": ev["eval/gold"], "eval_rm": ev["eval/rm_score"]})
+                               metrics={k.replace("/", "_"): ev[k] for k in MEASURES if k in ev})
             # what it holds and measured in the id: a re-run of the same output directory adds entries
             # (or repeats one exactly), never conflicts
             tag = hashlib.sha256(entry.model_dump_json(exclude={"id", "created"}).encode()).hexdigest()[:12]
@@ -230,8 +243,8 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
     history = [{"iteration": 0, **job.held_out_eval()}]
     hf0 = export(job, out / "round_0")  # the starting model, so a losing round can be undone
     best = {"round": 0, "hf": hf0, "state": out / "round_0" / "policy",
-            "score": _metric(history[0], cfg.promote_by), "id": register(hf0, 0, history[0])}
-    log(f"round 0 (start): gold {history[0]['eval/gold']:.3f}, RM {history[0]['eval/rm_score']:.3f}")
+            "score": promotion_score(history[0], cfg.promote_by), "id": register(hf0, 0, history[0])}
+    log(f"round 0 (start): {_scores(history[0])}")
     curve = {}
     if cfg.best_of_k_eval:  # of the starting policy: best-of-K sampling as the alternative to training
         curve = job.best_of_k_curve(cfg.best_of_k_eval, cfg.best_of_k_seeds)
@@ -261,18 +274,18 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
                 summary = ppo.run(ppo_cfg, log=log)
                 ckpt = ppo.latest_checkpoint(where)
                 rows = [json.loads(line) for line in (where / "metrics.jsonl").read_text().splitlines()]
-                ev = next(r for r in reversed(rows) if "eval/gold" in r)
+                ev = next(r for r in reversed(rows) if "val/gold" in r)
                 stats = {"ppo_gold_initial": summary["gold_initial"]}
                 hf, state = ckpt / "hf", None
             ev = {("ppo_iteration" if k == "iteration" else k): v for k, v in ev.items()}  # a PPO round's own count
             row = {"iteration": number, "round": kind, **stats, **ev}
             history.append(row)
-            score = _metric(ev, cfg.promote_by)
+            score = promotion_score(ev, cfg.promote_by)
             entry_id = register(hf, number, ev, stage=kind)
             promoted = score > best["score"]
             if promoted:
                 best = {"round": number, "hf": hf, "state": state, "score": score, "id": entry_id}
-            log(f"round {number} ({kind}): gold {ev['eval/gold']:.3f}, RM {ev['eval/rm_score']:.3f}"
+            log(f"round {number} ({kind}): {_scores(ev)}"
                 + (f", {stats['selected']} samples selected" if "selected" in stats else "")
                 + (" -> promoted to best" if promoted else f" -> best stays round {best['round']}"))
     finally:
@@ -285,14 +298,19 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
             log(f"warning: best model not promoted in the registry: {e}")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     learning_curves(history, out / "report.png", title="rejection sampling rounds")
-    summary = {"rounds": cfg.rounds, "gold_per_round": [r["eval/gold"] for r in history],
-               "rm_per_round": [r["eval/rm_score"] for r in history], "best_round": best["round"],
+    shown = "test" if "test/gold" in history[0] else "val"  # what is reported; validation chose the best
+    summary = {"rounds": cfg.rounds, "reported_split": shown, "promote_by": cfg.promote_by,
+               "gold_per_round": [r[f"{shown}/gold"] for r in history],
+               "gold_se_per_round": [r[f"{shown}/gold_se"] for r in history],
+               "rm_per_round": [r[f"{shown}/rm_score"] for r in history],
+               "val_gold_per_round": [r["val/gold"] for r in history],
+               "val_rm_per_round": [r["val/rm_score"] for r in history], "best_round": best["round"],
                "best_model": str(best["hf"]), "best_entry": best["id"], "best_of_k_gold": curve,
                "report": str(out / "report.png")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log("\n=== rejection sampling summary ===\n" + "\n".join(
-        f"round {i} ({'start' if i == 0 else cfg.rounds[i - 1]}): gold {g:.3f}"
-        for i, g in enumerate(summary["gold_per_round"])) + f"\nbest: round {best['round']} -> {best['hf']}"
+        f"round {i} ({'start' if i == 0 else cfg.rounds[i - 1]}): {_scores(r)}" for i, r in enumerate(history))
+        + f"\nbest by {cfg.promote_by}: round {best['round']} -> {best['hf']}"
         + f"\nreport: {summary['report']}")
     return summary
 

@@ -5,7 +5,7 @@
 The loss is cross-entropy on response tokens only (prompt tokens masked); multi-turn chats
 train on every assistant turn. With no data given it teaches the built-in base model (random
 weights) the built-in task from the demonstrator's data. Measured on held-out data: response
-loss on sft_eval.jsonl, and the gold score of responses sampled with vLLM on held-out prompts,
+loss on sft_val.jsonl, and the gold score of responses sampled with vLLM on the test prompts,
 before and after training.
 """
 

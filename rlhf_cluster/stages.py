@@ -103,12 +103,14 @@ def run_stage(stage: str, cfg: StageConfig, resolve: Callable, load_data: Callab
 
 
 def add_gold_eval(run: dict, cfg, llm=None) -> None:
-    """Gold score of the initial and the trained policy on held-out prompts, into the summary."""
+    """Gold score (and its standard error) of the initial and the trained policy on the test prompts, into
+    the summary: reported only, the stage's model is its last step whatever it scores."""
     paths, summary = run["paths"], run["summary"]
     if cfg.gold_eval and paths["prompts"]:
         gold = gold_eval({"before": Path(paths["model"]), "after": run["model_dir"]}, Path(paths["prompts"]),
                          cfg.rollout, cfg.seed, llm=llm)
         summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"],
+                       gold_after_se=gold["after"]["gold_se"],
                        gold_examples=gold["after"]["examples"])
 
 
@@ -159,8 +161,8 @@ def resolve_paths(cfg: StageConfig, builtin_data: str, builtin_model: Callable) 
             paths["model"] = str(builtin_model(assets))
         if cfg.data.train is None:
             paths["train"] = str(assets.file(f"{builtin_data}_train.jsonl"))
-            paths["eval"] = paths["eval"] or str(assets.file(f"{builtin_data}_eval.jsonl"))
-            paths["prompts"] = str(assets.file("prompts_eval.jsonl"))
+            paths["eval"] = paths["eval"] or str(assets.file(f"{builtin_data}_val.jsonl"))
+            paths["prompts"] = str(assets.file("prompts_test.jsonl"))
     return paths
 
 

@@ -128,6 +128,6 @@ def sft_run(builtin_assets, builtin_cfg, ray_cluster, vllm_engine):
     summary = json.loads((model_dir.parent / "summary.json").read_text())
     if "gold_after" not in summary:  # trained earlier in the session without the gold evaluation
         gold = gold_eval({"before": builtin_assets.base, "after": model_dir},
-                          builtin_assets.file("prompts_eval.jsonl"), cfg.rollout, cfg.seed, llm=vllm_engine)
+                          builtin_assets.file("prompts_test.jsonl"), cfg.rollout, cfg.seed, llm=vllm_engine)
         summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"])
     return model_dir, summary

@@ -111,7 +111,7 @@ def test_parquet_and_builtin_files_load(tmp_path, tokenizer, builtin_assets):
     samples, _ = load_tokenized(tmp_path / "prompts.parquet", tokenizer, "prompts", max_tokens=64)
     assert len(samples) == 3 and samples[0]["prompt_ids"][0] == tokenizer.bos_token_id
     for name, kind in [("sft_train.jsonl", "sft"), ("preferences_train.jsonl", "preferences"),
-                       ("prompts_eval.jsonl", "prompts")]:
+                       ("prompts_test.jsonl", "prompts")]:
         samples, report = load_tokenized(builtin_assets.file(name), tokenizer, kind, max_tokens=128)
         assert not report.skipped, report
 

@@ -122,7 +122,7 @@ def test_completed_stages_are_skipped_until_their_output_or_inputs_change(tmp_pa
 
 # --------------------------------------------------------------------------- end to end
 def tiny_pipeline(tmp_path: Path, builtin_cfg, sft_dir: Path) -> Path:
-    """The preset shrunk to minutes: the session's SFT policy, two aspect RMs, one RS round."""
+    """The preset shrunk to minutes: the session's SFT policy, two aspect RMs, one RS round on 128 prompts."""
     data = yaml.safe_load(PRESET.read_text())
     rm_trainer = data["reward_models"][1]["trainer"]
     small = {"loss": "ranking", "trainer": rm_trainer, "eval_every": 1000, "checkpoint_every": 1000}
@@ -130,9 +130,9 @@ def tiny_pipeline(tmp_path: Path, builtin_cfg, sft_dir: Path) -> Path:
         output_dir=str(tmp_path / "pipe"), registry=str(tmp_path / "registry"),
         builtin=builtin_cfg.model_dump(), sft={"use_existing": str(sft_dir)},
         reward_models=[{"aspect": "helpfulness", "epochs": 3, **small}, {"aspect": "safety", "epochs": 1, **small}],
-        final_reward=None,  # the first: helpfulness (scores eval/rm_score)
+        final_reward=None,  # the first: helpfulness (scores val/rm_score and test/rm_score)
     )
-    data["final"].update(rounds=["rejection_sampling"], rs={**data["final"]["rs"], "prompts_per_round": 64},
+    data["final"].update(rounds=["rejection_sampling"], rs={**data["final"]["rs"], "prompts_per_round": 128},
                          trainer={**data["final"]["trainer"], "num_ranks": 1, "num_cpus_per_rank": 1.0,
                                   "zero_stage": 0})
     path = tmp_path / "pipeline.yaml"

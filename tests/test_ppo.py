@@ -62,7 +62,7 @@ def test_smoke_run_leaves_checkpoints_metrics_and_report(smoke_run):
     assert rows[1]["kl/mean_sequence_kl"] == pytest.approx(0.0, abs=1e-4)  # iteration 1: policy == reference
     # smoke.yaml recomputes the old log-probs; vLLM's agree with the trainer's (what old_logprobs=sampler relies on)
     assert all(r["rollout/logprob_gap"] < 1e-4 for r in rows[1:]), [r["rollout/logprob_gap"] for r in rows[1:]]
-    assert "eval/gold" in rows[0] and "eval/gold" in rows[3] and "eval/win_rate_vs_initial" in rows[3]
+    assert "test/gold" in rows[0] and "val/gold" in rows[3] and "test/win_rate_vs_initial" in rows[3]
     assert (out / "report.png").stat().st_size > 10_000 and (out / "tensorboard").is_dir()
     assert summary["iterations"] == 3 and summary["report"] == str(out / "report.png")
     # keep_checkpoints=2: iterations 2 and 3 remain, complete and verified
@@ -121,7 +121,7 @@ def test_killed_job_resumes_like_the_uninterrupted_run(smoke_run, builtin_assets
     full = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]  # no gap, no duplicate
-    for key in ("reward/rm_score", "kl/mean_sequence_kl", "policy/loss", "response/length", "eval/gold"):
+    for key in ("reward/rm_score", "kl/mean_sequence_kl", "policy/loss", "response/length", "val/gold", "test/gold"):
         assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-4, abs=1e-5), key
     a = load_file(full_out / "checkpoints" / "iter_000003" / "hf" / "model.safetensors")
     b = load_file(out / "checkpoints" / "iter_000003" / "hf" / "model.safetensors")

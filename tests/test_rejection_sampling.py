@@ -23,11 +23,14 @@ def test_rounds_improve_gold_promote_the_best_and_best_of_k_grows(builtin_cfg, b
         f"builtin.cache_dir={builtin_cfg.cache_dir}", "rounds=[rejection_sampling, rejection_sampling, ppo]",
         "rs.prompts_per_round=64", "iterations=4", "eval_every=2", "checkpoint_every=4",
         "best_of_k_eval=[1,4,8]", "best_of_k_seeds=3"]))
-    gold = summary["gold_per_round"]
+    gold = summary["gold_per_round"]  # on the test split (46 prompts: one standard error is ~0.05)
     assert len(gold) == 4
-    assert gold[1] > gold[0] + 0.05, gold  # one round of best-of-8 fine-tuning beats the SFT policy
-    best = summary["best_round"]
-    assert best == max(range(4), key=lambda i: gold[i]) and gold[best] >= gold[1]  # promotion by held-out gold
+    # two rounds of best-of-8 fine-tuning on 64 prompts each beat the SFT policy by two standard errors
+    # (measured, seed 0: 0.673 -> 0.703 -> 0.777 -> 0.797 after the PPO round; one round alone is within noise)
+    assert gold[2] > gold[0] + 0.08 and gold[3] > gold[0] + 0.08, gold
+    best, val = summary["best_round"], summary["val_gold_per_round"]
+    assert summary["reported_split"] == "test" and summary["promote_by"] == "val_gold"
+    assert best == max(range(4), key=lambda i: val[i]) and val[best] >= val[1]  # promotion by validation gold
     assert open_registry(out / "registry").serving("policy").step == best
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -50,3 +53,40 @@ def test_bad_rounds_config_fails_early():
         load_config(RSConfig, None, ["rounds=[sft]"])
     with pytest.raises(ConfigError, match="combine=llama2 needs reward_models named"):
         load_config(RSConfig, None, ["combine=llama2"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_test_split_gold_cannot_change_what_is_promoted_or_kept(builtin_cfg, builtin_sft_rm, tmp_path, monkeypatch):
+    """Two runs of RS -> PPO rounds, the second with the test split's gold labels inverted (in the
+    driver, where every gold score is computed): the same round is promoted, the registry serves the
+    same step and the PPO round keeps the same checkpoints; only the reported test numbers differ."""
+    from rlhf_cluster.lib import task
+    from rlhf_cluster.lib.registry import open_registry
+
+    sft, rm = builtin_sft_rm
+    test_prompts = set(task.split_prompts(builtin_cfg.seed)["test"])
+    true_gold = task.gold_score
+
+    def inverted_on_test(prompt, response):
+        g = true_gold(prompt, response)
+        return task.GoldScore(1 - g.helpfulness, 1 - g.safety) if prompt in test_prompts else g
+
+    def rounds(out, invert: bool) -> dict:
+        if invert:
+            monkeypatch.setattr(task, "gold_score", inverted_on_test)
+        summary = run(load_config(RSConfig, CONFIG_DIR / "rejection-sampling-tiny.yaml", [
+            f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
+            f"builtin.cache_dir={builtin_cfg.cache_dir}", "rounds=[rejection_sampling, ppo]", "best_of_k_eval=[]",
+            "rs.prompts_per_round=16", "rs.samples_per_prompt=4", "rs.epochs=1", "estimator=grpo",
+            "rollout.samples_per_prompt=2", "prompts_per_iteration=8", "iterations=3", "eval_every=1",
+            "checkpoint_every=1", "keep_checkpoints=1"]))
+        monkeypatch.setattr(task, "gold_score", true_gold)
+        kept = sorted(p.name for p in (out / "round_2" / "checkpoints").iterdir())
+        return {**summary, "kept": kept, "serving": open_registry(out / "registry").serving("policy").step}
+
+    clean, flipped = rounds(tmp_path / "clean", False), rounds(tmp_path / "flipped", True)
+    assert flipped["gold_per_round"] != clean["gold_per_round"]  # the test labels did change
+    assert flipped["val_gold_per_round"] == pytest.approx(clean["val_gold_per_round"], abs=1e-9)
+    for key in ("best_round", "kept", "serving"):
+        assert flipped[key] == clean[key], key

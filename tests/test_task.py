@@ -69,8 +69,8 @@ def test_label_noise_rate_is_honoured(tmp_path):
     n = len(pairs)
     sd = math.sqrt(noise * (1 - noise) / n)
     assert abs(flipped / n - noise) < 4 * sd, (flipped, n)
-    # held-out pairs carry gold labels: never flipped
-    for p in _read(tmp_path / "preferences_eval.jsonl"):
+    # held-out pairs (validation and test) carry gold labels: never flipped
+    for p in _read(tmp_path / "preferences_val.jsonl") + _read(tmp_path / "preferences_test.jsonl"):
         q = p["prompt"][0]["content"]
         assert task.gold_score(q, text(p["chosen"])).total > task.gold_score(q, text(p["rejected"])).total
     # edited > chosen whenever an edit is present (Llama 3 ranking)
@@ -82,7 +82,7 @@ def test_label_noise_rate_is_honoured(tmp_path):
 
 def test_aspect_files_rank_by_their_aspect(tmp_path):
     task.build(tmp_path, seed=0, label_noise=0.0)
-    for p in _read(tmp_path / "preferences_safety_eval.jsonl"):
+    for p in _read(tmp_path / "preferences_safety_test.jsonl"):
         q = p["prompt"][0]["content"]
         assert task.safety(q, p["chosen"][0]["content"]) > task.safety(q, p["rejected"][0]["content"])
         assert p["aspect"] == "safety" and p["strength"] in task.STRENGTHS
@@ -93,10 +93,22 @@ def test_build_is_deterministic_and_splits_are_disjoint(tmp_path):
     task.build(a, seed=7)
     task.build(b, seed=7)
     task.build(c, seed=8)
-    for name in ("sft_train.jsonl", "preferences_train.jsonl", "prompts_eval.jsonl"):
+    for name in ("sft_train.jsonl", "preferences_train.jsonl", "prompts_test.jsonl"):
         assert (a / name).read_text() == (b / name).read_text()
     assert (a / "sft_train.jsonl").read_text() != (c / "sft_train.jsonl").read_text()
-    train = {r["messages"][0]["content"] for r in _read(a / "prompts_train.jsonl")}
-    held = {r["messages"][0]["content"] for r in _read(a / "prompts_eval.jsonl")}
-    assert train and held and not train & held
-    assert {p.split()[0] for p in held} == {p.split()[0] for p in task.all_prompts()}  # every kind evaluated
+    split = {s: {r["messages"][0]["content"] for r in _read(a / f"prompts_{s}.jsonl")} for s in task.SPLITS}
+    assert all(split.values()) and sum(map(len, split.values())) == len(task.all_prompts())
+    assert not split["train"] & split["val"] and not split["train"] & split["test"] and not split["val"] & split["test"]
+    kinds = {p.split()[0] for p in task.all_prompts()}
+    assert {p.split()[0] for p in split["val"]} == {p.split()[0] for p in split["test"]} == kinds  # every kind held out
+    for name in ("sft_val.jsonl", "preferences_val.jsonl", "preferences_test.jsonl"):  # pairs follow their prompts
+        rows = _read(a / name)
+        prompts = {(r.get("messages") or r["prompt"])[0]["content"] for r in rows}
+        assert rows and prompts <= split[name.split("_")[-1].split(".")[0]], name
+
+
+def test_the_tokenizer_never_sees_the_test_split():
+    test = set(task.split_prompts(0)["test"])
+    corpus = set(task.corpus(0))
+    assert test and not test & corpus  # no test prompt; the responses in it are drawn for the other prompts
+    assert set(task.split_prompts(0)["val"]) <= corpus

@@ -37,7 +37,8 @@ class BuiltinAssets:
 
 def cache_root(cfg: BuiltinConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("RLHF_CLUSTER_CACHE") or Path.home() / ".cache" / "rlhf-cluster"
-    return Path(root) / f"builtin-{cfg.size}-seed{cfg.seed}-noise{cfg.label_noise:g}"
+    # v2: train/val/test splits, a tokenizer that never saw the test split
+    return Path(root) / f"builtin-v2-{cfg.size}-seed{cfg.seed}-noise{cfg.label_noise:g}"
 
 
 @contextmanager

@@ -45,10 +45,15 @@ class BuiltinConfig(Strict):
 
 
 class DataConfig(Strict):
-    """Training/eval files (JSONL or Parquet, HF chat format); null means the built-in task."""
+    """Training, validation and test files (JSONL or Parquet, HF chat format); null: the built-in task.
+
+    `eval` is the validation set: what a job measures during training and what chooses (best
+    checkpoint, promotion). `test` is only reported; nothing reads it to decide anything.
+    """
 
     train: str | None = None
     eval: str | None = None
+    test: str | None = None
     max_prompt_tokens: int = Field(64, gt=0)
     max_sequence_tokens: int = Field(128, gt=0)
     on_bad_sample: Literal["skip", "error"] = "skip"
@@ -489,7 +494,9 @@ class RSConfig(PPOConfig):
     output_dir: str = "runs/rejection-sampling"
     rounds: list[Literal["rejection_sampling", "ppo"]] = ["rejection_sampling"]
     rs: RejectionSamplingConfig = RejectionSamplingConfig()
-    promote_by: Literal["gold", "rm"] = "gold"  # held-out metric that picks the best model
+    # the validation metric that picks the best model: gold score of greedy responses to the validation
+    # prompts (a small human-judged set, in a real deployment) or the reward model's score of them
+    promote_by: Literal["val_gold", "val_rm"] = "val_gold"
     best_of_k_eval: list[int] = []  # e.g. [1, 2, 4, 8]: gold score of best-of-K at the end
     best_of_k_seeds: int = Field(2, ge=1)
     # several reward models combined (weighted sum, or Llama 2's safety/helpfulness rule);
@@ -567,7 +574,7 @@ class PipelineConfig(JobConfig):
     sft: PipelineSFTConfig = PipelineSFTConfig()
     reward_models: list[PipelineRewardConfig] = [PipelineRewardConfig()]
     final: PipelineFinalConfig = PipelineFinalConfig()
-    final_reward: str | None = None  # RM of PPO rounds and eval/rm_score; null: `overall` if trained, else the first
+    final_reward: str | None = None  # RM of PPO rounds and of */rm_score; null: `overall` if trained, else the first
     rerun: list[str] = []  # stages to run again although their registered output is intact; [all]: every stage
 
     def stage_names(self) -> list[str]:

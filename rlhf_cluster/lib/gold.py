@@ -13,13 +13,20 @@ from pathlib import Path
 from rlhf_cluster.lib import task
 
 
+def standard_error(xs: list[float]) -> float:
+    """Standard error of the mean, s / sqrt(n) with the sample standard deviation (0 for n < 2)."""
+    return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
+
+
 def gold_report(prompts: list[str], responses: list[str]) -> dict[str, float]:
-    """Mean gold score and its two aspects over (prompt text, response text) pairs."""
+    """Mean gold score (with its standard error) and its two aspects over (prompt text, response text) pairs."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("gold_report needs as many responses as prompts, at least one")
     scores = [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+    totals = [s.total for s in scores]
     return {
-        "gold": statistics.fmean(s.total for s in scores),
+        "gold": statistics.fmean(totals),
+        "gold_se": standard_error(totals),
         "helpfulness": statistics.fmean(s.helpfulness for s in scores),
         "safety": statistics.fmean(s.safety for s in scores),
         "n": len(scores),

@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
-    ("held-out gold score (truth)", ["eval/gold"]),
-    ("reward-model score", ["reward/rm_score", "eval/rm_score"]),
-    ("KL to reference", ["kl/mean_sequence_kl", "eval/kl"]),
+    ("gold score (truth): validation, test", ["val/gold", "test/gold"]),
+    ("reward-model score", ["reward/rm_score", "val/rm_score", "test/rm_score"]),
+    ("KL to reference", ["kl/mean_sequence_kl", "val/kl", "test/kl"]),
     ("policy", ["policy/entropy", "policy/clip_frac"]),
     ("critic", ["critic/value_loss", "critic/explained_variance"]),
     ("response length", ["response/length"]),
@@ -31,7 +31,7 @@ def learning_curves(history: list[dict], path: Path, title: str = "") -> Path:
         for key in keys:
             pts = [(r["iteration"], r[key]) for r in history if key in r and isinstance(r[key], (int, float))]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, markersize=3, label=key)
+                ax.plot(*zip(*pts), marker="o" if key.startswith(("val/", "test/")) else None, markersize=3, label=key)
         ax.set_title(name)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -98,13 +98,14 @@ def pipeline_figure(out: Path, curves: list[tuple[str, list[dict]]], rounds: lis
     ax = axes[-1]
     ax.plot(range(len(gold)), list(gold.values()), "o-", label="gold (truth)")
     ax.set_ylabel("gold score")
-    rm = [r.get("eval/rm_score") for r in rounds]
+    split = "test" if "test/gold" in rounds[0] else "val"
+    rm = [r.get(f"{split}/rm_score") for r in rounds]
     if all(isinstance(v, (int, float)) for v in rm):
         ax2 = ax.twinx()
         ax2.plot(range(len(rm)), rm, "s--", color="tab:orange")
         ax2.set_ylabel("reward-model score (dashed)", color="tab:orange")
     ax.set_xticks(range(len(gold)), [k.replace("_", " ", 1).replace("_", "\n", 1) for k in gold], fontsize=7)
-    ax.set_title("held-out gold (greedy) after each stage")
+    ax.set_title(f"{split} gold (greedy) after each stage")
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()

@@ -264,42 +264,55 @@ def preference_pair(prompt: str, rng: random.Random, aspect: str, label_noise: f
     return record
 
 
-def split_prompts(seed: int, eval_fraction: float = 0.2) -> tuple[list[str], list[str]]:
-    """Held-out prompts are distinct strings, stratified by kind so every kind is evaluated."""
+# Held-out shares of every kind of prompt. The test split is what every figure reports and nothing
+# chooses on; the validation split is what promotion, best checkpoints and early stopping read.
+VAL_FRACTION = 0.1
+TEST_FRACTION = 0.2
+SPLITS = ("train", "val", "test")
+
+
+def split_prompts(seed: int) -> dict[str, list[str]]:
+    """{train, val, test}: distinct prompt strings, stratified by kind so every kind is held out in both."""
     rng = random.Random(seed)
-    train, held_out = [], []
+    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
     kinds: dict[str, list[str]] = {}
     for p in all_prompts():
         kinds.setdefault(p.split()[0], []).append(p)
     for group in kinds.values():
         group = group[:]
         rng.shuffle(group)
-        k = max(1, round(len(group) * eval_fraction))
-        held_out += group[:k]
-        train += group[k:]
-    return train, held_out
+        n_test = max(1, round(len(group) * TEST_FRACTION))
+        n_val = max(1, round(len(group) * VAL_FRACTION))
+        splits["test"] += group[:n_test]
+        splits["val"] += group[n_test:n_test + n_val]
+        splits["train"] += group[n_test + n_val:]
+    return splits
 
 
 def build(out: Path, seed: int = 0, label_noise: float = 0.1, sft_per_prompt: int = 4,
           pairs_per_prompt: int = 4) -> dict[str, int]:
-    """Write the task's JSONL files (HF chat format) to `out`; returns line counts per file."""
+    """Write the task's JSONL files (HF chat format) to `out`; returns line counts per file.
+
+    prompts_{train,val,test}, sft_{train,val} (demonstrations), preferences[_helpfulness|_safety]_
+    {train,val,test}. Only training pairs carry label noise: held-out pairs are gold-labelled.
+    """
     rng = random.Random(seed)
-    train, held_out = split_prompts(seed)
+    splits = split_prompts(seed)
     files: dict[str, list[dict]] = {}
 
     def user(p: str) -> list[dict]:
         return [{"role": "user", "content": p}]
 
-    files["prompts_train.jsonl"] = [{"messages": user(p)} for p in train]
-    files["prompts_eval.jsonl"] = [{"messages": user(p)} for p in held_out]
-    for split, prompts in (("train", train), ("eval", held_out)):
-        files[f"sft_{split}.jsonl"] = [
-            {"messages": user(p) + [{"role": "assistant", "content": demonstrate(p, rng)}]}
-            for p in prompts for _ in range(sft_per_prompt)
-        ]
+    for split, prompts in splits.items():
+        files[f"prompts_{split}.jsonl"] = [{"messages": user(p)} for p in prompts]
+        if split != "test":  # demonstrations: SFT trains on train and measures its loss on val
+            files[f"sft_{split}.jsonl"] = [
+                {"messages": user(p) + [{"role": "assistant", "content": demonstrate(p, rng)}]}
+                for p in prompts for _ in range(sft_per_prompt)
+            ]
         for aspect in ASPECTS:
             name = "preferences" if aspect == "overall" else f"preferences_{aspect}"
-            noise = label_noise if split == "train" else 0.0  # evaluation uses gold labels
+            noise = label_noise if split == "train" else 0.0
             pairs = (preference_pair(p, rng, aspect, noise) for p in prompts for _ in range(pairs_per_prompt))
             files[f"{name}_{split}.jsonl"] = [r for r in pairs if r is not None]
     out.mkdir(parents=True, exist_ok=True)
@@ -307,15 +320,18 @@ def build(out: Path, seed: int = 0, label_noise: float = 0.1, sft_per_prompt: in
         tmp = out / (name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(out / name)
-    (out / "task.json").write_text(json.dumps({"seed": seed, "label_noise": label_noise}) + "\n")
+    (out / "task.json").write_text(json.dumps({"seed": seed, "label_noise": label_noise,
+                                               "splits": {k: len(v) for k, v in splits.items()}}) + "\n")
     return {name: len(rows) for name, rows in files.items()}
 
 
-def corpus() -> list[str]:
-    """Text for training the tokenizer: every prompt and every kind of response."""
+def corpus(seed: int = 0) -> list[str]:
+    """Text for training the tokenizer: the train and validation prompts of split `seed` and every
+    kind of response to them. Test prompts and their answers stay unseen."""
     rng = random.Random(0)
     lines = []
-    for p in all_prompts():
+    test = set(split_prompts(seed)["test"])
+    for p in (p for p in all_prompts() if p not in test):
         lines.append(p)
         lines += [_perfect(p, rng) for _ in range(3)] + [demonstrate(p, rng) for _ in range(6)]
     lines += [REFUSAL, OVER_REFUSAL, " ".join(FORBIDDEN_WORDS)]

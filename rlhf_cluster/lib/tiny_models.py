@@ -96,7 +96,7 @@ def build_tiny(out: Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:
     if size not in SIZES:
         raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(task.corpus())
+    tokenizer = train_tokenizer(task.corpus(seed))
     base = LlamaForCausalLM(llama_config(size, tokenizer))
     base.generation_config.eos_token_id = tokenizer.eos_token_id
     base.generation_config.pad_token_id = tokenizer.pad_token_id
