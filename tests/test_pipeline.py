@@ -180,9 +180,10 @@ def test_pipeline_trains_aspect_rms_combines_them_and_resumes(builtin_cfg, built
     assert acc["helpfulness"]["after"] > 0.72 and acc["helpfulness"]["after"] > acc["helpfulness"]["before"] + 0.1
     assert acc["safety"]["after"] > 0.9
 
-    # the combined round beats the SFT policy on held-out gold; per-RM scores are logged
+    # the combined round beats the SFT policy on test gold by two standard errors (46 prompts, ~0.04-0.06;
+    # measured, seed 0: 0.673 -> 0.806 with 128 prompts, 0.673 -> 0.667 with 64); per-RM scores are logged
     gold = summary["gold"]
-    assert gold["round_1_rejection_sampling"] > gold["sft"] + 0.05, gold
+    assert summary["gold_split"] == "test" and gold["round_1_rejection_sampling"] > gold["sft"] + 0.08, gold
     scores = summary["rm_scores_last_rs_round"]
     assert set(scores) == {"helpfulness", "safety"}
     assert scores["helpfulness"]["selected"] > scores["helpfulness"]["all"]  # best-of-8 picks helpful responses
