@@ -154,12 +154,12 @@ def test_sft_lowers_heldout_loss_and_raises_gold(sft_run):
     model_dir, s = sft_run
     print(f"\nSFT: held-out loss {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f}, "
           f"gold {s['gold_before']:.3f} -> {s['gold_after']:.3f}, {s.get('seconds')} s")
-    assert s["steps"] == 220  # 20 epochs x (732 // 64)
+    assert s["train_samples"] == 640 and s["steps"] == 200  # 160 train prompts x 4 demos; 20 epochs x 640 // 64
     assert s["eval_loss_after"] < s["eval_loss_before"] - 3.0  # 6.29 (uniform over 512 tokens) -> ~1.0
     assert s["gold_before"] < 0.05  # the base model is random
-    assert s["gold_after"] > s["gold_before"] + 0.25  # measured 0.43
+    assert s["gold_after"] > s["gold_before"] + 0.25  # measured 0.52 (0.43 before the validation split)
     metrics = [json.loads(line) for line in (model_dir.parent / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(221))
+    assert [m["step"] for m in metrics] == list(range(201))
     assert (model_dir.parent / "loss.png").stat().st_size > 0
 
 
@@ -193,8 +193,10 @@ def test_dpo_raises_heldout_logratio_and_gold(sft_run, vllm_engine, builtin_cfg,
     assert s["eval_reward_accuracy_after"] > 0.6
     assert s["gold_before"] == pytest.approx(sft_summary["gold_after"], abs=1e-9)  # same engine, same seeds
     # dpo-tiny.yaml: sigmoid DPO, β 0.1, with the RPO / Llama 3 NLL term on chosen (nll_coef 0.2):
-    # measured 0.42 -> 0.71; the chosen responses' likelihood is kept while rejected ones fall
-    assert s["gold_after"] > s["gold_before"] + 0.15
+    # measured 0.52 -> 0.66 (0.42 -> 0.71 before the validation split) on 4 samples of each of the 46 test
+    # prompts at T=1 (standard error of such a mean ~0.03-0.04); the chosen responses' likelihood is kept
+    # while rejected ones fall
+    assert s["gold_after"] > s["gold_before"] + 0.10
     assert s["eval_chosen_shift_after"] > -0.5 and s["eval_rejected_shift_after"] < -1.0
 
 
