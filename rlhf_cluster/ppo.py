@@ -37,7 +37,6 @@ from actors.rollout import StaleWeights
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig
-from rlhf_cluster.scaffold import RunFailed
 
 DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 
@@ -702,7 +701,7 @@ class PPORun:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.log("\n".join([
             "", "=== PPO summary ===",
-            f"gold score ({shown}):    {summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}"
+            f"{f'gold score ({shown}):':<23}{summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}"
             f" ± {summary['gold_final_se']:.3f} (s.e.)",
             f"validation gold:       {summary['val_gold_initial']:.3f} -> {summary['val_gold_final']:.3f}"
             f" (best checkpoint by it: {summary['best_checkpoint']})",
@@ -728,7 +727,7 @@ class PPORun:
             remove_placement_group(pg)
 
 
-class RunHalted(RunFailed):
+class RunHalted(scaffold.RunFailed):
     """The run stopped itself: too many failures or skipped updates in a row (the message says which)."""
 
 
