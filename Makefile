@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system run test test-fast bench lint clean distclean
+.PHONY: install system run test test-fast bench results results-quick lint clean distclean
 
 install: $(STAMP) system
 
@@ -37,6 +37,14 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not ray and not vllm and not slow"
+
+# The learning results: every method over 3 seeds and the over-optimisation sweep (under an hour on 2 cores);
+# writes docs/results/results.json, then docs/results.md and README's results block from it.
+results: install
+	$(PY) -m rlhf_cluster.results results_file=docs/results/results.json
+
+results-quick: install
+	$(PY) -m rlhf_cluster.results --quick
 
 # The benchmarks also need the `bench` extra (TRL, the contender of bench/rl_step.py). Only the extra's
 # own pins are installed: a full `pip install -e .[cpu,dev,bench]` would bring torchvision back.

@@ -37,6 +37,7 @@ from actors.rollout import StaleWeights
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig
+from rlhf_cluster.lib.overoptimisation import overoptimising
 
 DEFAULT_CONFIG = CONFIG_DIR / "tiny-cpu.yaml"
 
@@ -167,6 +168,7 @@ class PPORun:
         self.weights_version = 0  # bumped by every sync; engines refuse to sample with another version
         self.faults = {"rollbacks": 0, "engine_failures": 0, "skipped_iterations": 0}
         self.consecutive_skips = 0
+        self.stopped_early: int | None = None  # the iteration early_stop ended the run at
         self.unregistered: list = []  # registry entries waiting for the registry to come back
         self.start_state: dict | None = None
 
@@ -445,7 +447,29 @@ class PPORun:
                 f"{split}/gold_se": gold["gold_se"], f"{split}/helpfulness": gold["helpfulness"],
                 f"{split}/safety": gold["safety"], f"{split}/kl": sum(kl) / len(kl),
                 f"{split}/win_rate_vs_initial": sum(wins) / len(wins),
-                f"{split}/example": f"{texts[0]!r} -> {responses[0]!r}"}
+                f"{split}/example": f"{texts[0]!r} -> {responses[0]!r}", **self.sampled_eval(split)}
+
+    def sampled_eval(self, split: str) -> dict:
+        """`eval_samples_per_prompt` responses per prompt at the rollout temperature (seeded alike at every evaluation):
+        KL(policy || reference) estimated as the mean over responses of sum log pi - log pi_ref (k1, unbiased
+        on samples of the policy, unlike the greedy `kl`), with the RM and gold scores of the same
+        responses: the three numbers of the over-optimisation curve (Gao et al. 2022)."""
+        from rlhf_cluster.lib import task
+        from rlhf_cluster.lib.gold import gold_report
+
+        prompts = self.prompts[split]
+        samples = self.generate([p["prompt_ids"] for p in prompts],
+                                {"samples_per_prompt": self.cfg.eval_samples_per_prompt},
+                                seed=self.cfg.seed * 1_000_003 + 999_983)
+        seqs = [trainer_item(s)["input_ids"] for s in samples]
+        scores = self.reward.map("score", seqs)
+        ref = self.reference.map("logprobs", seqs)
+        kl = [sum(a - b for a, b in zip(s["logprobs"], response_part(s, r))) for s, r in zip(samples, ref)]
+        gold = gold_report([task.prompt_text(prompts[s["prompt_index"]]["messages"]) for s in samples],
+                           [s["text"] for s in samples])
+        return {f"{split}/sampled_kl": sum(kl) / len(kl), f"{split}/sampled_rm_score": sum(scores) / len(scores),
+                f"{split}/sampled_gold": gold["gold"],
+                f"{split}/sampled_length": sum(len(s["response_ids"]) for s in samples) / len(samples)}
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -454,7 +478,7 @@ class PPORun:
                 "order": list(self.order), "rng": _rng_state(self.rng), "kl_ctl": self.kl_ctl.state_dict(),
                 "reward_stats": self.reward_stats.state_dict(), "baseline_eval": self.baseline_eval,
                 "history": list(self.history), "best": self.best, "faults": dict(self.faults),
-                "consecutive_skips": self.consecutive_skips,
+                "consecutive_skips": self.consecutive_skips, "stopped_early": self.stopped_early,
                 "unregistered": [e.model_dump(mode="json") for e in self.unregistered]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -468,6 +492,7 @@ class PPORun:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_stats.load_state_dict(state["reward_stats"])
         self.consecutive_skips = state.get("consecutive_skips", 0)
+        self.stopped_early = state.get("stopped_early")
         pending = [Entry.model_validate(e) for e in state.get("unregistered", [])]
         self.unregistered += [e for e in pending if e.id not in {u.id for u in self.unregistered}]
         # the metrics log restarts from the restored state: rows of iterations after it are redone
@@ -623,7 +648,7 @@ class PPORun:
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="ppo", file=sys.stdout,
                    disable=not sys.stdout.isatty() and not os.environ.get("RLHF_PROGRESS"))
         stop_at = min(cfg.iterations, cfg.stop_after_iterations or cfg.iterations)
-        while self.iteration < stop_at:
+        while self.iteration < stop_at and self.stopped_early is None:
             try:
                 row = self.iterate(metrics_file, writer)
             except (RayActorError, PoisonedState) as e:
@@ -650,7 +675,16 @@ class PPORun:
                 self.consecutive_skips = 0
                 bar.set_postfix(rm=f"{row['reward/rm_score']:.2f}", kl=f"{row['kl/mean_sequence_kl']:.2f}")
                 self.log(_progress_line(row))
-            if self.iteration % cfg.checkpoint_every == 0 or self.iteration in (cfg.iterations, stop_at):
+            if row.get("val/overoptimising"):
+                stop = cfg.early_stop == "val_gold"
+                self.log(f"warning: reward over-optimisation: over the last {cfg.overoptimisation_patience} "
+                         "evaluations the validation RM score rose while validation gold fell"
+                         + ("; stopping (early_stop=val_gold)" if stop else ""))
+                if stop:
+                    self.stopped_early = self.iteration
+            new_best = "val/gold" in row and (self.best is None or row["val/gold"] > self.best[0])
+            if (self.iteration % cfg.checkpoint_every == 0 or self.iteration in (cfg.iterations, stop_at)
+                    or self.stopped_early or (new_best and cfg.early_stop != "none")):
                 path = self.save_checkpoint(row)
                 self.log(f"checkpoint {path}")
         bar.close()
@@ -665,6 +699,9 @@ class PPORun:
         if not metrics.get("skipped") and (self.iteration % self.cfg.eval_every == 0
                                            or self.iteration == self.cfg.iterations):
             metrics.update(self.held_out_eval())
+            evals = [(h["val/rm_score"], h["val/gold"]) for h in self.history if "val/gold" in h]
+            evals.append((metrics["val/rm_score"], metrics["val/gold"]))
+            metrics["val/overoptimising"] = int(overoptimising(evals, self.cfg.overoptimisation_patience))
         row = {"iteration": self.iteration, **metrics}
         self.history.append(row)
         metrics_file.write(json.dumps(row) + "\n")
@@ -685,13 +722,19 @@ class PPORun:
         shown = "test" if "test" in self.prompts else "val"  # what the figures report; val chose the checkpoint
         evals = [h for h in self.history if f"{shown}/gold" in h]
         first, last = evals[0], evals[-1]
+        chosen = max((h for h in evals if "val/gold" in h), key=lambda h: h["val/gold"])  # first of equal bests
         summary = {
             "iterations": self.iteration, "reported_split": shown,
             "gold_initial": first[f"{shown}/gold"], "gold_final": last[f"{shown}/gold"],
             "gold_final_se": last[f"{shown}/gold_se"],
             "rm_initial": first[f"{shown}/rm_score"], "rm_final": last[f"{shown}/rm_score"],
-            "kl_final": last[f"{shown}/kl"], "win_rate_vs_initial": last[f"{shown}/win_rate_vs_initial"],
+            "kl_final": last[f"{shown}/kl"], "kl_final_sampled": last.get(f"{shown}/sampled_kl"),
+            "win_rate_vs_initial": last[f"{shown}/win_rate_vs_initial"],
             "val_gold_initial": first["val/gold"], "val_gold_final": last["val/gold"],
+            # the evaluation with the best validation gold, and what the reported split says of it
+            "best_val_iteration": chosen["iteration"], "best_val_gold": chosen["val/gold"],
+            "gold_at_best_val": chosen[f"{shown}/gold"], "gold_at_best_val_se": chosen[f"{shown}/gold_se"],
+            "stopped_early_at": self.stopped_early,
             "best_checkpoint": self.best[1] if self.best else None,
             "report": str(self.out / "report.png"), "metrics": str(self.out / "metrics.jsonl"),
             "checkpoints": str(self.out / "checkpoints"),
@@ -706,7 +749,11 @@ class PPORun:
             f"validation gold:       {summary['val_gold_initial']:.3f} -> {summary['val_gold_final']:.3f}"
             f" (best checkpoint by it: {summary['best_checkpoint']})",
             f"reward-model score:    {summary['rm_initial']:.3f} -> {summary['rm_final']:.3f}",
-            f"KL to reference:       {summary['kl_final']:.3f}",
+            f"KL to reference:       {summary['kl_final']:.3f} on greedy responses"
+            + (f", {summary['kl_final_sampled']:.3f} sampled" if summary["kl_final_sampled"] is not None else ""),
+            f"best by validation:    iteration {summary['best_val_iteration']}, {shown} gold there "
+            f"{summary['gold_at_best_val']:.3f}" + (f"; stopped early at iteration {self.stopped_early}"
+                                                    if self.stopped_early else ""),
             f"win-rate vs initial:   {summary['win_rate_vs_initial']:.2f}",
             "faults ridden out:     " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.faults.items()),
             f"report:      {summary['report']}",

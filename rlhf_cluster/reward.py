@@ -129,19 +129,26 @@ def run_reward(cfg: RewardConfig, fail_at_step: int | None = None) -> Path:
 def ensure_builtin_sft_and_rm(builtin_cfg=None) -> tuple[Path, Path]:
     """The built-in SFT policy and reward model (what PPO starts from), trained once and cached
     next to the built-in assets with the presets in configs/; returns (sft_dir, rm_dir)."""
-    from rlhf_cluster.lib.builtin import cache_root, locked
-    from rlhf_cluster.lib.config import CONFIG_DIR, BuiltinConfig, load_config
+    from rlhf_cluster.lib.config import BuiltinConfig
     from rlhf_cluster.sft import ensure_builtin_sft
 
     builtin_cfg = builtin_cfg or BuiltinConfig()
-    sft_dir = ensure_builtin_sft(builtin_cfg)
+    return ensure_builtin_sft(builtin_cfg), ensure_builtin_rm(builtin_cfg)
+
+
+def ensure_builtin_rm(builtin_cfg) -> Path:
+    """The built-in reward model of `builtin_cfg.size`, trained once with configs/reward-tiny.yaml from
+    that size's reward_base (it needs no SFT policy) and cached; the results harness compares sizes."""
+    from rlhf_cluster.lib.builtin import cache_root, locked
+    from rlhf_cluster.lib.config import CONFIG_DIR, load_config
+
     root = cache_root(builtin_cfg)
     with locked(root / "reward.lock"):
         if not (root / "reward" / "model" / "config.json").exists():
             cfg = load_config(RewardConfig, CONFIG_DIR / "reward-tiny.yaml", [f"output_dir={root / 'reward'}"])
             cfg.builtin = builtin_cfg
             run_reward(cfg)
-    return sft_dir, root / "reward" / "model"
+    return root / "reward" / "model"
 
 
 def main(argv: list[str] | None = None) -> Path:

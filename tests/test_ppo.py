@@ -155,3 +155,39 @@ def test_ppo_raises_heldout_gold_with_bounded_kl(builtin_cfg, builtin_sft_rm, tm
     assert summary["gold_final"] > summary["gold_initial"] + margin, summary
     assert summary["rm_final"] > summary["rm_initial"], summary
     assert summary["kl_final"] < 2.0, summary
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_early_stop_on_a_run_that_overoptimises(builtin_cfg, builtin_sft_rm, tmp_path):
+    """GRPO with no KL penalty and a large step over-optimises the built-in reward model within a few evaluations
+    (measured: validation gold 0.55 -> 0.73 at iteration 6, then 0.69, 0.68, 0.64 while the RM score kept
+    rising). early_stop=val_gold stops at the first evaluation where, over the last two, the validation RM score
+    rose while validation gold fell, and the best checkpoint by validation gold is kept."""
+    from rlhf_cluster.lib.overoptimisation import overoptimising
+
+    sft, rm = builtin_sft_rm
+    out = tmp_path / "overopt"
+    cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", [
+        f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
+        f"builtin.cache_dir={builtin_cfg.cache_dir}", "estimator=grpo", "kl_coef=0", "trainer.optim.lr=1e-3",
+        "iterations=24", "eval_every=2", "checkpoint_every=100", "early_stop=val_gold"])
+    lines = []
+    summary = run(cfg, log=lambda m: (lines.append(str(m)), print(m)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val/gold" in r]
+    stop = summary["stopped_early_at"]
+    assert stop is not None and stop < 24, [(r["iteration"], r["val/gold"], r["val/rm_score"]) for r in evals]
+    assert rows[-1]["iteration"] == stop and summary["iterations"] == stop
+    # the rule, recomputed from the logged validation numbers: false at every evaluation but the last
+    pairs = [(r["val/rm_score"], r["val/gold"]) for r in evals]
+    assert [overoptimising(pairs[:i + 1], 2) for i in range(len(pairs))] == [False] * (len(pairs) - 1) + [True]
+    assert [r["val/overoptimising"] for r in evals[1:]] == [0] * (len(evals) - 2) + [1]
+    assert any("reward over-optimisation" in line and "stopping (early_stop=val_gold)" in line for line in lines)
+    # the best checkpoint by validation gold survives, beside the one at the stop
+    best = max(evals, key=lambda r: r["val/gold"])
+    assert summary["best_val_iteration"] == best["iteration"] < stop
+    assert summary["best_checkpoint"] == f"iter_{best['iteration']:06d}"
+    assert (out / "checkpoints" / summary["best_checkpoint"] / "hf" / "model.safetensors").exists()
+    assert latest_checkpoint(out).name == f"iter_{stop:06d}"
+    assert summary["gold_at_best_val"] == best["test/gold"]  # reported at the iteration validation chose

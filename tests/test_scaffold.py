@@ -12,7 +12,7 @@ from rlhf_cluster.lib.config import CONFIG_DIR
 
 # job module -> the function its main() hands the config to
 JOBS = {"ppo": "run", "rejection_sampling": "run", "pipeline": "run", "sft": "run_sft", "reward": "run_reward",
-        "dpo": "run_dpo", "evaluate": "run"}
+        "dpo": "run_dpo", "evaluate": "run", "results": "run"}
 
 
 def _exit(main, argv, capsys) -> tuple[int, str]:

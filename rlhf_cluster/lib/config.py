@@ -314,6 +314,12 @@ class PPOConfig(JobConfig):
     loss_agg: Literal["token", "sequence"] = "token"
     eval_every: int = Field(5, ge=1)
     eval_temperature: float = Field(0.0, ge=0.0)  # 0: greedy, so evaluations are comparable
+    eval_samples_per_prompt: int = Field(4, ge=1)  # sampled responses per prompt for the sampled KL / RM / gold
+    # Reward over-optimisation (Gao et al. 2022): when, over the last `overoptimisation_patience` evaluations,
+    # the validation RM score rose while validation gold fell, the run warns; with early_stop=val_gold it also
+    # stops there (and keeps a checkpoint at every new best validation gold, so the best one survives)
+    early_stop: Literal["none", "val_gold"] = "none"
+    overoptimisation_patience: int = Field(2, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     registry: str | None = None  # redis://... or a directory; null: $REDIS_URL or the embedded default
@@ -602,4 +608,58 @@ class PipelineConfig(JobConfig):
         unknown = sorted(set(self.rerun) - set(self.stage_names()) - {"all"})
         if unknown:
             raise ValueError(f"rerun names unknown stages {unknown}; the stages are {self.stage_names()} (or all)")
+        return self
+
+
+# --------------------------------------------------------------------------- the results harness
+RESULT_METHODS = ("sft", "best_of_k", "rejection_sampling", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "ipo",
+                  "rs_ppo")
+
+
+class OveroptimisationSweepConfig(Strict):
+    """Gao et al. (2022) on the built-in task: PPO runs at several KL coefficients, evaluated every few
+    iterations, give (sqrt KL, proxy RM score, gold) points; repeated with each reward-model size."""
+
+    kl_coefs: list[float] = [0.0, 0.02]
+    iterations: int = Field(24, ge=2)
+    eval_every: int = Field(3, ge=1)
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"
+    reward_sizes: list[Literal["tiny", "small"]] = ["tiny", "small"]
+    seed: int = 0
+
+
+class ResultsConfig(JobConfig):
+    """`python -m rlhf_cluster.results`: every method on the built-in task at one sample budget, over seeds.
+
+    Online methods sample `samples_per_method` responses in all; offline ones (DPO, IPO) train on the
+    built-in preference pairs. Every method's output is scored by one evaluator (greedy test gold, sampled KL
+    to the SFT policy), and nothing that a method chooses reads the test split.
+    """
+
+    output_dir: str = "runs/results"
+    ray: RayConfig = RayConfig(num_cpus=4)  # logical CPUs of a local cluster, as the presets the methods run
+    seeds: list[int] = [0, 1, 2]
+    methods: list[Literal[RESULT_METHODS]] = list(RESULT_METHODS)  # type: ignore[valid-type]
+    samples_per_method: int = Field(1024, ge=64)  # responses sampled by each online method (its training budget)
+    prompts_per_iteration: int = Field(16, ge=1)  # PPO-family batch: prompts x rollout samples per iteration
+    samples_per_prompt: int = Field(4, ge=2)
+    rs_samples_per_prompt: int = Field(8, ge=2)  # K of a rejection-sampling round
+    best_of_k: int = Field(16, ge=2)  # K of best-of-K sampling from the SFT policy (inference-time, no training)
+    eval_points: int = Field(4, ge=1)  # validation/test evaluations along a PPO-family run
+    overoptimisation: OveroptimisationSweepConfig | None = OveroptimisationSweepConfig()
+    results_file: str | None = None  # where the JSON goes; null: <output_dir>/results.json
+
+    @model_validator(mode="after")
+    def _budget(self) -> ResultsConfig:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        per_iteration = self.prompts_per_iteration * self.samples_per_prompt
+        if self.samples_per_method % per_iteration:
+            raise ValueError(f"samples_per_method={self.samples_per_method} must be a multiple of "
+                             f"prompts_per_iteration x samples_per_prompt = {per_iteration}")
+        if (self.samples_per_method // 2) % self.rs_samples_per_prompt:
+            raise ValueError(f"samples_per_method / 2 must be a multiple of rs_samples_per_prompt="
+                             f"{self.rs_samples_per_prompt} (rejection-sampling rounds spend it in halves)")
         return self

@@ -56,7 +56,7 @@ def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, l
         if llm is None:
             llm = make_vllm(str(model_dir), rollout, seed=seed)
         else:
-            _load_weights(llm, model_dir)
+            load_weights(llm, model_dir)
         samples = generate(llm, prompt_ids, sampling_params(rollout, seed=seed))
         texts = [task.prompt_text(records[s.prompt_index]["messages"]) for s in samples]
         reports[name] = gold_report(texts, [s.text for s in samples])
@@ -66,11 +66,11 @@ def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, l
         del llm
         gc.collect()
     else:
-        _load_weights(llm, original)
+        load_weights(llm, original)
     return reports
 
 
-def _load_weights(llm, model_dir) -> None:
+def load_weights(llm, model_dir) -> None:
     """Swap the weights of a running vLLM engine in place (same architecture and tokenizer)."""
     llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
     llm.reset_prefix_cache()  # cached KV of the previous weights would be wrong

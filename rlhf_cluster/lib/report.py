@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 PANELS = [
     ("gold score (truth): validation, test", ["val/gold", "test/gold"]),
     ("reward-model score", ["reward/rm_score", "val/rm_score", "test/rm_score"]),
-    ("KL to reference", ["kl/mean_sequence_kl", "val/kl", "test/kl"]),
+    ("KL to reference", ["kl/mean_sequence_kl", "val/sampled_kl", "test/sampled_kl"]),
     ("policy", ["policy/entropy", "policy/clip_frac"]),
     ("critic", ["critic/value_loss", "critic/explained_variance"]),
     ("response length", ["response/length"]),
