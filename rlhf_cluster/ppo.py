@@ -12,6 +12,7 @@ SFT data: ptx_coef, "PPO-ptx", a separate step after each policy step). Each ite
     rewards  = score at the last token − β·KL per token;  advantages by GAE (or a critic-free estimator)
     for each PPO epoch and mini-batch: clipped policy step (+ clipped value step)
     weight sync trainer → engines;  metrics;  every E iterations evaluate;  every K checkpoint
+    over-optimisation (validation RM score up, validation gold down): warn, and with early_stop stop
 
 Faults (docs/reliability.md): a dead rollout engine, reference or reward actor is restarted by Ray
 and the call in flight is sent again (engines are re-synced first); a lost policy or critic rank

@@ -381,7 +381,8 @@ def render_results_md(results: dict) -> str:
         "KL(π ‖ π_SFT) estimated on four sampled responses per test prompt (k1, nats; for best-of-K the bound "
         "log K − (K−1)/K); **validation gold** is what promotion and kept checkpoints read. What a method hands over: "
         "the PPO family its final checkpoint, rejection sampling the round promoted by validation gold, DPO/IPO the "
-        "final model.", "",
+        "final model; best-of-K's gold is that of the reward model's pick among K samples at temperature 1, not of "
+        "a greedy response.", "",
         "## Methods", "", *methods_table(results), "",
         "![test gold and KL per method](results/results.png)", "",
         "## Targets", "",
@@ -434,30 +435,47 @@ def overoptimisation_section(results: dict) -> list[str]:
              "gain over the starting policy as d(α − βd), d = sqrt(KL); the gold peaks at d* = α / 2β. The "
              "`small` reward model has 8 layers of width 512, the `tiny` one 4 of width 128, trained on the same "
              "pairs.", "",
-             "| reward model | evaluations | α | β | R² | d* (peak) | KL at the peak "
-             "| early-stop warning (iteration) |",
+             "| reward model | evaluations | KL measured up to | α | β | R² | KL at the fitted peak (d*²) "
+             "| early-stop warning: iteration (sampled test gold there → at the end) |",
              "|---|---|---|---|---|---|---|---|"]
+    notes = []
     for size, s in over.items():
         f = s.get("fit")
-        warn = ", ".join(f"kl_coef {r['kl_coef']:g}: {r['warning_at'] or '—'}" for r in s["runs"])
+        top = max(p["kl"] for r in s["runs"] for p in r["points"])
+        warn = "; ".join(f"kl_coef {r['kl_coef']:g}: " + (_warning(r) if r["warning_at"] else "none")
+                         for r in s["runs"])
         if f:
-            peak = f"{f['d_peak']:.2f}" if math.isfinite(f["d_peak"]) else "beyond the range"
-            kl_peak = f"{f['d_peak'] ** 2:.2f}" if math.isfinite(f["d_peak"]) else "—"
-            lines.append(f"| {size} | {f['n']} | {f['alpha']:.3f} | {f['beta']:.3f} | {f['r2']:.2f} | {peak} | "
+            kl_peak = f"{f['d_peak'] ** 2:.2f}" if math.isfinite(f["d_peak"]) else "none (β ≤ 0: no turn-over)"
+            lines.append(f"| {size} | {f['n']} | {top:.2f} | {f['alpha']:.3f} | {f['beta']:.3f} | {f['r2']:.2f} | "
                          f"{kl_peak} | {warn} |")
+            if math.isfinite(f["d_peak"]) and f["d_peak"] ** 2 > top:
+                notes.append(f"the {size} RM's fitted peak (KL {f['d_peak'] ** 2:.2f}) lies beyond the largest KL "
+                             f"measured ({top:.2f}): the fit predicts the turn-over, no evaluation has shown it yet")
+            elif not math.isfinite(f["d_peak"]):
+                notes.append(f"the {size} RM's gold had not started to bend by KL {top:.2f}")
         else:
-            lines.append(f"| {size} | {sum(len(r['points']) for r in s['runs'])} | — | — | — | — | — | {warn} |")
+            lines.append(f"| {size} | {sum(len(r['points']) for r in s['runs'])} | {top:.2f} | — | — | — | — | "
+                         f"{warn} |")
+    if notes:
+        lines += ["", "In the measured range: " + "; ".join(notes) + "."]
     lines += ["", "![gold and proxy against sqrt(KL)](results/overoptimisation.png)", "",
               "The warning is the rule PPO runs with: over the last `overoptimisation_patience` evaluations (2) the "
               "validation RM score rose while validation gold fell; `early_stop: val_gold` stops the run there. It "
-              "reads validation numbers only.", ""]
+              "reads validation numbers only (23 prompts, so a noisy signal: compare the sampled test gold at a "
+              "warning with the gold at the end of the run to see whether it was a real turn or noise).", ""]
     return lines
+
+
+def _warning(run: dict) -> str:
+    at = next(p for p in run["points"] if p["iteration"] == run["warning_at"])
+    return f"{run['warning_at']} ({at['gold']:.3f} → {run['points'][-1]['gold']:.3f})"
 
 
 def render_readme_block(results: dict) -> str:
     t = targets(results)
     lines = [README_START, "",
-             f"Test gold (greedy responses to the test prompts; mean ± std over seeds {results['config']['seeds']}) "
+             f"Test gold (greedy responses to the test prompts; best-of-K: the reward model's pick of K samples; "
+             f"mean ± std over seeds {results['config']['seeds']}) "
              f"and KL to the SFT policy of every method at {results['config']['samples_per_method']} sampled "
              f"responses each, from `docs/results/results.json` (`make results`; {results['started'][:10]}, "
              f"`{results['cpu']}`). Details, targets and the over-optimisation fit: `docs/results.md`.", "",
@@ -600,7 +618,7 @@ def run(cfg: ResultsConfig, quick: bool = False, report_only: bool = False, log=
     results["targets"] = targets(results)
     write_json_atomic(results_file, results)
     report_dir = out / "report"
-    figures(results, report_dir)
+    figures(results, report_dir / "results")  # where results.md links them, as in docs/
     (report_dir / "results.md").write_text(render_results_md(results))
     if results_file == RECORDED:  # the recorded run: docs/results.md and README follow it
         write_report(results)

@@ -25,7 +25,7 @@ def _synthetic() -> dict:
                "grpo": {"0": _seed(0.80, 1.0), "1": _seed(0.84, 1.4)}}
     points = [{"iteration": i, "kl": d * d, "proxy": d, "gold": 0.7 + d * (0.2 - 0.05 * d), "val_gold": 0.6,
                "val_rm": d} for i, d in enumerate([0.0, 1.0, 2.0, 3.0])]
-    runs = [{"kl_coef": 0.0, "points": points, "warning_at": 9, "seconds": 60.0}]
+    runs = [{"kl_coef": 0.0, "points": points, "warning_at": None, "seconds": 60.0}]
     return {"started": "2026-12-02 18:00 UTC", "cpu": "Test CPU", "cores": 2, "quick": False, "config": cfg,
             "test_prompts": 46, "rm_test_accuracy": {"accuracy": 0.86, "pairs": 92}, "duration_s": 600,
             "methods": {m: {"seeds": s, "aggregate": R.aggregate(s)} for m, s in methods.items()},
@@ -60,7 +60,8 @@ def test_report_is_generated_from_the_results_alone(tmp_path):
     readme.write_text(f"# x\n\nbefore\n\n{R.README_START}\nold\n{R.README_END}\n\nafter\n")
     R.write_report(res, docs, readme)
     md = (docs / "results.md").read_text()
-    assert "| grpo | 0.820 ± 0.028 |" in md and "**not met**" in md and "| tiny | 4 | 0.200 | 0.050 | 1.00 |" in md
+    assert "| grpo | 0.820 ± 0.028 |" in md and "**not met**" in md
+    assert "| tiny | 4 | 9.00 | 0.200 | 0.050 | 1.00 | 4.00 | kl_coef 0: none |" in md  # peak at d = 2, KL 4
     assert "0.910" in md  # best-of-K's oracle pick (mean of 0.90, 0.92), in what limits the gold
     assert (docs / "results" / "results.png").stat().st_size > 10_000
     assert (docs / "results" / "overoptimisation.png").stat().st_size > 10_000
@@ -127,5 +128,5 @@ def test_harness_runs_methods_and_reports(builtin_cfg, builtin_sft_rm, tmp_path)
     assert 0.5 < res["rm_test_accuracy"]["accuracy"] <= 1
     sweep = res["overoptimisation"]["tiny"]["runs"][0]
     assert [p["iteration"] for p in sweep["points"]] == [0, 2, 4] and sweep["points"][0]["kl"] < 0.05
-    assert (out / "report" / "results.md").exists() and (out / "report" / "results.png").exists()
+    assert (out / "report" / "results.md").exists() and (out / "report" / "results" / "results.png").exists()
     assert any(line.startswith("[4/4] dpo seed 0") for line in lines) and "=== results ===" in "\n".join(lines)

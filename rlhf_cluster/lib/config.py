@@ -645,7 +645,7 @@ class ResultsConfig(JobConfig):
     samples_per_prompt: int = Field(4, ge=2)
     rs_samples_per_prompt: int = Field(8, ge=2)  # K of a rejection-sampling round
     best_of_k: int = Field(16, ge=2)  # K of best-of-K sampling from the SFT policy (inference-time, no training)
-    eval_points: int = Field(4, ge=1)  # validation/test evaluations along a PPO-family run
+    eval_points: int = Field(2, ge=1)  # validation/test evaluations along a PPO-family run (and one at its start)
     overoptimisation: OveroptimisationSweepConfig | None = OveroptimisationSweepConfig()
     results_file: str | None = None  # where the JSON goes; null: <output_dir>/results.json
 
