@@ -139,7 +139,11 @@ def test_killed_job_resumes_like_the_uninterrupted_run(smoke_run, builtin_assets
 def test_ppo_raises_heldout_gold_with_bounded_kl(builtin_cfg, builtin_sft_rm, tmp_path, estimator, iterations, margin,
                                                  colocate):
     """From the built-in SFT policy, against the built-in reward model (never the gold scorer);
-    each run with one colocation switch on (the groups it joins share one placement group)."""
+    each run with one colocation switch on (the groups it joins share one placement group).
+
+    Margins against the seed spread (docs/results.md, 3 seeds at 16 iterations of this preset): GAE gains
+    +0.18 test gold with a seed std of 0.023, GRPO +0.165 with 0.009; the +0.08 / +0.05 margins sit more
+    than 4 std below those gains."""
     sft, rm = builtin_sft_rm
     out = tmp_path / estimator
     cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", [
