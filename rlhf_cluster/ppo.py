@@ -729,7 +729,7 @@ class PPORun:
             "gold_initial": first[f"{shown}/gold"], "gold_final": last[f"{shown}/gold"],
             "gold_final_se": last[f"{shown}/gold_se"],
             "rm_initial": first[f"{shown}/rm_score"], "rm_final": last[f"{shown}/rm_score"],
-            "kl_final": last[f"{shown}/kl"], "kl_final_sampled": last.get(f"{shown}/sampled_kl"),
+            "kl_final": last[f"{shown}/kl"], "kl_final_sampled": last[f"{shown}/sampled_kl"],
             "win_rate_vs_initial": last[f"{shown}/win_rate_vs_initial"],
             "val_gold_initial": first["val/gold"], "val_gold_final": last["val/gold"],
             # the evaluation with the best validation gold, and what the reported split says of it
@@ -750,8 +750,8 @@ class PPORun:
             f"validation gold:       {summary['val_gold_initial']:.3f} -> {summary['val_gold_final']:.3f}"
             f" (best checkpoint by it: {summary['best_checkpoint']})",
             f"reward-model score:    {summary['rm_initial']:.3f} -> {summary['rm_final']:.3f}",
-            f"KL to reference:       {summary['kl_final']:.3f} on greedy responses"
-            + (f", {summary['kl_final_sampled']:.3f} sampled" if summary["kl_final_sampled"] is not None else ""),
+            f"KL to reference:       {summary['kl_final']:.3f} on greedy responses, "
+            f"{summary['kl_final_sampled']:.3f} sampled",
             f"best by validation:    iteration {summary['best_val_iteration']}, {shown} gold there "
             f"{summary['gold_at_best_val']:.3f}" + (f"; stopped early at iteration {self.stopped_early}"
                                                     if self.stopped_early else ""),
