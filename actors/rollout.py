@@ -9,6 +9,7 @@ from the Ray object store that the trainer wrote them to once for every engine.
 from __future__ import annotations
 
 import os
+import time
 
 from rlhf_cluster.lib.config import RolloutConfig
 
@@ -48,6 +49,14 @@ class WeightSyncExtension:
     def weight_checksums(self) -> dict:
         """Per-layer (sum, sum of squares) of the weights loaded by the last sync."""
         return getattr(self, "_loaded", {})
+
+
+def _timed(samples: list[dict], seconds: float) -> list[dict]:
+    """Every sample of one engine call carries the call's seconds (`engine_seconds`): how long the
+    engine was busy, which the coordinator turns into its idle time."""
+    for s in samples:
+        s["engine_seconds"] = seconds
+    return samples
 
 
 class StaleWeights(RuntimeError):
@@ -104,7 +113,9 @@ class RolloutEngine:
             cfg = RolloutConfig.model_validate(cfg.model_dump())  # re-check the overridden values
         check_prompts(prompt_ids, cfg)
         greedy = cfg.temperature == 0.0
-        return [asdict(s) for s in generate(self.llm, prompt_ids, sampling_params(cfg, greedy=greedy), seed)]
+        t0 = time.perf_counter()
+        samples = [asdict(s) for s in generate(self.llm, prompt_ids, sampling_params(cfg, greedy=greedy), seed)]
+        return _timed(samples, time.perf_counter() - t0)
 
     def update_weights(self, bucket_refs: list, version: int) -> int:
         """Load new weights in place, bucket by bucket, without restarting the engine."""
@@ -201,6 +212,7 @@ class HFRolloutEngine(RolloutEngine):
         cfg = RolloutConfig.model_validate(self.cfg.model_copy(update=overrides or {}).model_dump())
         check_prompts(prompt_ids, cfg)
         n = cfg.samples_per_prompt
+        t0 = time.perf_counter()
         if seed is None:
             groups, greedy = self._sample(prompt_ids, cfg, n, None)
         else:
@@ -213,7 +225,7 @@ class HFRolloutEngine(RolloutEngine):
             for toks, lps, finished in group * (n if greedy else 1):  # greedy: n identical samples
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 samples.append(asdict(Sample(i, list(prompt_ids[i]), toks, lps, text, finished)))
-        return samples
+        return _timed(samples, time.perf_counter() - t0)
 
     def update_weights(self, bucket_refs: list, version: int) -> int:
         import ray
@@ -241,22 +253,38 @@ def engine_class(name: str):
     return {"vllm": RolloutEngine, "hf": HFRolloutEngine}[name]
 
 
-def generate_across(group, prompt_ids: list[list[int]], overrides: dict | None = None,
-                    seed: int | None = None, version: int | None = None) -> list[dict]:
-    """Spread prompts evenly over the group's engines; samples come back in prompt order."""
+def submit_across(group, prompt_ids: list[list[int]], overrides: dict | None = None,
+                  seed: int | None = None, version: int | None = None,
+                  samples_per_prompt: int | None = None) -> list[tuple]:
+    """Spread prompts evenly over the group's engines and send the calls without waiting:
+    [(ObjectRef, number of prompts)] per engine that got any. The seed of prompt j is seed + j*n
+    whichever engine samples it (n: the overrides', or `samples_per_prompt`, or asked of an engine)."""
     import ray
 
-    from actors.group import gather, split_evenly
+    from actors.group import split_evenly
 
     chunks = split_evenly(prompt_ids, group.world_size)
-    n = (overrides or {}).get("samples_per_prompt") or ray.get(group.actors[0].samples_per_prompt.remote())
+    n = ((overrides or {}).get("samples_per_prompt") or samples_per_prompt
+         or ray.get(group.actors[0].samples_per_prompt.remote()))
     starts = [sum(len(c) for c in chunks[:i]) for i in range(len(chunks))]
-    refs = [a.generate.remote(c, overrides, None if seed is None else seed + start * n, version)
+    return [(a.generate.remote(c, overrides, None if seed is None else seed + start * n, version), len(c))
             for a, c, start in zip(group.actors, chunks, starts) if c]
+
+
+def collect_across(calls: list[tuple]) -> list[dict]:
+    """The samples of `submit_across`'s calls, in prompt order (prompt_index over all prompts)."""
+    from actors.group import gather
+
     out, offset = [], 0
-    for chunk, samples in zip([c for c in chunks if c], gather(refs)):
+    for (_, count), samples in zip(calls, gather([ref for ref, _ in calls])):
         for s in samples:
             s["prompt_index"] += offset
         out += samples
-        offset += len(chunk)
+        offset += count
     return out
+
+
+def generate_across(group, prompt_ids: list[list[int]], overrides: dict | None = None,
+                    seed: int | None = None, version: int | None = None) -> list[dict]:
+    """Spread prompts evenly over the group's engines; samples come back in prompt order."""
+    return collect_across(submit_across(group, prompt_ids, overrides, seed, version))

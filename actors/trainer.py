@@ -19,7 +19,8 @@ from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import TrainerConfig
 from rlhf_cluster.lib.data import pad_batch
 
-PER_TOKEN_FIELDS = ("loss_mask", "old_logprobs", "advantages", "returns", "old_values", "ref_logprobs")
+PER_TOKEN_FIELDS = ("loss_mask", "old_logprobs", "advantages", "returns", "old_values", "ref_logprobs",
+                    "is_weights")
 
 
 def micro_batches(items: list[dict], size: int, num_micro: int, pad_id: int):
@@ -271,7 +272,7 @@ class PolicyTrainer(_DeepSpeedRank):
         logp, ent = self._forward(ids, att, with_entropy=True)
         mask = f["loss_mask"]
         pg, clip_frac = A.clipped_policy_loss(logp, f["old_logprobs"], f["advantages"], mask, clip_eps,
-                                              dual_clip, loss_agg)
+                                              dual_clip, loss_agg, f.get("is_weights"))
         loss = pg + A.entropy_bonus(ent, mask, entropy_coef, loss_agg)
         approx_kl = A.masked_mean(f["old_logprobs"] - logp.detach(), mask)
         return loss, {"clip_frac": clip_frac.item(), "entropy": A.masked_mean(ent, mask).item(),

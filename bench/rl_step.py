@@ -135,25 +135,11 @@ class TrlChild:
 
 
 # --------------------------------------------------------------------------- the product's side
-def _bench_run_class():
-    from rlhf_cluster.ppo import PPORun
-
-    class BenchRun(PPORun):
-        """PPORun unchanged, except that it keeps the token counts of what it sampled and can pass
-        RolloutConfig overrides (max_new_tokens for the length sweep) to its engines."""
-
-        gen_overrides: dict | None = None
-        last_tokens: dict | None = None
-
-        def generate(self, prompt_ids, overrides=None, seed=None):
-            merged = {**(self.gen_overrides or {}), **(overrides or {})} or None
-            samples = super().generate(prompt_ids, merged, seed)
-            self.last_tokens = {"samples": len(samples),
-                                "prompt": sum(len(s["prompt_ids"]) for s in samples),
-                                "response": sum(len(s["response_ids"]) for s in samples)}
-            return samples
-
-    return BenchRun
+def batch_tokens(run) -> dict:
+    """Token counts of what the last step sampled."""
+    samples = run.last_batch.samples
+    return {"samples": len(samples), "prompt": sum(len(s["prompt_ids"]) for s in samples),
+            "response": sum(len(s["response_ids"]) for s in samples)}
 
 
 # One optimiser step per batch, as TRL's side takes: one mini-batch, and one micro-batch of 32 per rank.
@@ -183,7 +169,9 @@ def start_ours(inputs: dict, estimator: str, settings: dict, tag: str, extra: li
     res = ray.cluster_resources()
     check_resources(cfg, res.get("CPU", 0.0), res.get("GPU", 0.0))
     t = time.perf_counter()
-    run = _bench_run_class()(cfg, inputs["policy"], inputs["reward"], log=lambda m: None)
+    from rlhf_cluster.ppo import PPORun
+
+    run = PPORun(cfg, inputs["policy"], inputs["reward"], log=lambda m: None)
     return run, time.perf_counter() - t, overrides, cfg.old_logprobs
 
 
@@ -196,8 +184,19 @@ def our_step(run) -> dict:
         raise RuntimeError(f"the product skipped an iteration: {m.get('skip_reason')}")
     phases = {p: m[f"time/{p}"] for p in PHASES if f"time/{p}" in m}
     return {"seconds": seconds, "phases": phases, "overhead": seconds - sum(phases.values()),
-            "tokens": dict(run.last_tokens), "rm_score": m["reward/rm_score"], "kl": m["kl/mean_sequence_kl"],
-            "response_length": m["response/length"]}
+            "tokens": batch_tokens(run), "rm_score": m["reward/rm_score"], "kl": m["kl/mean_sequence_kl"],
+            "response_length": m["response/length"], "staleness": m["rollout/staleness"],
+            "idle": {"engines": m["idle/engines"], "trainer": m["idle/trainer"]}}
+
+
+def cpu_bf16() -> dict:
+    """Whether this CPU has bf16 matrix units (the flags torch's CPU kernels use), from /proc/cpuinfo."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    found = sorted({f for f in flags.split() if f in ("avx512_bf16", "amx_bf16")})
+    return {"flags": found, "bf16": bool(found)}
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -227,6 +226,8 @@ def _summary(steps: list[dict]) -> dict:
     out = {"steps": len(steps), "median_step_s": median(secs),
            "median_tokens_per_s": median([t / s for t, s in zip(toks, secs)]),
            "median_response_tokens": median(toks)}
+    if steps and "idle" in steps[0]:
+        out["median_idle"] = {g: median([s["idle"][g] for s in steps]) for g in ("engines", "trainer")}
     if steps and "phases" in steps[0]:
         out["median_phases_s"] = {p: median([s["phases"].get(p, 0.0) for s in steps]) for p in PHASES}
         out["median_phases_s"]["overhead"] = median([s["overhead"] for s in steps])
@@ -239,15 +240,39 @@ def _trl_record(msg: dict, prompt_tokens: int) -> dict:
             "kl": msg.get("kl"), "reward": msg.get("reward"), "mean_completion_length": msg["mean_completion_length"]}
 
 
+def set_staleness(run, k: int) -> None:
+    """Switch the running PPORun between synchronous (0) and asynchronous rollout (k) between steps; the
+    old log-probs stay the sampler's (tiny-cpu.yaml), so the PPO ratio is taken against the engine's weights."""
+    run.producer.max_staleness = k
+    run.asynchronous = k > 0
+
+
+def settle_into(run, k: int) -> None:
+    """Untimed steps after a switch to staleness k: a synchronous side first trains off the batches
+    still in flight (so its timed steps sample their own); an asynchronous one fills its pipeline."""
+    set_staleness(run, k)
+    if k == 0:
+        while run.producer.queue:
+            our_step(run)
+    else:  # the batch in flight had the other sides' time to finish: a step that is not steady state
+        our_step(run)
+
+
 def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, reps: int, tag: str,
-            points: list[dict] = (), point_steps: int = 1, extra: list[str] = ()) -> dict:
-    """Warm-up step of each side (untimed), then `reps` alternating pairs (ours alone when trl is None).
-    Then, on the same running PPORun, the sweep `points` (prompts per step, max new tokens): after each
-    change one untimed step, then `point_steps` timed ones."""
+            points: list[dict] = (), point_steps: int = 1, extra: list[str] = (), async_levels: list[int] = (),
+            block: int = 1) -> dict:
+    """Warm-up step of each side (untimed), then `reps` rounds over the sides — the product synchronous,
+    the product with each `async_levels` staleness (the same running PPORun, switched between steps), and
+    TRL when given — in an order that rotates every round; each side takes `block` timed steps per round
+    (after untimed ones that settle a switch, see settle_into). Then, on the same running PPORun
+    (synchronous), the sweep `points` (prompts per step, max new tokens): after each change one untimed
+    step, then `point_steps` timed ones."""
     run, start_s, overrides, old_logprobs = start_ours(inputs, estimator, settings, tag, extra)
     samples = settings["prompts"] * settings["samples_per_prompt"]
     prompt_tokens = sum(inputs["prompt_tokens"]) * settings["samples_per_prompt"]
-    ours, theirs, order, swept = [], [], [], []
+    sides = ["ours", *[f"async{k}" for k in async_levels], *(["trl"] if trl is not None else [])]
+    timed: dict[str, list] = {side: [] for side in sides}
+    order, swept = [], []
     try:
         warm = {"ours_start_s": start_s}
         t = time.perf_counter()
@@ -255,21 +280,24 @@ def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, 
         warm["ours_first_step_s"] = time.perf_counter() - t
         if trl is not None:
             warm["trl_first_step_s"] = trl.step()["seconds"]
-        log(f"rl_step/{tag}: warm ({', '.join(f'{k} {v:.1f}' for k, v in warm.items())}); {reps} reps")
+        log(f"rl_step/{tag}: warm ({', '.join(f'{k} {v:.1f}' for k, v in warm.items())}); {reps} rounds of "
+            f"{', '.join(sides)}, {block} timed step(s) each")
         for rep in range(reps):
-            pair = ["ours"] if trl is None else ["ours", "trl"] if rep % 2 == 0 else ["trl", "ours"]
-            order.append(pair)
-            for side in pair:
-                if side == "ours":
-                    ours.append(our_step(run))
-                else:
-                    theirs.append(_trl_record(trl.step(), prompt_tokens))
-            log(f"rl_step/{tag} rep {rep + 1}/{reps}: ours {ours[-1]['seconds']:.1f} s "
-                f"({' '.join(f'{k} {v:.1f}' for k, v in ours[-1]['phases'].items())})"
-                + (f", TRL {theirs[-1]['seconds']:.1f} s" if theirs else ""))
+            turn = sides[rep % len(sides):] + sides[:rep % len(sides)]
+            order.append(turn)
+            for side in turn:
+                if side == "trl":
+                    timed[side] += [_trl_record(trl.step(), prompt_tokens) for _ in range(block)]
+                    continue
+                k = 0 if side == "ours" else int(side[5:])
+                settle_into(run, k)
+                timed[side] += [our_step(run) for _ in range(block)]
+            log(f"rl_step/{tag} round {rep + 1}/{reps}: " + ", ".join(
+                f"{side} {timed[side][-1]['seconds']:.1f} s" for side in turn))
+        settle_into(run, 0)
         for p in points:
             run.cfg.prompts_per_iteration = p["prompts"]
-            run.gen_overrides = {"max_new_tokens": p["max_new_tokens"]}
+            run.producer.overrides = {"max_new_tokens": p["max_new_tokens"]}  # training batches' engine calls
             our_step(run)
             rows = [our_step(run) for _ in range(point_steps)]
             s = _summary(rows)
@@ -278,16 +306,27 @@ def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, 
                 + " ".join(f"{k} {v:.1f}" for k, v in s["median_phases_s"].items()))
     finally:
         run.shutdown()
+    ours, theirs = timed["ours"], timed.get("trl", [])
     res = {"estimator": estimator, "model": inputs["size"], "tag": tag, "old_logprobs": old_logprobs,
            "prompts": settings["prompts"],
            "samples_per_step": samples, "max_new_tokens": settings["max_new_tokens"], "overrides": overrides,
-           "order": order, "warmup": warm, "ours": ours, "ours_summary": _summary(ours), "sweep": swept}
+           "order": order, "block": block, "warmup": warm, "ours": ours, "ours_summary": _summary(ours),
+           "sweep": swept}
+    if async_levels:
+        res["async"] = {str(k): {"max_staleness": k, "steps": timed[f"async{k}"],
+                                 "summary": _summary(timed[f"async{k}"])} for k in async_levels}
+        best = min(res["async"].values(), key=lambda a: a["summary"]["median_step_s"])
+        res["async_speedup"] = res["ours_summary"]["median_step_s"] / best["summary"]["median_step_s"]
+        res["async_best_staleness"] = best["max_staleness"]
     if theirs:
         res |= {"trl": theirs, "trl_summary": _summary(theirs)}
         res["speedup_vs_trl"] = res["trl_summary"]["median_step_s"] / res["ours_summary"]["median_step_s"]
         res["paired_speedups"] = [t["seconds"] / o["seconds"] for o, t in zip(ours, theirs)]
         res["tokens_per_s_ratio"] = (res["ours_summary"]["median_tokens_per_s"]
                                      / res["trl_summary"]["median_tokens_per_s"])
+        if async_levels:
+            res["speedup_vs_trl_best"] = res["trl_summary"]["median_step_s"] / min(
+                res["ours_summary"]["median_step_s"], best["summary"]["median_step_s"])
     return res
 
 
@@ -349,7 +388,8 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
         trl = TrlChild(spec)
         trl_ready = trl.ready
         log(f"rl_step: TRL ready in {trl_ready['load_s']:.1f} s ({trl_ready['versions']})")
-        runs.append(compare(inputs[size], "grpo", settings, trl, reps, f"grpo-{size}", points, point_steps))
+        runs.append(compare(inputs[size], "grpo", settings, trl, reps, f"grpo-{size}", points, point_steps,
+                            async_levels=[1, 2], block=1 if quick else 2))
         trl.close()
         trl = None
         runs.append(compare(inputs[size], "gae", settings, None, ppo_reps, f"ppo-{size}"))
@@ -379,6 +419,8 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
             res["flops_trl"] = util(res["trl"], "trl", "grpo", res["model"])
         for row in res["sweep"]:
             row["flops_ours"] = util(row["rows"], "ours", "grpo", row["model"], res["old_logprobs"])
+        for a in res.get("async", {}).values():
+            a["flops_ours"] = util(a["steps"], "ours", res["estimator"], res["model"], res["old_logprobs"])
     grpo, ppo, before = runs[0], runs[1], runs[-1]
     grpo["before_after"] = {"before_overrides": BEFORE,
                             "before_median_step_s": before["ours_summary"]["median_step_s"],
@@ -398,8 +440,20 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                 "flops_utilisation_trl_grpo": grpo["flops_trl"]["utilisation"],
                 "matmul_peak_gflops": peak,
                 "speedup_vs_before": grpo["before_after"]["speedup"],
+                # asynchronous rollout (issue #15): the same PPORun switched between staleness 0, 1, 2
+                "async_speedup": grpo["async_speedup"], "async_best_staleness": grpo["async_best_staleness"],
+                "ours_grpo_async_median_step_s": {k: a["summary"]["median_step_s"] for k, a in grpo["async"].items()},
+                "speedup_vs_trl_best": grpo["speedup_vs_trl_best"],
+                "idle_sync": grpo["ours_summary"]["median_idle"],
+                "idle_async": {k: a["summary"]["median_idle"] for k, a in grpo["async"].items()},
+                # both sides ran fp32, the best precision of a CPU without bf16 units; a bf16 TRL row needs one
+                "cpu_bf16": cpu_bf16(),
+                "speedup_vs_trl_bf16": None,
                 "targets": {"speedup_vs_trl_ge_2": grpo["speedup_vs_trl"] >= 2.0,
-                            "flops_utilisation_ge_0.5": grpo["flops_ours"]["utilisation"] >= 0.5}}
+                            "flops_utilisation_ge_0.5": grpo["flops_ours"]["utilisation"] >= 0.5,
+                            "async_speedup_ge_1.4": grpo["async_speedup"] >= 1.4,
+                            "idle_lt_0.25": max(max(a["summary"]["median_idle"].values())
+                                                for a in grpo["async"].values()) < 0.25}}
     results = {"headline": headline, "runs": runs,
                "peak": {"before": peak_before, "after": peak_after, "peak_gflops": peak},
                "trl_child": {"ready": trl_ready, "spec": spec},
@@ -418,6 +472,22 @@ def _before_after_lines(grpo: dict) -> list[str]:
     return [f"Before / after (same run): the GRPO step with `{' '.join(ba['before_overrides'])}` (the previous "
             f"defaults) took {ba['before_median_step_s']:.1f} s, with the current ones "
             f"{ba['after_median_step_s']:.1f} s: **{ba['speedup']:.2f}×** ({phases} s)."]
+
+
+def _async_lines(h: dict) -> list[str]:
+    if "async_speedup" not in h:  # recorded before asynchronous rollout existed
+        return []
+    idle = "; ".join(f"staleness {k}: engines {100 * v['engines']:.0f} %, trainer {100 * v['trainer']:.0f} %"
+                     for k, v in {"0": h["idle_sync"], **h["idle_async"]}.items())
+    bf16 = ("this CPU has bf16 units" if h["cpu_bf16"]["bf16"] else
+            "not measured: this CPU has no bf16 units (no avx512_bf16 / amx_bf16), so both sides ran fp32, "
+            "the best precision here")
+    return [f"Asynchronous rollout (the same PPORun switched between steps; old log-probs from the sampler): "
+            f"**{h['async_speedup']:.2f}×** the synchronous step at max_staleness {h['async_best_staleness']} "
+            f"(target ≥ 1.4 — **{'met' if h['targets']['async_speedup_ge_1.4'] else 'missed'}**); best product "
+            f"configuration vs TRL: {h['speedup_vs_trl_best']:.2f}×; vs TRL in bf16: {bf16}. Median idle share of "
+            f"a step ({idle}; target < 25 % for both under async — "
+            f"**{'met' if h['targets']['idle_lt_0.25'] else 'missed'}**).  "]
 
 
 def _phase_cells(s: dict) -> str:
@@ -460,6 +530,10 @@ def readme_table(rec: dict) -> list[str]:
               row("TRL GRPOTrainer", "GRPO", grpo["trl_summary"], grpo["flops_trl"], "1.00×"),
               row("product (PPORun.step)", "PPO (GAE, critic)", ppo["ours_summary"], ppo["flops_ours"],
                   f"{ppo['step_time_vs_trl_grpo']:.2f}× (not alternated)")]
+    for k, a in grpo.get("async", {}).items():
+        ratio = grpo["trl_summary"]["median_step_s"] / a["summary"]["median_step_s"]
+        lines.append(row(f"product, asynchronous rollout (max_staleness {k})", "GRPO", a["summary"], a["flops_ours"],
+                         f"{ratio:.2f}×"))
     paired = ", ".join(f"{x:.2f}" for x in grpo["paired_speedups"])
     lines += ["", f"Paired TRL / product GRPO step-time ratios: {paired}; tokens/s ratio of medians "
                   f"{grpo['tokens_per_s_ratio']:.2f}×.  ",
@@ -467,7 +541,7 @@ def readme_table(rec: dict) -> list[str]:
               f"({h['speedup_vs_trl']:.2f}×); FLOPs utilisation ≥ 50 % end to end — "
               f"**{'met' if h['targets']['flops_utilisation_ge_0.5'] else 'missed'}** "
               f"({100 * h['flops_utilisation_ours_grpo']:.0f} % for GRPO).", "",
-              *_before_after_lines(grpo), "",
+              *_async_lines(h), *_before_after_lines(grpo), "",
               "Step breakdown of the product (seconds, medians; `score` = reference and reward (and critic values "
               "for PPO; old log-probs in the *before* row) computed in parallel by their groups; `train` = the "
               "policy (and critic) "

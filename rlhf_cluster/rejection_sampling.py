@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -26,29 +27,50 @@ from actors.group import gather
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig
-from rlhf_cluster.ppo import PPORun, resolve_models, trainer_item
+from rlhf_cluster.ppo import resolve_models
+from rlhf_cluster.rl.batch import trainer_item
+from rlhf_cluster.rl.evaluation import HeldOutEval
+from rlhf_cluster.rl.groups import RLGroups
+from rlhf_cluster.rl.rollout import PromptOrder, RolloutProducer, load_prompt_splits
+from rlhf_cluster.rl.weights import WeightSync
 
 DEFAULT_CONFIG = CONFIG_DIR / "rejection-sampling-tiny.yaml"
 
 
-class RejectionSamplingRun(PPORun):
-    """PPORun's groups (without a critic) and evaluation, with a rejection-sampling round."""
+class RejectionSamplingRun:
+    """The RL parts (rlhf_cluster/rl/) without a critic: groups, rollout producer, weight sync and
+    held-out evaluation, with a rejection-sampling round as the update."""
 
-    cfg: RSConfig
     extra_rewards: dict = {}  # name -> reward group, when several reward models are combined
 
-    def uses_critic(self) -> bool:
-        return False
+    def __init__(self, cfg: RSConfig, policy_path: str, reward_path: str, log=print):
+        from transformers import AutoTokenizer
 
-    def trainer_config(self):
-        optim = self.cfg.trainer.optim.model_copy(update={"lr": self.cfg.rs.lr})
-        return self.cfg.trainer.model_copy(update={"optim": optim})
+        self.cfg, self.log = cfg, log
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        self.prompts = load_prompt_splits(cfg, self.tokenizer, log)
+        rs = cfg.rs
+        per_epoch = -(-(rs.prompts_per_round or 256) // cfg.trainer.micro_batch_size)
+        steps = max(1, cfg.rounds.count("rejection_sampling") * rs.epochs * per_epoch)
+        trainer = cfg.trainer.model_copy(update={"optim": cfg.trainer.optim.model_copy(update={"lr": rs.lr})})
+        self.groups = RLGroups(cfg, policy_path, reward_path, trainer=trainer, train_steps=steps, with_critic=False,
+                               log=log)
+        self.policy, self.reward = self.groups.policy, self.groups.reward
+        self.faults = {"rollbacks": 0, "engine_failures": 0, "skipped_iterations": 0}
+        self.weights = WeightSync(self.groups, cfg, self.faults, log)
+        self.rng = random.Random(cfg.seed)
+        self.order = PromptOrder(self.prompts["train"], self.rng)
+        self.producer = RolloutProducer(self.groups, self.weights, self.order, cfg, self.faults, log)
+        self.held_out_eval = HeldOutEval(self.groups, self.producer, self.prompts, cfg)
 
-    def total_train_steps(self) -> int:
-        rs = self.cfg.rs
-        prompts = rs.prompts_per_round or 256
-        per_epoch = -(-prompts // self.cfg.trainer.micro_batch_size)
-        return max(1, self.cfg.rounds.count("rejection_sampling") * rs.epochs * per_epoch)
+    def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None, seed: int | None = None):
+        return self.producer.generate(prompt_ids, overrides, seed)
+
+    def sync(self) -> None:
+        self.weights.sync()
+
+    def shutdown(self) -> None:
+        self.groups.shutdown()
 
     # ---------------------------------------------------------------- scoring
     def scores(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -79,8 +101,7 @@ class RejectionSamplingRun(PPORun):
     def rejection_sampling_round(self, number: int, out: Path) -> dict:
         cfg, rs = self.cfg, self.cfg.rs
         t0 = time.time()
-        count = rs.prompts_per_round or len(self.train_prompts)
-        self.round_prompts = [self.next_prompts_one() for _ in range(count)]
+        self.round_prompts = self.order.take(rs.prompts_per_round or len(self.prompts["train"]))
         samples = self.generate([p["prompt_ids"] for p in self.round_prompts],
                                 {"samples_per_prompt": rs.samples_per_prompt, "temperature": rs.temperature},
                                 seed=cfg.seed * 1_000_003 + number * 100_003)
@@ -128,15 +149,6 @@ class RejectionSamplingRun(PPORun):
                 "selected_mean_reward": sum(r for _, r, _ in selected) / len(selected),
                 "all_mean_reward": scored["reward"].mean().item(), **by_model, "sft_loss": losses[-1],
                 "time/sample_and_score": t_sample, "time/train": time.time() - t0 - t_sample}
-
-    def next_prompts_one(self) -> dict:
-        if self.data_pos == len(self.order):
-            self.epoch, self.data_pos, self.order = self.epoch + 1, 0, self._shuffled()
-        self.data_pos += 1
-        return self.train_prompts[self.order[self.data_pos - 1]]
-
-    def sync(self) -> None:
-        self.sync_weights()
 
     # ---------------------------------------------------------------- best-of-K as inference-time evaluation
     def best_of_k_curve(self, ks: list[int], seeds: int) -> dict[int, float]:

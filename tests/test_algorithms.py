@@ -256,6 +256,33 @@ def test_clipped_policy_loss_and_clip_fraction():
     close(frac, 0.5)
 
 
+def test_truncated_is_weights_by_hand():
+    # two samples of 3 tokens; sample 0 was sampled by older weights, sample 1 on-policy
+    # ratios pi_old / pi_behaviour: sample 0 -> 0.5, 3.0 (cut at cap 2), 1.5 (masked out)
+    old = t([[math.log(0.5), math.log(3.0), math.log(1.5)], [math.log(4.0), 0.0, 0.0]])
+    behaviour = torch.zeros(2, 3)
+    mask = t([[1, 1, 0], [1, 1, 1]])
+    w, cut = A.truncated_is_weights(old, behaviour, mask, torch.tensor([True, False]), cap=2.0)
+    close(w, [[0.5, 2.0, 0.0], [1.0, 1.0, 1.0]])  # on-policy sample: exactly 1 even where the ratio is 4
+    close(cut, 0.5)  # 1 of sample 0's 2 response tokens was cut
+    _, cut = A.truncated_is_weights(old, behaviour, mask, torch.tensor([False, False]), cap=2.0)
+    close(cut, 0.0)  # nothing stale, nothing cut
+
+
+def test_is_weights_scale_each_tokens_objective():
+    # the loss of test_clipped_policy_loss_and_clip_fraction with weights 1, 0.5, 2, 0:
+    # -(1.2 * 1 + 0.5 * 0.5 - 0.8 * 2 + 2 * 0) / 4 = 0.0375
+    ratios, adv = t([[1.5, 0.5, 0.5, 1.0]]), t([[1.0, 1.0, -1.0, 2.0]])
+    loss, frac = A.clipped_policy_loss(ratios.log(), torch.zeros(1, 4), adv, torch.ones(1, 4),
+                                       is_weights=t([[1.0, 0.5, 2.0, 0.0]]))
+    close(loss, 0.0375)
+    close(frac, 0.5)  # the clip fraction does not depend on the weights
+    plain, _ = A.clipped_policy_loss(ratios.log(), torch.zeros(1, 4), adv, torch.ones(1, 4))
+    same, _ = A.clipped_policy_loss(ratios.log(), torch.zeros(1, 4), adv, torch.ones(1, 4),
+                                    is_weights=torch.ones(1, 4))
+    assert torch.equal(plain, same)  # weights of 1 change nothing, bit for bit
+
+
 def test_dual_clip_negative_advantage_large_ratio():
     logp, old = t([[math.log(10.0), math.log(10.0)]]), t([[0.0, 0.0]])
     adv = t([[-1.0, 1.0]])

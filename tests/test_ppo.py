@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, load_config
-from rlhf_cluster.ppo import latest_checkpoint, padded, response_part, run, trainer_item, unpadded
+from rlhf_cluster.ppo import latest_checkpoint, run
+from rlhf_cluster.rl.batch import padded, response_part, trainer_item, unpadded
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,6 +129,60 @@ def test_killed_job_resumes_like_the_uninterrupted_run(smoke_run, builtin_assets
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert not torch.equal(a["lm_head.weight"], load_file(builtin_assets.base / "model.safetensors")["lm_head.weight"])
+
+
+@pytest.fixture(scope="module")
+def async_run(ray_cluster, builtin_assets, tmp_path_factory):
+    """configs/smoke.yaml with asynchronous rollout (max_staleness 1), 4 iterations, uninterrupted."""
+    out = tmp_path_factory.mktemp("ppo-async")
+    return out, run(_smoke(builtin_assets, out, *ASYNC))
+
+
+ASYNC = ["async_rollout.max_staleness=1", "iterations=4", "eval_every=4"]
+
+
+@pytest.mark.ray
+def test_async_run_trains_no_sample_older_than_the_bound(async_run):
+    out, summary = async_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4] and summary["iterations"] == 4
+    # the policy version that sampled each trained batch, against the updates made before training on it
+    staleness = [(r["iteration"] - 1) - r["rollout/policy_version"] for r in rows[1:]]
+    assert staleness == [r["rollout/staleness"] for r in rows[1:]]
+    # batch 1 was sampled by the initial weights and trained first; every later one was sampled while
+    # the learner trained on the one before it: one version old, never more
+    assert staleness == [0, 1, 1, 1]
+    first = rows[1]
+    assert first["rollout/is_weight_mean"] == first["rollout/is_weight_max"] == 1.0  # on-policy: weights exactly 1
+    assert first["rollout/is_clipped_frac"] == 0.0
+    for r in rows[2:]:  # stale samples: pi_old / pi_behaviour, truncated at is_cap (2)
+        assert 0 < r["rollout/is_weight_max"] <= 2.0 and 0 <= r["rollout/is_clipped_frac"] <= 1
+        assert 0 <= r["idle/engines"] <= 1 and 0 <= r["idle/trainer"] <= 1
+    # no batch is sampled past the last iteration: the final checkpoint has none in flight
+    state = json.loads((out / "checkpoints" / "iter_000004" / "coordinator.json").read_text())
+    assert state["in_flight"] == []
+
+
+@pytest.mark.ray
+def test_async_run_resumes_exactly(async_run, builtin_assets, tmp_path):
+    """A session that ends after iteration 2 stores the batch in flight (sampled by version 1) in its
+    checkpoint; --resume trains on exactly it, and iterations 3-4 and the final weights match the
+    uninterrupted asynchronous run."""
+    full_out, _ = async_run
+    out = tmp_path / "stopped"
+    run(_smoke(builtin_assets, out, *ASYNC, "stop_after_iterations=2"))
+    state = json.loads((out / "checkpoints" / "iter_000002" / "coordinator.json").read_text())
+    assert [(b["index"], b["policy_version"], len(b["samples"])) for b in state["in_flight"]] == [(2, 1, 16)]
+    run(_smoke(builtin_assets, out, *ASYNC), resume=True)
+    full = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]  # no gap, no duplicate
+    for i in (3, 4):
+        for key in ("reward/rm_score", "policy/loss", "rollout/policy_version", "rollout/is_weight_mean"):
+            assert resumed[i][key] == pytest.approx(full[i][key], rel=1e-4, abs=1e-5), (i, key)
+    a = load_file(full_out / "checkpoints" / "iter_000004" / "hf" / "model.safetensors")
+    b = load_file(out / "checkpoints" / "iter_000004" / "hf" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 @pytest.mark.ray

@@ -162,3 +162,33 @@ def test_nonfinite_rewards_skip_updates_then_halt(ray_cluster, builtin_assets, t
     initial = load_file(builtin_assets.base / "model.safetensors")
     assert all(torch.equal(saved[k], initial[k]) for k in initial)
     assert not (out / "checkpoints" / "iter_000002").exists()
+
+
+def test_engine_killed_under_async_rollout_is_restarted_and_its_batch_sampled_again(ray_cluster, builtin_assets,
+                                                                                    tmp_path):
+    """Asynchronous rollout (max_staleness 1): the engine is SIGKILLed right after checkpoint 1, with the
+    next batch sent to it. Ray restarts it with the initial weights; the producer waits for it, re-syncs,
+    and sends the lost batch (and any queued behind it) again. No iteration is lost, none is trained on
+    a sample older than the bound, and the regenerated batch comes from the current weights."""
+    out = tmp_path / "run"
+    lines: list[str] = []
+
+    def log(msg):
+        lines.append(str(msg))
+        print(msg, flush=True)
+
+    chaos = Chaos([("rollout", lambda: (out / "checkpoints" / "iter_000001").exists(),
+                    lambda: kill_actor("RolloutEngine"))])
+    cfg = _smoke(builtin_assets, out, "estimator=grpo", "async_rollout.max_staleness=1", "iterations=3")
+    chaos.start()
+    try:
+        summary = run(cfg, log=log)
+    finally:
+        chaos.join(timeout=60)
+    assert chaos.error is None, chaos.error
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert not any(r.get("skipped") for r in rows)
+    assert all(0 <= r["rollout/staleness"] <= 1 for r in rows[1:]), [r["rollout/staleness"] for r in rows[1:]]
+    assert summary["faults"]["engine_failures"] >= 1 and summary["faults"]["rollbacks"] == 0, lines
+    assert any("rollout engine failed" in x and "sampling again" in x for x in lines), lines

@@ -20,12 +20,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_eps: float = 0.2, dual_clip: float | None = None,
-                        loss_agg: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+                        loss_agg: str = "token", is_weights: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate: -E[min(r A, clip(r, 1-eps, 1+eps) A)], r = pi/pi_old.
 
     The min makes the objective a pessimistic bound, so a step gains nothing by moving r outside [1-eps, 1+eps].
     dual_clip = c > 1 (Ye et al. 2020): for A < 0 the objective is further bounded below, max(min(...), c A), so a
     huge ratio on a bad token cannot produce an unbounded loss. loss_agg: see aggregate().
+    is_weights: per-token importance weights of off-policy samples (truncated_is_weights), constants
+    multiplying each token's objective.
     Returns (loss, fraction of response tokens where the PPO clip was active, i.e. min picked the clipped term).
     """
     ratio = torch.exp(logprobs - old_logprobs)
@@ -36,9 +39,26 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         objective = torch.where(advantages < 0, torch.max(objective, dual_clip * advantages), objective)
+    if is_weights is not None:
+        objective = objective * is_weights
     loss = -aggregate(objective, mask, loss_agg)
     clip_frac = masked_mean((clipped < unclipped).float(), mask)
     return loss, clip_frac
+
+
+def truncated_is_weights(logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor,
+                         stale: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling for samples drawn by an older policy (asynchronous rollout; Yao et
+    al. 2025, OpenRLHF's TIS): w_t = min(pi_old(y_t) / pi_behaviour(y_t), cap), where pi_old is the
+    policy the PPO ratio starts from (recomputed by the trainer) and pi_behaviour the engine's weights
+    that sampled y_t. The truncation bounds the variance a rare token could bring. Samples with
+    `stale` False ([B] bool) are on-policy: weight exactly 1.
+    Returns ([B, T] weights, 0 outside the mask; fraction of stale response tokens whose ratio was cut)."""
+    ratio = torch.exp(logprobs - behaviour_logprobs)
+    stale_tokens = stale[:, None].to(mask.dtype) * mask
+    weights = torch.where(stale[:, None], torch.clamp(ratio, max=cap), torch.ones_like(ratio)) * mask
+    cut = ((ratio > cap).to(mask.dtype) * stale_tokens).sum() / stale_tokens.sum().clamp(min=1.0)
+    return weights, cut
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

@@ -268,6 +268,18 @@ class FaultToleranceConfig(Strict):
     restart_timeout_s: float = Field(600.0, gt=0.0)
 
 
+class AsyncRolloutConfig(Strict):
+    """Asynchronous rollout (rlhf_cluster/rl/rollout.py): the engines sample the next batches while the
+    learner trains. A sample is trained on at most `max_staleness` policy versions after the weights that
+    sampled it; 0 is the synchronous step. With old_logprobs=recompute, stale samples get truncated
+    importance weights (the recomputed policy's log-probs over the engine's, capped at `is_cap`); with
+    old_logprobs=sampler, PPO's ratio is taken against the engine's weights themselves (off-policy PPO:
+    the clip bounds the step; no extra forward pass)."""
+
+    max_staleness: int = Field(0, ge=0)
+    is_cap: float = Field(2.0, ge=1.0)  # TIS's truncation C (OpenRLHF and Yao et al. use 2)
+
+
 class PPOConfig(JobConfig):
     """PPO (or a critic-free estimator) with a KL penalty to the reference policy."""
 
@@ -294,6 +306,7 @@ class PPOConfig(JobConfig):
     # engine returned with each sampled token, which saves that pass; equal up to rounding when engine and
     # trainer compute in the same dtype (fp32 on CPU: tests/test_actors.py), not in bf16 on GPUs.
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    async_rollout: AsyncRolloutConfig = AsyncRolloutConfig()
     clip_eps: float = Field(0.2, gt=0.0)
     dual_clip: float | None = Field(None, gt=1.0)
     value_clip_eps: float = Field(0.2, gt=0.0)
@@ -613,7 +626,10 @@ class PipelineConfig(JobConfig):
 
 # --------------------------------------------------------------------------- the results harness
 RESULT_METHODS = ("sft", "best_of_k", "rejection_sampling", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "ipo",
-                  "rs_ppo")
+                  "rs_ppo", "ppo_async", "grpo_async")
+# the recorded run's default: every method but the asynchronous-rollout variants (a run of their own, see
+# docs/performance.md; `methods=[ppo, grpo, ppo_async, grpo_async]` compares them side by side)
+DEFAULT_RESULT_METHODS = RESULT_METHODS[:-2]
 
 
 class OveroptimisationSweepConfig(Strict):
@@ -639,7 +655,7 @@ class ResultsConfig(JobConfig):
     output_dir: str = "runs/results"
     ray: RayConfig = RayConfig(num_cpus=4)  # logical CPUs of a local cluster, as the presets the methods run
     seeds: list[int] = [0, 1, 2]
-    methods: list[Literal[RESULT_METHODS]] = list(RESULT_METHODS)  # type: ignore[valid-type]
+    methods: list[Literal[RESULT_METHODS]] = list(DEFAULT_RESULT_METHODS)  # type: ignore[valid-type]
     samples_per_method: int = Field(1024, ge=64)  # responses sampled by each online method (its training budget)
     prompts_per_iteration: int = Field(16, ge=1)  # PPO-family batch: prompts x rollout samples per iteration
     samples_per_prompt: int = Field(4, ge=2)

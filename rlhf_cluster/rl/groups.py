@@ -1,0 +1,90 @@
+"""The actor groups of an RL job, started side by side from one config (and stopped together).
+
+policy trainer (DeepSpeed ranks), reference and reward replicas, the critic (GAE only), the rollout
+engines (vLLM); groups named in `colocate` share one placement group.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rlhf_cluster.lib.config import PPOConfig, TrainerConfig
+
+
+class RLGroups:
+    """`policy`, `reference`, `reward`, `critic` (or None) and `rollout`: ActorGroups."""
+
+    def __init__(self, cfg: PPOConfig, policy_path: str, reward_path: str | None, *, trainer: TrainerConfig,
+                 train_steps: int, with_critic: bool, log=print):
+        from actors.group import ActorGroup, colocated_placement_group
+        from actors.rollout import engine_class
+        from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel
+        from actors.trainer import Critic, PolicyTrainer
+
+        self.cfg = cfg
+        # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.lib.deepspeed_setup), unless the driver says
+        env = {"RLHF_TORCH_THREADS": "1"} | {k: os.environ[k] for k in ("DS_ACCELERATOR",) if k in os.environ}
+        # replicas without peers are restarted by Ray; reference and reward calls are re-sent by Ray too,
+        # rollout calls by the rollout producer (after a re-sync: a restarted engine holds the initial weights)
+        restarts = cfg.fault_tolerance.actor_restarts
+        replica = {"max_restarts": restarts, "max_task_retries": restarts}
+        t0 = time.time()
+        log("starting actor groups: policy trainer, reference, reward, rollout" + (", critic" if with_critic else ""))
+        # colocated groups (cfg.colocate) share one placement group: rank i of each in bundle i
+        resources = cfg.group_resources()
+        self.shared_pgs, pg = [], {}
+        for names in cfg.colocated_sets():
+            names = [n for n in names if n != "critic" or with_critic]
+            self.shared_pgs.append(colocated_placement_group({n: resources[n] for n in names}, trainer.placement))
+            pg |= {n: self.shared_pgs[-1] for n in names}
+            log(f"colocated: {' + '.join(names)}")
+        self.policy = ActorGroup(PolicyTrainer, trainer, policy_path, trainer.model_dump(), train_steps,
+                                 cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False, pg=pg.get("trainer"))
+        self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype, name="reference",
+                                    env=env, wait=False, pg=pg.get("reference"), **replica)
+        if cfg.reward_service:  # scores over HTTP; the bearer token travels in the actors' environment
+            svc = cfg.reward_service
+            token = {svc.token_env: os.environ[svc.token_env]} if svc.token_env in os.environ else {}
+            self.reward = ActorGroup(RemoteRewardModel, cfg.reward_group, svc.url, policy_path, svc.token_env,
+                                     svc.batch_size, svc.timeout_s, svc.retries, name="reward", env=env | token,
+                                     wait=False, pg=pg.get("reward_group"), **replica)
+        else:
+            self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward",
+                                     env=env, wait=False, pg=pg.get("reward_group"), **replica)
+        self.critic = None
+        if with_critic:
+            # the critic starts from the reward model (its head too), or the policy when scores come over HTTP
+            self.critic = ActorGroup(Critic, cfg.critic, reward_path or policy_path, cfg.critic.model_dump(),
+                                     train_steps, cfg.reward.dtype, cfg.seed, name="critic", env=env, wait=False,
+                                     pg=pg.get("critic"))
+        self.rollout = ActorGroup(engine_class(cfg.rollout.engine), resources["rollout"], policy_path,
+                                  cfg.rollout.model_dump(), cfg.seed, cfg.policy.dtype, name="rollout",
+                                  env={"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.rollout.kv_cache_gib)))},
+                                  wait=False, max_restarts=restarts, pg=pg.get("rollout"))
+        for group in self.all():
+            group.wait()
+        self.startup_seconds = time.time() - t0
+
+    def all(self) -> list:
+        return [g for g in (self.rollout, self.policy, self.reference, self.reward, self.critic) if g is not None]
+
+    def trainers(self) -> list:
+        """DeepSpeed groups: a lost rank means the whole group is rebuilt."""
+        return [g for g in (self.policy, self.critic) if g is not None]
+
+    def replicas(self) -> list:
+        """Groups whose ranks Ray restarts one by one."""
+        return [self.rollout, self.reference, self.reward]
+
+    def rank_lost(self) -> bool:
+        """Some DeepSpeed rank is dead or stuck (its peers' errors are then a consequence)."""
+        return not all(g.responsive(self.cfg.fault_tolerance.ping_timeout_s) for g in self.trainers())
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for g in self.all():
+            g.shutdown()
+        for pg in self.shared_pgs:
+            remove_placement_group(pg)
