@@ -12,6 +12,10 @@ from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.data import pad_batch
 
 
+def _sequences(samples: list[dict]) -> list[list[int]]:
+    return [s["prompt_ids"] + s["response_ids"] for s in samples]
+
+
 def _dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 
@@ -37,6 +41,11 @@ class ReferenceModel(Worker):
             lp = A.sequence_token_logprobs(self.model, ids, att)
             out += [row[: len(s) - 1].tolist() for row, s in zip(lp, chunk)]
         return out
+
+    def logprobs_of_samples(self, samples: list[dict]) -> list[list[float]]:
+        """`logprobs` of an engine's samples (prompt + response), passed straight from the engine's call:
+        scoring starts as soon as that engine's chunk is done, without a trip through the coordinator."""
+        return self.logprobs(_sequences(samples))
 
 
 class RewardModel(Worker):
@@ -66,6 +75,10 @@ class RewardModel(Worker):
             ids, att = pad_batch(sequences[i:i + self.micro_batch_size], self.pad_id)
             out += self.model(input_ids=ids, attention_mask=att).logits[:, 0].float().tolist()
         return out
+
+    def score_samples(self, samples: list[dict]) -> list[float]:
+        """`score` of an engine's samples (see ReferenceModel.logprobs_of_samples)."""
+        return self.score(_sequences(samples))
 
 
 class RemoteRewardModel(Worker):
@@ -121,3 +134,6 @@ class RemoteRewardModel(Worker):
             chunk = sequences[i:i + self.batch_size]
             out += self._post([self.tokenizer.decode(s, skip_special_tokens=False) for s in chunk])
         return out
+
+    def score_samples(self, samples: list[dict]) -> list[float]:
+        return self.score(_sequences(samples))

@@ -127,10 +127,13 @@ class PPORun:
         batch = self.last_batch = self.producer.next_batch(self.iteration)
         samples, staleness = batch.samples, self.iteration - batch.policy_version
         lap("generate")
+        timing["time/generate"] -= batch.score_wait  # waited for scoring chained on the engines' calls
 
         # 2. score: reference, reward, critic and the policy's own (old) log-probs, in parallel
-        s = score_batch(self.groups, samples, cfg, recompute=cfg.old_logprobs == "recompute")
+        s = score_batch(self.groups, samples, cfg, recompute=cfg.old_logprobs == "recompute", done=batch.scores)
         lap("score")
+        timing["time/score"] += batch.score_wait
+        batch.score_wait = 0.0
 
         # 3. rewards and advantages (pure functions, on [B, T] response tensors)
         mask, old_lp, raw_scores = s.mask, s.old_logprobs, s.scores

@@ -12,6 +12,7 @@ sampled again). Engine calls run in the order they were sent, so seeded batches 
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,12 +80,15 @@ class Batch:
     prompts: list[dict]
     seed: int
     policy_version: int  # learner updates in the weights that sampled it
-    calls: list = field(default_factory=list)  # engine calls in flight
+    calls: list = field(default_factory=list)  # engine calls in flight: (ObjectRef, prompts) per engine
+    score_calls: dict = field(default_factory=dict)  # reference / reward calls chained on each engine call
     samples: list[dict] | None = None
+    scores: dict | None = None  # {"ref": per-token log-probs, "score": rewards}, in sample order
+    score_wait: float = 0.0
 
     def state_dict(self) -> dict:
         return {"index": self.index, "prompts": self.prompts, "seed": self.seed,
-                "policy_version": self.policy_version, "samples": self.samples}
+                "policy_version": self.policy_version, "samples": self.samples, "scores": self.scores}
 
 
 class RolloutProducer:
@@ -111,7 +115,7 @@ class RolloutProducer:
         if iteration - batch.policy_version > self.max_staleness:  # not by construction; never trained on
             self.log(f"batch {batch.index} is {iteration - batch.policy_version} versions old "
                      f"(max_staleness {self.max_staleness}); sampling it again")
-            batch.policy_version, batch.samples = self.weights.policy_version, None
+            batch.policy_version, batch.samples, batch.scores = self.weights.policy_version, None, None
             self._collect(self._send(batch))
         return batch
 
@@ -122,11 +126,20 @@ class RolloutProducer:
         batch.calls = submit_across(self.groups.rollout, [p["prompt_ids"] for p in batch.prompts], self.overrides,
                                     batch.seed, version=self.weights.version,
                                     samples_per_prompt=self.cfg.rollout.samples_per_prompt)
+        # each engine's samples go to a reference and a reward replica as soon as they exist (Ray passes the
+        # result actor to actor): scoring overlaps the other engines' sampling, and the learner's step
+        reference, reward = self.groups.reference.actors, self.groups.reward.actors
+        engine_results = [ref for ref, _ in batch.calls]
+        batch.score_calls = {
+            "ref": [reference[j % len(reference)].logprobs_of_samples.remote(r) for j, r in enumerate(engine_results)],
+            "score": [reward[j % len(reward)].score_samples.remote(r) for j, r in enumerate(engine_results)]}
+        batch.scores = None
         return batch
 
     def _collect(self, batch: Batch) -> None:
         """Wait for a batch. An engine that died (or came back with the initial weights) is waited for,
         every engine is re-synced, and this batch and those queued behind it are sent again."""
+        from actors.group import gather
         from actors.rollout import StaleWeights, collect_across
 
         ft = self.cfg.fault_tolerance
@@ -134,8 +147,11 @@ class RolloutProducer:
             return
         for attempt in range(ft.actor_restarts + 1):
             try:
-                batch.samples = collect_across(batch.calls)
-                batch.calls = []
+                samples = collect_across(batch.calls)
+                t0 = time.time()
+                batch.scores = {k: [x for part in gather(refs) for x in part] for k, refs in batch.score_calls.items()}
+                batch.score_wait = time.time() - t0  # the part of the wait that was scoring (step timing)
+                batch.samples, batch.calls, batch.score_calls = samples, [], {}
                 self.weights.settle()
                 return
             except (RayActorError, StaleWeights) as e:
@@ -161,8 +177,8 @@ class RolloutProducer:
 
     def load_state_dict(self, batches: list[dict]) -> None:
         """Batches restored from a checkpoint; whatever was in flight is dropped (its results unread)."""
-        self.queue = deque(Batch(b["index"], b["prompts"], b["seed"], b["policy_version"], samples=b["samples"])
-                           for b in batches)
+        self.queue = deque(Batch(b["index"], b["prompts"], b["seed"], b["policy_version"], samples=b["samples"],
+                                 scores=b.get("scores")) for b in batches)
 
     # ---------------------------------------------------------------- one-off sampling (evaluation, RS)
     def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None,

@@ -23,17 +23,20 @@ class Scored:
     values: torch.Tensor | None  # critic values (GAE)
 
 
-def score_batch(groups, samples: list[dict], cfg: PPOConfig, recompute: bool) -> Scored:
+def score_batch(groups, samples: list[dict], cfg: PPOConfig, recompute: bool, done: dict | None = None) -> Scored:
+    """`done`: reference log-probs and rewards already computed (the rollout producer chains them on the
+    engines' calls), {"ref": [...], "score": [...]}; the rest is computed here."""
     items = [trainer_item(s) for s in samples]
     seqs = [it["input_ids"] for it in items]
-    refs = {"ref": groups.reference.split_call("logprobs", seqs), "score": groups.reward.split_call("score", seqs)}
+    refs = {} if done else {"ref": groups.reference.split_call("logprobs", seqs),
+                            "score": groups.reward.split_call("score", seqs)}
     if recompute:
         refs["old"] = groups.policy.split_call(
             "logprobs", items, groups.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size))
     if groups.critic:
         refs["values"] = groups.critic.split_call(
             "values", items, groups.critic.micro_batches_per_rank(len(items), cfg.critic.micro_batch_size))
-    got = {k: [x for part in gather(v) for x in part] for k, v in refs.items()}
+    got = (done or {}) | {k: [x for part in gather(v) for x in part] for k, v in refs.items()}
 
     def response(key: str) -> torch.Tensor:
         return padded([response_part(s, full) for s, full in zip(samples, got[key])])[0]
