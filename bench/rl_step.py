@@ -115,9 +115,12 @@ class TrlChild:
                 return msg
 
     def step(self) -> dict:
+        cpu = process_cpu_s([self.proc.pid])
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
-        return self._read("step")
+        msg = self._read("step")
+        msg["cpu_s"] = process_cpu_s([self.proc.pid]) - cpu
+        return msg
 
     def close(self) -> None:
         try:
@@ -172,13 +175,39 @@ def start_ours(inputs: dict, estimator: str, settings: dict, tag: str, extra: li
     from rlhf_cluster.ppo import PPORun
 
     run = PPORun(cfg, inputs["policy"], inputs["reward"], log=lambda m: None)
+    run.bench_dtype = cfg.policy.dtype  # what `precision: auto` (tiny-cpu.yaml) chose on this machine
     return run, time.perf_counter() - t, overrides, cfg.old_logprobs
 
 
+def process_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes have used so far, from /proc (0 for one that is gone)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def actor_pids(run) -> list[int]:
+    """The processes of every actor of a PPORun (the vLLM engine core runs inside its actor) and the driver."""
+    import ray._private.state as state
+
+    ids = {a._actor_id.hex() for g in run.groups.all() for a in g.actors}
+    return [os.getpid()] + [a["Pid"] for actor_id, a in state.actors().items()
+                            if actor_id in ids and a["State"] == "ALIVE"]
+
+
 def our_step(run) -> dict:
+    pids = getattr(run, "_bench_pids", None) or actor_pids(run)
+    run._bench_pids = pids
+    cpu = process_cpu_s(pids)
     t = time.perf_counter()
     m = run.step()
     seconds = time.perf_counter() - t
+    cpu = process_cpu_s(pids) - cpu
     run.iteration += 1
     if m.get("skipped"):
         raise RuntimeError(f"the product skipped an iteration: {m.get('skip_reason')}")
@@ -186,7 +215,8 @@ def our_step(run) -> dict:
     return {"seconds": seconds, "phases": phases, "overhead": seconds - sum(phases.values()),
             "tokens": batch_tokens(run), "rm_score": m["reward/rm_score"], "kl": m["kl/mean_sequence_kl"],
             "response_length": m["response/length"], "staleness": m["rollout/staleness"],
-            "idle": {"engines": m["idle/engines"], "trainer": m["idle/trainer"]}}
+            "idle": {"engines": m["idle/engines"], "trainer": m["idle/trainer"]},
+            "coordinator_cpu_s": m["coordinator/cpu_s"], "cpu_s": cpu}
 
 
 def cpu_bf16() -> dict:
@@ -226,6 +256,11 @@ def _summary(steps: list[dict]) -> dict:
     out = {"steps": len(steps), "median_step_s": median(secs),
            "median_tokens_per_s": median([t / s for t, s in zip(toks, secs)]),
            "median_response_tokens": median(toks)}
+    if steps and "cpu_s" in steps[0]:  # every process of the side: core-seconds per step, and cores kept busy
+        out["median_cpu_s"] = median([s["cpu_s"] for s in steps])
+        out["median_cores_busy"] = median([s["cpu_s"] / s["seconds"] for s in steps])
+    if steps and "coordinator_cpu_s" in steps[0]:
+        out["median_coordinator_cpu_s"] = median([s["coordinator_cpu_s"] for s in steps])
     if steps and "idle" in steps[0]:
         out["median_idle"] = {g: median([s["idle"][g] for s in steps]) for g in ("engines", "trainer")}
     if steps and "phases" in steps[0]:
@@ -235,8 +270,8 @@ def _summary(steps: list[dict]) -> dict:
 
 
 def _trl_record(msg: dict, prompt_tokens: int) -> dict:
-    return {"seconds": msg["seconds"], "tokens": {"prompt": prompt_tokens,
-                                                  "response": round(msg["completion_tokens"] or 0)},
+    tokens = {"prompt": prompt_tokens, "response": round(msg["completion_tokens"] or 0)}
+    return {"seconds": msg["seconds"], "cpu_s": msg["cpu_s"], "tokens": tokens,
             "kl": msg.get("kl"), "reward": msg.get("reward"), "mean_completion_length": msg["mean_completion_length"]}
 
 
@@ -308,6 +343,7 @@ def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, 
         run.shutdown()
     ours, theirs = timed["ours"], timed.get("trl", [])
     res = {"estimator": estimator, "model": inputs["size"], "tag": tag, "old_logprobs": old_logprobs,
+           "dtype": run.bench_dtype,
            "prompts": settings["prompts"],
            "samples_per_step": samples, "max_new_tokens": settings["max_new_tokens"], "overrides": overrides,
            "order": order, "block": block, "warmup": warm, "ours": ours, "ours_summary": _summary(ours),
@@ -429,7 +465,8 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                             "before_phases_s": before["ours_summary"]["median_phases_s"],
                             "after_phases_s": grpo["ours_summary"]["median_phases_s"]}
     ppo["step_time_vs_trl_grpo"] = grpo["trl_summary"]["median_step_s"] / ppo["ours_summary"]["median_step_s"]
-    headline = {"speedup_vs_trl": grpo["speedup_vs_trl"], "dtype": "float32", "model": size,
+    headline = {"speedup_vs_trl": grpo["speedup_vs_trl"], "dtype": grpo["dtype"], "trl_dtype": "float32",
+                "model": size,
                 "ours_grpo_median_step_s": grpo["ours_summary"]["median_step_s"],
                 "trl_grpo_median_step_s": grpo["trl_summary"]["median_step_s"],
                 "ours_ppo_median_step_s": ppo["ours_summary"]["median_step_s"],
@@ -446,6 +483,14 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                 "speedup_vs_trl_best": grpo["speedup_vs_trl_best"],
                 "idle_sync": grpo["ours_summary"]["median_idle"],
                 "idle_async": {k: a["summary"]["median_idle"] for k, a in grpo["async"].items()},
+                # CPU-seconds every process of a side used per step, and how many cores that kept busy
+                "cpu_s_per_step": {"sync": grpo["ours_summary"].get("median_cpu_s"),
+                                   **{f"async{k}": a["summary"].get("median_cpu_s") for k, a in grpo["async"].items()},
+                                   "trl": grpo["trl_summary"].get("median_cpu_s")},
+                "cores_busy": {"sync": grpo["ours_summary"].get("median_cores_busy"),
+                               **{f"async{k}": a["summary"].get("median_cores_busy") for k, a in grpo["async"].items()},
+                               "trl": grpo["trl_summary"].get("median_cores_busy")},
+                "coordinator_cpu_s_per_step": grpo["ours_summary"].get("median_coordinator_cpu_s"),
                 # both sides ran fp32, the best precision of a CPU without bf16 units; a bf16 TRL row needs one
                 "cpu_bf16": cpu_bf16(),
                 "speedup_vs_trl_bf16": None,
@@ -487,7 +532,16 @@ def _async_lines(h: dict) -> list[str]:
             f"(target ≥ 1.4 — **{'met' if h['targets']['async_speedup_ge_1.4'] else 'missed'}**); best product "
             f"configuration vs TRL: {h['speedup_vs_trl_best']:.2f}×; vs TRL in bf16: {bf16}. Median idle share of "
             f"a step ({idle}; target < 25 % for both under async — "
-            f"**{'met' if h['targets']['idle_lt_0.25'] else 'missed'}**).  "]
+            f"**{'met' if h['targets']['idle_lt_0.25'] else 'missed'}**).  ", *_cpu_lines(h)]
+
+
+def _cpu_lines(h: dict) -> list[str]:
+    busy, cpu = h.get("cores_busy") or {}, h.get("cpu_s_per_step") or {}
+    if not busy or None in busy.values():  # recorded before the CPU accounting existed
+        return []
+    sides = ", ".join(f"{side} {cpu[side]:.1f} core-s ({busy[side]:.2f} cores)" for side in busy)
+    return [f"CPU per step, every process of a side (/proc; the product: its actors and the driver): {sides}; "
+            f"the coordinator itself {h['coordinator_cpu_s_per_step']:.2f} s.  "]
 
 
 def _phase_cells(s: dict) -> str:

@@ -34,6 +34,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -117,6 +118,7 @@ class PPORun:
     def step(self) -> dict:
         cfg, timing = self.cfg, {}
         clock = started = time.time()
+        cpu_started = time.process_time()
 
         def lap(name):
             nonlocal clock
@@ -205,10 +207,14 @@ class PPORun:
             "idle/engines": max(0.0, 1 - max(x.get("engine_seconds", 0.0) for x in samples) / seconds),
             "idle/trainer": max(0.0, 1 - sum(m["seconds"] for m in policy + stats["ptx"])
                                 / self.groups.policy.world_size / seconds),
+            # CPU the coordinator process itself spent on the step (moving samples and per-token fields, the
+            # advantage math): what a data plane between actors would save
+            "coordinator/cpu_s": time.process_time() - cpu_started,
         }
         if cfg.old_logprobs == "recompute":  # engine vs trainer on the same tokens
             gap = (old_lp - s.sampler_logprobs).abs() * mask
             metrics["rollout/logprob_gap"] = gap.sum().item() / mask.sum().item()
+            metrics["rollout/logprob_gap_max"] = gap.max().item()
         if self.importance_weights:
             w = fields["is_weights"]
             metrics |= {"rollout/is_weight_mean": (w.sum() / mask.sum()).item(),
@@ -399,6 +405,9 @@ class PPORun:
             "report": str(self.out / "report.png"), "metrics": str(self.out / "metrics.jsonl"),
             "checkpoints": str(self.out / "checkpoints"),
             "faults": dict(self.faults), "unregistered_checkpoints": len(self.store.unregistered),
+            # how many trained batches were 0, 1, ... policy versions old (asynchronous rollout)
+            "staleness_histogram": {str(k): n for k, n in sorted(Counter(
+                h["rollout/staleness"] for h in self.history if "rollout/staleness" in h).items())},
         }
         learning_curves(self.history, self.out / "report.png", title=f"PPO ({self.cfg.estimator})")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -475,7 +484,7 @@ def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str | None]:
 
 def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
     """Validate, connect, build the groups, train, report. Bad configs fail before any actor starts."""
-    scaffold.connect(cfg, log_to_driver=False)
+    scaffold.connect(cfg, log_to_driver=False, log=log)
     policy_path, reward_path = resolve_models(cfg, log)
     scorer = reward_path if not cfg.reward_service else f"{cfg.reward_service.url} (reward service)"
     log(f"policy: {policy_path}\nreward model: {scorer}\noutput: {Path(cfg.output_dir).resolve()}")

@@ -215,7 +215,8 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
 
     if cfg.reward_models and cfg.combine == "llama2" and not 0 < cfg.safety_threshold < 1:
         raise ConfigError(f"safety_threshold is a probability in (0, 1) (Llama 2: 0.15), got {cfg.safety_threshold}")
-    scaffold.connect(cfg, log_to_driver=False, check=lambda cpus, gpus: check_round_resources(cfg, cpus, gpus))
+    scaffold.connect(cfg, log_to_driver=False, check=lambda cpus, gpus: check_round_resources(cfg, cpus, gpus),
+                     log=log)
     policy_path, reward_path = resolve_models(cfg, log)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -198,7 +198,7 @@ class Harness:
 
     def stage_common(self, where: Path, seed: int) -> list[str]:
         """What every method's config shares: seed, run directory and the built-in task's settings."""
-        return [f"seed={seed}", f"output_dir={where}",
+        return [f"seed={seed}", f"output_dir={where}", f"precision={self.cfg.precision}",
                 *(f"builtin.{k}={v}" for k, v in self.cfg.builtin.model_dump().items() if v is not None)]
 
     def ppo_config(self, where: Path, seed: int, estimator: str, samples: int, extra: list[str] = ()):

@@ -35,12 +35,16 @@ def precheck(cfg: JobConfig) -> None:
 
 
 def connect(cfg: JobConfig, log_to_driver: bool = True,
-            check: Callable[[float, float], None] | None = None) -> tuple[float, float]:
+            check: Callable[[float, float], None] | None = None, log=print) -> tuple[float, float]:
     """Join the cluster of ray.address / RAY_ADDRESS (as under `ray job submit`, whose runtime env
     stays as the submitter set it), or start a local one; returns its (CPUs, GPUs). The job's groups
     are checked against the cluster (`check(cpus, gpus)`, default: `check_resources` of the config's
-    groups), a local cluster before it starts."""
+    groups), a local cluster before it starts. The models' dtypes are settled here (`precision`), and said."""
     import ray
+
+    from rlhf_cluster.lib.precision import cpu_flags
+
+    log(cfg.resolve_precision(cpu_flags()))
 
     check = check or (lambda cpus, gpus: check_resources(cfg, cpus, gpus))
     if not ray.is_initialized():

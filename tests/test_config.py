@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from pydantic import ValidationError
 
 from rlhf_cluster.lib.config import (
     CONFIG_DIR,
@@ -130,3 +131,46 @@ def test_a_file_section_keeps_the_jobs_own_defaults(tmp_path):
     assert cfg.trainer.micro_batch_size == 4
     assert cfg.trainer.optim.lr == PPOConfig().trainer.optim.lr == 1e-5  # not OptimConfig's generic 1e-4
     assert cfg.trainer.num_ranks == 2
+
+
+def test_precision_auto_follows_the_hardware():
+    from rlhf_cluster.lib.precision import choose
+
+    assert choose("auto", True, set())[0] == "bfloat16"  # GPUs
+    assert choose("auto", False, {"avx2", "amx_bf16"})[0] == "bfloat16"  # a CPU with AMX
+    assert choose("auto", False, {"avx2", "avx512_bf16"})[0] == "bfloat16"
+    dtype, why = choose("auto", False, {"avx2", "avx512f"})
+    assert dtype == "float32" and "no bf16 units" in why
+    assert choose("fp32", True, {"amx_bf16"})[0] == "float32" and choose("bf16", False, set())[0] == "bfloat16"
+
+
+def test_precision_fills_the_models_without_a_dtype_and_says_so():
+    cfg = PPOConfig(precision="auto")
+    line = cfg.resolve_precision({"avx2"})
+    assert (cfg.policy.dtype, cfg.reward.dtype) == ("float32", "float32")
+    assert line.startswith("precision: float32 (auto: this CPU has no bf16 units") and "policy float32" in line
+    assert cfg.old_logprobs == "sampler" and line.endswith("old log-probs: sampler (auto)")  # fp32: vLLM's are exact
+    cfg = PPOConfig(policy={"dtype": "bfloat16"}, precision="auto")  # a model's own dtype is kept
+    cfg.resolve_precision(set())
+    assert (cfg.policy.dtype, cfg.reward.dtype) == ("bfloat16", "float32")
+    gpu = PPOConfig(trainer={"num_gpus_per_rank": 1}, precision="auto")
+    assert "the job's groups run on GPUs" in gpu.resolve_precision(set()) and gpu.policy.dtype == "bfloat16"
+    assert gpu.old_logprobs == "recompute"  # bf16: the engine's log-probs differ from the trainer's
+    kept = PPOConfig(old_logprobs="sampler", precision="bf16")
+    kept.resolve_precision(set())
+    assert kept.old_logprobs == "sampler"
+    with pytest.raises(ValidationError):
+        PPOConfig(precision="fp16")
+
+
+def test_this_machines_auto_precision():
+    """On this CPU: bf16 exactly when its flags show bf16 units (the development machines differ)."""
+    from rlhf_cluster.lib.precision import BF16_CPU_FLAGS, cpu_flags
+
+    flags = cpu_flags()
+    cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml")  # what `make run` runs
+    cfg.resolve_precision(flags)
+    assert cfg.policy.dtype == ("bfloat16" if flags & set(BF16_CPU_FLAGS) else "float32")
+    fixed = SFTConfig()  # elsewhere fp32 unless asked: the built-in models are the same on every machine
+    fixed.resolve_precision(flags)
+    assert fixed.model.dtype == "float32"

@@ -32,7 +32,7 @@ class ModelSource(Strict):
     """Where a model comes from: a local HF directory, or the built-in one when null."""
 
     path: str | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] | None = None  # null: the job's `precision` decides
 
 
 class BuiltinConfig(Strict):
@@ -160,10 +160,32 @@ class JobConfig(Strict):
     output_dir: str = "runs/job"
     ray: RayConfig = RayConfig()
     builtin: BuiltinConfig = BuiltinConfig()
+    # the dtype of every model whose own `dtype` is null (rlhf_cluster/lib/precision.py): auto = bf16 on
+    # GPUs and on CPUs with bf16 units, fp32 elsewhere (configs/tiny-cpu.yaml, what `make run` runs, says
+    # auto); the run's first line says what was chosen and why. fp32 by default, so the built-in models and
+    # the figures measured in fp32 stay what they are on every machine
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         """name -> (cpus, gpus) this job will ask Ray for; checked against the cluster."""
         return {}
+
+    def resolve_precision(self, flags: set[str]) -> str:
+        """Fill every model's null `dtype` from `precision` (GPU: any group asks for GPUs; CPU: `flags`);
+        returns the line that says what was chosen and why."""
+        from rlhf_cluster.lib.precision import choose
+
+        on_gpu = any(gpus > 0 for _, gpus in self.resource_groups().values())
+        dtype, why = choose(self.precision, on_gpu, flags)
+        models = {name: getattr(self, name) for name in type(self).model_fields
+                  if isinstance(getattr(self, name), ModelSource)}
+        chosen = {}
+        for name, source in models.items():
+            if source.dtype is None:
+                source.dtype = dtype
+            chosen[name] = source.dtype
+        shown = ", ".join(f"{name} {d}" for name, d in chosen.items())
+        return f"precision: {dtype} ({why})" + (f"; {shown}" if shown else "")
 
 
 class StageConfig(JobConfig):
@@ -305,7 +327,9 @@ class PPOConfig(JobConfig):
     # pass of the policy trainer over each batch (OpenRLHF, veRL). `sampler`: the log-probs the rollout
     # engine returned with each sampled token, which saves that pass; equal up to rounding when engine and
     # trainer compute in the same dtype (fp32 on CPU: tests/test_actors.py), not in bf16 on GPUs.
-    old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    # `auto`: sampler where the models compute in fp32 (measured gap < 1e-4 per token, tests/test_ppo.py),
+    # recompute in bf16 (measured mean gap 1.3e-3 per token on a CPU, docs/performance.md).
+    old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"
     async_rollout: AsyncRolloutConfig = AsyncRolloutConfig()
     clip_eps: float = Field(0.2, gt=0.0)
     dual_clip: float | None = Field(None, gt=1.0)
@@ -345,6 +369,14 @@ class PPOConfig(JobConfig):
         if self.estimator in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"estimator={self.estimator} needs rollout.samples_per_prompt >= 2")
         return self
+
+    def resolve_precision(self, flags: set[str]) -> str:
+        """JobConfig's, and `old_logprobs: auto` follows the policy's dtype."""
+        line = super().resolve_precision(flags)
+        if self.old_logprobs == "auto":
+            self.old_logprobs = "sampler" if self.policy.dtype == "float32" else "recompute"
+            line += f"; old log-probs: {self.old_logprobs} (auto)"
+        return line
 
     def group_resources(self) -> dict[str, GroupResources]:
         """Every actor group of the job under its config key (rollout engines as ranks)."""
@@ -537,7 +569,7 @@ class RSConfig(PPOConfig):
 
 
 # --------------------------------------------------------------------------- the whole pipeline
-SHARED_KEYS = ("seed", "output_dir", "ray", "builtin")  # a pipeline's stages take these from the top level
+SHARED_KEYS = ("seed", "output_dir", "ray", "builtin", "precision")  # a pipeline's stages take these from the top level
 
 
 def _owned_by_pipeline(stage: BaseModel, where: str, keys: tuple[str, ...] = ()) -> None:
@@ -585,7 +617,7 @@ class PipelineConfig(JobConfig):
     """SFT -> reward model(s) -> rejection-sampling / PPO rounds -> evaluation, from one config.
 
     Each stage's model is registered in the checkpoint registry; the next stage reads it from
-    there. seed, output_dir, ray, builtin (and registry) are shared: stage sections leave them out.
+    there. seed, output_dir, ray, builtin, precision (and registry) are shared: stage sections leave them out.
     """
 
     output_dir: str = "runs/pipeline"

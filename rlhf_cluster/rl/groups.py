@@ -23,6 +23,10 @@ class RLGroups:
         from actors.trainer import Critic, PolicyTrainer
 
         self.cfg = cfg
+        if None in (cfg.policy.dtype, cfg.reward.dtype) or cfg.old_logprobs == "auto":  # not via scaffold.connect
+            from rlhf_cluster.lib.precision import cpu_flags
+
+            log(cfg.resolve_precision(cpu_flags()))
         # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.lib.deepspeed_setup), unless the driver says
         env = {"RLHF_TORCH_THREADS": "1"} | {k: os.environ[k] for k in ("DS_ACCELERATOR",) if k in os.environ}
         # replicas without peers are restarted by Ray; reference and reward calls are re-sent by Ray too,
