@@ -351,6 +351,13 @@ def targets(results: dict) -> dict:
     return out
 
 
+def _one_seed_se(results: dict) -> float:
+    """One seed's standard error of test gold: the SFT policy's, or (a run without it) the methods' mean."""
+    methods = results["methods"]
+    rows = [methods["sft"]] if "sft" in methods else list(methods.values())
+    return statistics.mean(r["aggregate"]["test_gold_se"]["mean"] for r in rows)
+
+
 def _pm(agg: dict, key: str, digits: int = 3) -> str:
     if key not in agg:
         return "—"
@@ -388,7 +395,7 @@ def render_results_md(results: dict) -> str:
         "built-in training preference pairs (10 % label noise), two epochs.", "",
         "One evaluator scores every method's output: **test gold** is the hidden gold score of greedy responses to "
         f"the {results['test_prompts']} test prompts (mean ± std over seeds; one seed's standard error on this split "
-        f"is about {results['methods']['sft']['aggregate']['test_gold_se']['mean']:.3f}); **KL** is "
+        f"is about {_one_seed_se(results):.3f}); **KL** is "
         "KL(π ‖ π_SFT) estimated on four sampled responses per test prompt (k1, nats; for best-of-K the bound "
         "log K − (K−1)/K); **validation gold** is what promotion and kept checkpoints read. What a method hands over: "
         "the PPO family its final checkpoint, rejection sampling the round promoted by validation gold, DPO/IPO the "
@@ -428,7 +435,7 @@ def limits_section(results: dict, t: dict) -> list[str]:
                      f"scorer's own pick {bok['oracle_gold']['mean']:.3f}: the gap is what the reward model's "
                      "errors cost at this K, and the oracle figure is how far this policy's samples reach.")
     lines.append(f"- **Noise of the measurement.** One seed's test gold has a standard error of about "
-                 f"{results['methods']['sft']['aggregate']['test_gold_se']['mean']:.3f} on "
+                 f"{_one_seed_se(results):.3f} on "
                  f"{results['test_prompts']} prompts; differences between methods smaller than that, or than "
                  "their seed std, are not findings.")
     return lines + [""]
