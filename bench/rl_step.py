@@ -220,12 +220,10 @@ def our_step(run) -> dict:
 
 
 def cpu_bf16() -> dict:
-    """Whether this CPU has bf16 matrix units (the flags torch's CPU kernels use), from /proc/cpuinfo."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    found = sorted({f for f in flags.split() if f in ("avx512_bf16", "amx_bf16")})
+    """Whether this CPU has bf16 matrix units: the flags `precision: auto` reads (rlhf_cluster/lib/precision.py)."""
+    from rlhf_cluster.lib.precision import BF16_CPU_FLAGS, cpu_flags
+
+    found = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
     return {"flags": found, "bf16": bool(found)}
 
 

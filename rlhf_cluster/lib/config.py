@@ -177,14 +177,13 @@ class JobConfig(Strict):
 
         on_gpu = any(gpus > 0 for _, gpus in self.resource_groups().values())
         dtype, why = choose(self.precision, on_gpu, flags)
-        models = {name: getattr(self, name) for name in type(self).model_fields
-                  if isinstance(getattr(self, name), ModelSource)}
-        chosen = {}
-        for name, source in models.items():
-            if source.dtype is None:
-                source.dtype = dtype
-            chosen[name] = source.dtype
-        shown = ", ".join(f"{name} {d}" for name, d in chosen.items())
+        shown = []
+        for name in type(self).model_fields:
+            source = getattr(self, name)
+            if isinstance(source, ModelSource):
+                source.dtype = source.dtype or dtype
+                shown.append(f"{name} {source.dtype}")
+        shown = ", ".join(shown)
         return f"precision: {dtype} ({why})" + (f"; {shown}" if shown else "")
 
 
