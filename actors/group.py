@@ -6,7 +6,6 @@ batch evenly across the data-parallel ranks and gather the results in order.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -163,10 +162,6 @@ class ActorGroup:
     def map(self, method: str, items: list, *args, **kwargs) -> list:
         """split_call, then gather the per-item results back in the original order."""
         return [x for part in gather(self.split_call(method, items, *args, **kwargs)) for x in part]
-
-    def micro_batches_per_rank(self, n_items: int, micro_batch_size: int) -> int:
-        """Every rank must run the same number of forward passes under ZeRO-3 (collectives)."""
-        return max(1, math.ceil(math.ceil(n_items / self.world_size) / micro_batch_size))
 
     def shutdown(self) -> None:
         for a in self.actors:

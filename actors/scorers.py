@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from actors.group import Worker
-from rlhf_cluster.lib import algorithms as A
-from rlhf_cluster.lib.data import pad_batch
+from rlhf_cluster.lib.losses import token_logprobs
+from rlhf_cluster.lib.packing import micro_batch_rows, packed_batch, take
 
 
 def _sequences(samples: list[dict]) -> list[list[int]]:
@@ -20,27 +20,46 @@ def _dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
-class ReferenceModel(Worker):
+class _Scorer(Worker):
+    """Micro-batches of `micro_batch_size` padded sequences, or with `max_tokens_per_micro_batch`
+    sequences packed into rows (lib/packing.py)."""
+
+    def __init__(self, rank, world_size, master_addr, master_port, micro_batch_size: int = 16,
+                 max_tokens_per_micro_batch: int | None = None):
+        super().__init__(rank, world_size, master_addr, master_port)
+        self.micro_batch_size, self.max_tokens = micro_batch_size, max_tokens_per_micro_batch
+
+    def _batches(self, sequences: list[list[int]]):
+        """(Packed inputs, the indices of `sequences` in them) per micro-batch."""
+        for rows in micro_batch_rows([len(s) for s in sequences], self.micro_batch_size, self.max_tokens):
+            yield packed_batch(sequences, rows, self.pad_id)
+
+    def set_micro_batching(self, micro_batch_size: int | None = None, max_tokens_per_micro_batch: int | None = None):
+        """Change how calls split their sequences (benchmarks and tests compare padded and packed)."""
+        self.micro_batch_size = micro_batch_size or self.micro_batch_size
+        self.max_tokens = max_tokens_per_micro_batch
+
+
+class ReferenceModel(_Scorer):
     """The frozen initial policy: per-token log-probs for the KL penalty."""
 
     def __init__(self, rank, world_size, master_addr, master_port, model_path: str, dtype: str = "float32",
-                 micro_batch_size: int = 16):
-        super().__init__(rank, world_size, master_addr, master_port)
+                 micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None):
+        super().__init__(rank, world_size, master_addr, master_port, micro_batch_size, max_tokens_per_micro_batch)
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(dtype)).eval()
         self.pad_id = self.model.config.pad_token_id or 0
-        self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        out = []
-        for i in range(0, len(sequences), self.micro_batch_size):
-            chunk = sequences[i:i + self.micro_batch_size]
-            ids, att = pad_batch(chunk, self.pad_id)
-            lp = A.sequence_token_logprobs(self.model, ids, att)
-            out += [row[: len(s) - 1].tolist() for row, s in zip(lp, chunk)]
-        return out
+        out: dict[int, list[float]] = {}
+        for b in self._batches(sequences):
+            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                position_ids=b.position_ids).logits
+            lp = token_logprobs(logits, b.input_ids)
+            out |= take(b, lp, {i: len(sequences[i]) - 1 for i in b.places})
+        return [out[i] for i in range(len(sequences))]
 
     def logprobs_of_samples(self, samples: list[dict]) -> list[list[float]]:
         """`logprobs` of an engine's samples (prompt + response), passed straight from the engine's call:
@@ -48,16 +67,16 @@ class ReferenceModel(Worker):
         return self.logprobs(_sequences(samples))
 
 
-class RewardModel(Worker):
+class RewardModel(_Scorer):
     """A sequence-classification reward model: one scalar per (prompt + response) sequence.
 
-    The score is read at the last real token (transformers pools at the last non-pad token),
-    so sequences should end with the end-of-turn token, as the chat template renders them.
+    The score is read at the last token of each sequence (where transformers pools, at the last
+    non-pad token), so sequences should end with the end-of-turn token, as the chat template renders them.
     """
 
     def __init__(self, rank, world_size, master_addr, master_port, model_path: str, dtype: str = "float32",
-                 micro_batch_size: int = 16):
-        super().__init__(rank, world_size, master_addr, master_port)
+                 micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None):
+        super().__init__(rank, world_size, master_addr, master_port, micro_batch_size, max_tokens_per_micro_batch)
         from transformers import AutoModelForSequenceClassification
 
         self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=_dtype(dtype)).eval()
@@ -66,18 +85,24 @@ class RewardModel(Worker):
         self.pad_id = self.model.config.pad_token_id
         if self.pad_id is None:
             raise ValueError(f"{model_path}: config has no pad_token_id; the score position cannot be found")
-        self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]]) -> list[float]:
-        out = []
-        for i in range(0, len(sequences), self.micro_batch_size):
-            ids, att = pad_batch(sequences[i:i + self.micro_batch_size], self.pad_id)
-            out += self.model(input_ids=ids, attention_mask=att).logits[:, 0].float().tolist()
-        return out
+        out: dict[int, float] = {}
+        for b in self._batches(sequences):
+            if b.position_ids is None:  # padded: transformers pools at each row's last real token
+                scores = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, 0]
+                out |= {i: scores[r].item() for i, (r, _) in b.places.items()}
+                continue
+            # packed: the head on every position, read at each sequence's last token
+            hidden = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                           position_ids=b.position_ids).last_hidden_state
+            per_token = self.model.score(hidden)[..., 0].float()
+            out |= {i: per_token[r, at + len(sequences[i]) - 1].item() for i, (r, at) in b.places.items()}
+        return [out[i] for i in range(len(sequences))]
 
-    def score_samples(self, samples: list[dict]) -> list[float]:
-        """`score` of an engine's samples (see ReferenceModel.logprobs_of_samples)."""
+    def score_samples(self, samples: list[dict], context: list[dict] | None = None) -> list[float]:
+        """`score` of an engine's samples (see ReferenceModel.logprobs_of_samples); a model needs no context."""
         return self.score(_sequences(samples))
 
 
@@ -104,7 +129,7 @@ class RemoteRewardModel(Worker):
         self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.url, self.batch_size, self.retries = url, batch_size, retries
 
-    def _post(self, queries: list[str]) -> list[float]:
+    def _post(self, queries: list[str], extra: dict | None = None) -> list[float]:
         import time
 
         import httpx
@@ -112,7 +137,7 @@ class RemoteRewardModel(Worker):
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
-                r = self.client.post("/get_reward", json={"query": queries})
+                r = self.client.post("/get_reward", json={"query": queries, **(extra or {})})
                 if r.status_code < 400:
                     rewards = r.json()["rewards"]
                     if len(rewards) != len(queries):
@@ -128,12 +153,115 @@ class RemoteRewardModel(Worker):
             time.sleep(delay)
             delay = min(2 * delay, 8.0)
 
-    def score(self, sequences: list[list[int]]) -> list[float]:
+    def score(self, sequences: list[list[int]], prompts: list[list[int]] | None = None,
+              labels: list | None = None) -> list[float]:
+        """Scores of full sequences; with `prompts` (their prompt parts) and `labels`, the request carries
+        them too, as OpenRLHF's protocol does ("prompts": the rendered prompt texts, "labels")."""
         out = []
         for i in range(0, len(sequences), self.batch_size):
-            chunk = sequences[i:i + self.batch_size]
-            out += self._post([self.tokenizer.decode(s, skip_special_tokens=False) for s in chunk])
+            chunk = slice(i, i + self.batch_size)
+            extra = {}
+            if prompts is not None:
+                extra["prompts"] = [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts[chunk]]
+            if labels is not None:
+                extra["labels"] = labels[chunk]
+            out += self._post([self.tokenizer.decode(s, skip_special_tokens=False) for s in sequences[chunk]], extra)
         return out
 
-    def score_samples(self, samples: list[dict]) -> list[float]:
-        return self.score(_sequences(samples))
+    def score_samples(self, samples: list[dict], context: list[dict] | None = None) -> list[float]:
+        """Scores of an engine's samples; `context` (per prompt of the call: {"prompt", "label"}) adds the
+        labels to the request."""
+        labels = [context[s["prompt_index"]].get("label") for s in samples] if context else None
+        return self.score(_sequences(samples), [s["prompt_ids"] for s in samples], labels)
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, ran past its timeout, or returned something other than one finite float
+    per response. The coordinator skips the iteration and counts it (docs/reliability.md)."""
+
+
+class FunctionReward:
+    """A Python reward function (rlhf_cluster/lib/reward_functions.py), called batched with a timeout.
+
+    The call runs in a worker thread: past `timeout_s` the coordinator gets a RewardFunctionError, and a
+    fresh thread serves later calls (the stuck call cannot be stopped from Python; it is abandoned)."""
+
+    def __init__(self, name: str, spec: str, timeout_s: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from rlhf_cluster.lib.reward_functions import load_function
+
+        self.name, self.spec, self.timeout_s = name, spec, timeout_s
+        self.fn = load_function(spec)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}")
+
+    def __call__(self, prompts: list[str], responses: list[str], labels: list) -> list[float]:
+        import math
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as Timeout
+
+        who = f"reward function {self.name!r} ({self.spec})"
+        future = self.pool.submit(self.fn, prompts, responses, labels)
+        try:
+            out = future.result(timeout=self.timeout_s)
+        except Timeout:
+            self.pool.shutdown(wait=False)
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"reward-{self.name}")
+            raise RewardFunctionError(f"{who} did not return within {self.timeout_s:g} s") from None
+        except Exception as e:
+            raise RewardFunctionError(f"{who} raised {type(e).__name__}: {e}") from None
+        try:
+            values = [float(x) for x in out]
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"{who} must return a list of floats, returned {type(out).__name__}") from None
+        if len(values) != len(responses):
+            raise RewardFunctionError(f"{who} returned {len(values)} values for {len(responses)} responses")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise RewardFunctionError(f"{who} returned non-finite values at {len(bad)} of {len(values)} "
+                                      f"responses (first: {values[bad[0]]} at {bad[0]})")
+        return values
+
+
+class RewardSources(Worker):
+    """The reward as a weighted sum of sources (`rewards:` in the config): learned reward models, Python
+    functions of (prompts, responses, labels), and remote endpoints, all held by each rank.
+
+    Functions see the prompt's last user turn, the response without special tokens, and the label
+    the prompt record carried (data.label_key)."""
+
+    def __init__(self, rank, world_size, master_addr, master_port, sources: list[dict], tokenizer_path: str,
+                 dtype: str = "float32", micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None):
+        super().__init__(rank, world_size, master_addr, master_port)
+        from transformers import AutoTokenizer
+
+        from rlhf_cluster.lib.config import RewardSource
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.terms = []
+        for src in map(RewardSource.model_validate, sources):
+            if src.model:
+                scorer = RewardModel(rank, world_size, master_addr, master_port, src.model, dtype, micro_batch_size,
+                                     max_tokens_per_micro_batch)
+            elif src.url:
+                scorer = RemoteRewardModel(rank, world_size, master_addr, master_port, src.url, tokenizer_path,
+                                           src.token_env, src.batch_size, src.timeout_s)
+            else:
+                scorer = FunctionReward(src.name, src.fn, src.timeout_s)
+            self.terms.append((src, scorer))
+
+    def score_samples(self, samples: list[dict], context: list[dict] | None = None) -> list[float]:
+        total = [0.0] * len(samples)
+        for src, scorer in self.terms:
+            if isinstance(scorer, FunctionReward):
+                if context is None:
+                    raise RewardFunctionError(f"reward function {src.name!r} needs the prompts and labels of the "
+                                              "samples; this call passed none")
+                prompts = [context[s["prompt_index"]]["prompt"] for s in samples]
+                labels = [context[s["prompt_index"]].get("label") for s in samples]
+                responses = [self.tokenizer.decode(s["response_ids"], skip_special_tokens=True) for s in samples]
+                values = scorer(prompts, responses, labels)
+            else:
+                values = scorer.score_samples(samples, context)
+            total = [t + src.weight * v for t, v in zip(total, values)]
+        return total

@@ -4,52 +4,66 @@ A rank holds one DeepSpeed engine (ZeRO stage from config) and calls the pure fu
 rlhf_cluster.lib.algorithms. Items are dicts of per-sequence lists:
     input_ids [T], loss_mask [T-1] (1 where token t+1 is a response token), and per-token
     fields of length T-1 that a loss needs (old_logprobs, advantages, returns, old_values).
-Under ZeRO-3 every rank must run the same number of forward passes; the coordinator passes
-`num_micro` and ranks with fewer items run zero-weight padding micro-batches.
+Micro-batches hold `micro_batch_size` padded items, or with `max_tokens_per_micro_batch` items packed
+into rows (lib/packing.py). Under ZeRO-3 every rank must run the same number of forward passes: ranks
+agree on the count and a rank with fewer runs zero-weight padding passes.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from actors.group import Worker
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import TrainerConfig
-from rlhf_cluster.lib.data import pad_batch
+from rlhf_cluster.lib.packing import Packed, micro_batch_rows, packed_batch, place, take
 
 PER_TOKEN_FIELDS = ("loss_mask", "old_logprobs", "advantages", "returns", "old_values", "ref_logprobs",
                     "is_weights")
 
 
-def micro_batches(items: list[dict], size: int, num_micro: int, pad_id: int):
-    """Yield `num_micro` padded micro-batches: (input_ids, attention_mask, fields, n_real)."""
+@dataclass
+class MicroBatch:
+    ids: torch.Tensor
+    att: torch.Tensor
+    pos: torch.Tensor | None
+    fields: dict[str, torch.Tensor]  # [R, W-1] each; position t predicts token t+1 of its row
+    packed: Packed  # where each item sits, for reading outputs back
+    n_real: int  # items in it (0: a padding pass)
+
+
+def micro_batches(items: list[dict], plan: list[list[list[int]]], pad_id: int, num_micro: int) -> list[MicroBatch]:
+    """`num_micro` micro-batches of `items` laid out as `plan` (lib.packing.micro_batch_rows); passes
+    beyond the plan run on a filler item with an all-zero loss mask (same computation, no weight)."""
     filler = items[0] if items else {"input_ids": [pad_id, pad_id], "loss_mask": [0]}
+    filler = dict(filler, loss_mask=[0] * len(filler["loss_mask"]))
+    out = []
     for m in range(num_micro):
-        chunk = items[m * size:(m + 1) * size]
-        n_real = len(chunk)
-        if not chunk:  # padding pass: same computation, zero weight
-            chunk = [dict(filler, loss_mask=[0] * len(filler["loss_mask"]))]
-        ids, att = pad_batch([it["input_ids"] for it in chunk], pad_id)
-        width = ids.shape[1] - 1
-        fields = {}
-        for key in PER_TOKEN_FIELDS:
-            if key in chunk[0]:
-                t = torch.zeros(len(chunk), width)
-                for row, it in enumerate(chunk):
-                    t[row, : len(it[key])] = torch.tensor(it[key], dtype=torch.float32)
-                fields[key] = t
-        yield ids, att, fields, n_real
+        chunk, rows = (items, plan[m]) if m < len(plan) else ([filler], [[0]])
+        p = packed_batch([it["input_ids"] for it in chunk], rows, pad_id)
+        width = p.input_ids.shape[1] - 1
+        fields = {key: place(p, [it.get(key, ()) for it in chunk], width)
+                  for key in PER_TOKEN_FIELDS if key in chunk[0]}
+        out.append(MicroBatch(p.input_ids, p.attention_mask, p.position_ids, fields, p,
+                              sum(len(r) for r in rows) if m < len(plan) else 0))
+    return out
+
+
+def all_reduce(value: float, op: str = "sum") -> float:
+    """`value` reduced (sum, max or min) over the group's ranks; itself outside a process group."""
+    t = torch.tensor([float(value)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=getattr(torch.distributed.ReduceOp, op.upper()))
+    return t.item()
 
 
 def all_ranks_finite(value: torch.Tensor) -> bool:
     """True when `value` is finite on every rank. All ranks agree before anyone calls backward, so a
     NaN on one rank cannot leave the others waiting in a collective."""
-    ok = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    return ok.item() == 1.0
+    return all_reduce(1.0 if torch.isfinite(value).all() else 0.0, "min") == 1.0
 
 
 def _layer_key(name: str) -> str:
@@ -101,51 +115,67 @@ class _DeepSpeedRank(Worker):
         self.steps = 0
 
     # -- the pieces a loss needs -------------------------------------------------------------
-    def _forward(self, ids, att, with_entropy: bool = False):
+    def _forward(self, ids, att, pos, with_entropy: bool = False):
         raise NotImplementedError
 
-    def _run(self, items, num_micro, fn):
-        size = self.cfg.micro_batch_size
-        results = []
-        for ids, att, fields, n_real in micro_batches(items, size, num_micro, self.pad_id):
-            results.append((fn(ids, att, fields), n_real))
-        return results
+    def _micro_batches(self, items: list[dict]) -> list[MicroBatch]:
+        """This rank's micro-batches, as many as the rank with the most (ZeRO-3 collectives)."""
+        plan = micro_batch_rows([len(it["input_ids"]) for it in items], self.cfg.micro_batch_size,
+                                self.cfg.max_tokens_per_micro_batch)
+        return micro_batches(items, plan, self.pad_id, int(all_reduce(len(plan), "max")))
 
-    def _trim(self, items, results) -> list[list[float]]:
-        out = []
-        for values, n_real in results:
-            out += [row.tolist() for row in values[:n_real]]
-        return [v[: len(it["input_ids"]) - 1] for v, it in zip(out, items)]
+    def _per_token(self, items: list[dict]) -> list[list[float]]:
+        """The model's per-token output (log-probs or values) for each item, [len(input_ids) - 1] each."""
+        out: dict[int, list[float]] = {}
+        for mb in self._micro_batches(items):
+            if mb.n_real:
+                values = self._forward(mb.ids, mb.att, mb.pos)[0]
+                out |= take(mb.packed, values, {i: len(items[i]["input_ids"]) - 1 for i in mb.packed.places})
+            else:
+                self._forward(mb.ids, mb.att, mb.pos)
+        return [out[i] for i in range(len(items))]
+
+    def set_micro_batching(self, micro_batch_size: int | None = None, max_tokens_per_micro_batch: int | None = None):
+        """Change how calls split their items (benchmarks and tests compare padded and packed on one state)."""
+        self.cfg = self.cfg.model_copy(update={"micro_batch_size": micro_batch_size or self.cfg.micro_batch_size,
+                                               "max_tokens_per_micro_batch": max_tokens_per_micro_batch})
 
     # -- training ----------------------------------------------------------------------------
-    def train_step(self, items: list[dict], loss: str, num_micro: int, **loss_kwargs) -> dict:
-        """One optimiser step on this rank's share of a mini-batch: the gradients of its `num_micro`
-        micro-batches (each loss / num_micro) add up, then DeepSpeed reduces them across ranks and steps."""
+    def train_step(self, items: list[dict], loss: str, **loss_kwargs) -> dict:
+        """One optimiser step on this rank's share of a mini-batch. Each micro-batch's loss (a mean over its
+        tokens, or sequences with a sequence loss_agg) is weighted by its share of the whole mini-batch's
+        tokens (all ranks), so the step does not depend on how the mini-batch is split into micro-batches
+        or packed; DeepSpeed then averages the gradients across ranks and steps."""
         self.engine.train()
         loss_fn = getattr(self, f"_loss_{loss}", None)
         if loss_fn is None:
             raise ValueError(f"unknown loss {loss!r} for {type(self).__name__}")
         t0 = time.time()
+        batches = self._micro_batches(items)
+        agg = loss_kwargs.get("loss_agg", "token")
+        units = [A.aggregation_units(mb.fields["loss_mask"], agg) for mb in batches]
+        scale = (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1) / max(
+            1.0, all_reduce(sum(units)))
         sums: dict[str, float] = {}
-        counted, skipped_micro = 0, 0
+        counted, counted_units, skipped_micro = 0, 0, 0
         optimizer_skips, optimizer_steps = self.engine.skipped_steps, self.engine.global_steps
-        for ids, att, fields, n_real in micro_batches(items, self.cfg.micro_batch_size, num_micro, self.pad_id):
-            value, metrics = loss_fn(ids, att, fields, **loss_kwargs)
+        for mb, n in zip(batches, units):
+            value, metrics = loss_fn(mb.ids, mb.att, mb.pos, mb.fields, **loss_kwargs)
             if not all_ranks_finite(value.detach()):
                 # a non-finite loss on any rank: every rank drops this micro-batch (it adds no gradient)
                 skipped_micro += 1
                 continue
-            self.engine.backward(value / num_micro)
-            if n_real:
-                counted += n_real
+            self.engine.backward(value * (n * scale))
+            if n:
+                counted, counted_units = counted + mb.n_real, counted_units + n
                 for k, v in {"loss": value.item(), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n_real
-        if skipped_micro < num_micro:  # the same on every rank (all_ranks_finite agrees)
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+        if skipped_micro < len(batches):  # the same on every rank (all_ranks_finite agrees)
             self.engine.step()  # DeepSpeed skips the optimiser step itself when the gradient norm is not finite
         self.steps += 1
-        out = {k: v / max(1, counted) for k, v in sums.items()}
-        out.update(lr=self.engine.get_lr()[0], seconds=time.time() - t0, items=counted,
-                   skipped_micro_batches=skipped_micro, micro_batches=num_micro,
+        out = {k: v / max(1, counted_units) for k, v in sums.items()}
+        out.update(lr=self.engine.get_lr()[0], seconds=time.time() - t0, items=counted, units=counted_units,
+                   skipped_micro_batches=skipped_micro, micro_batches=len(batches),
                    optimizer_steps=self.engine.global_steps - optimizer_steps,
                    skipped_optimizer_steps=self.engine.skipped_steps - optimizer_skips)
         return out
@@ -248,32 +278,33 @@ class PolicyTrainer(_DeepSpeedRank):
 
     model_class = "AutoModelForCausalLM"
 
-    def _forward(self, ids, att, with_entropy=False):
-        logits = self.engine(input_ids=ids, attention_mask=att).logits[:, :-1]
+    def _forward(self, ids, att, pos, with_entropy=False):
+        logits = self.engine(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, :-1]
         logp = A.logprobs_from_logits(logits, ids[:, 1:])
         return logp, (A.entropy_from_logits(logits) if with_entropy else None)
 
     @torch.no_grad()
-    def logprobs(self, items: list[dict], num_micro: int) -> list[list[float]]:
+    def logprobs(self, items: list[dict]) -> list[list[float]]:
         self.engine.eval()
-        return self._trim(items, self._run(items, num_micro, lambda i, a, f: self._forward(i, a)[0]))
+        return self._per_token(items)
 
-    def _loss_sft(self, ids, att, f):
-        logp, _ = self._forward(ids, att)
+    def _loss_sft(self, ids, att, pos, f):
+        logp, _ = self._forward(ids, att, pos)
         return A.masked_nll(logp, f["loss_mask"]), {}
 
-    def _loss_ptx(self, ids, att, f, coef: float = 1.0):
-        logp, _ = self._forward(ids, att)
+    def _loss_ptx(self, ids, att, pos, f, coef: float = 1.0):
+        logp, _ = self._forward(ids, att, pos)
         loss = A.ptx_loss(logp, f["loss_mask"], coef)
         return loss, {"nll": A.masked_nll(logp.detach(), f["loss_mask"]).item()}
 
-    def _loss_ppo(self, ids, att, f, clip_eps: float = 0.2, entropy_coef: float = 0.0,
-                  dual_clip: float | None = None, loss_agg: str = "token"):
-        logp, ent = self._forward(ids, att, with_entropy=True)
+    def _loss_ppo(self, ids, att, pos, f, clip_eps: float = 0.2, entropy_coef: float = 0.0,
+                  dual_clip: float | None = None, loss_agg: str = "token", clip_eps_high: float | None = None,
+                  norm_length: int | None = None):
+        logp, ent = self._forward(ids, att, pos, with_entropy=True)
         mask = f["loss_mask"]
         pg, clip_frac = A.clipped_policy_loss(logp, f["old_logprobs"], f["advantages"], mask, clip_eps,
-                                              dual_clip, loss_agg, f.get("is_weights"))
-        loss = pg + A.entropy_bonus(ent, mask, entropy_coef, loss_agg)
+                                              dual_clip, loss_agg, f.get("is_weights"), clip_eps_high, norm_length)
+        loss = pg + A.entropy_bonus(ent, mask, entropy_coef, loss_agg, norm_length)
         approx_kl = A.masked_mean(f["old_logprobs"] - logp.detach(), mask)
         return loss, {"clip_frac": clip_frac.item(), "entropy": A.masked_mean(ent, mask).item(),
                       "approx_kl": approx_kl.item()}
@@ -318,15 +349,17 @@ class Critic(_DeepSpeedRank):
         config.num_labels, config.classifier_dropout = 1, 0.0  # values are regression outputs
         super().__init__(*args, config=config, **kwargs)
 
-    def _forward(self, ids, att, with_entropy=False):
-        return self.engine(input_ids=ids, attention_mask=att).logits[:, :-1, 0].float(), None
+    def _forward(self, ids, att, pos, with_entropy=False):
+        return self.engine(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, :-1, 0].float(), None
 
     @torch.no_grad()
-    def values(self, items: list[dict], num_micro: int) -> list[list[float]]:
+    def values(self, items: list[dict]) -> list[list[float]]:
         self.engine.eval()
-        return self._trim(items, self._run(items, num_micro, lambda i, a, f: self._forward(i, a)[0]))
+        return self._per_token(items)
 
-    def _loss_value(self, ids, att, f, clip_eps: float = 0.2, loss_agg: str = "token"):
-        values, _ = self._forward(ids, att)
-        return A.clipped_value_loss(values, f["old_values"], f["returns"], f["loss_mask"], clip_eps, loss_agg), {}
+    def _loss_value(self, ids, att, pos, f, clip_eps: float = 0.2, loss_agg: str = "token",
+                    norm_length: int | None = None):
+        values, _ = self._forward(ids, att, pos)
+        return A.clipped_value_loss(values, f["old_values"], f["returns"], f["loss_mask"], clip_eps, loss_agg,
+                                    norm_length), {}
 

@@ -60,6 +60,33 @@ def write_json(path: Path, obj) -> None:
 
 
 # --------------------------------------------------------------------------- environment records
+def matmul_peak(dtype: str = "float32", n: int = 2048, seconds: float = 3.0) -> dict:
+    """torch.mm of n x n matrices in `dtype` with torch's default threads (all cores): GFLOP/s per call.
+    bf16 on a CPU without bf16 units is emulated (~100x slower): n 512 there, so the probe stays seconds."""
+    import torch
+
+    if dtype == "bfloat16" and not cpu_bf16()["bf16"]:
+        n = min(n, 512)
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
+    torch.mm(a, b)
+    rates, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return {"n": n, "dtype": dtype, "torch_threads": torch.get_num_threads(), "calls": len(rates),
+            "best_gflops": max(rates), "median_gflops": statistics.median(rates)}
+
+
+def cpu_bf16() -> dict:
+    """Whether this CPU has bf16 matrix units: the flags `precision: auto` reads (rlhf_cluster/lib/precision.py)."""
+    from rlhf_cluster.lib.precision import BF16_CPU_FLAGS, cpu_flags
+
+    found = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
+    return {"flags": found, "bf16": bool(found)}
+
+
+
 def machine() -> dict:
     info: dict = {"platform": platform.platform(), "python": platform.python_version(),
                   "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
@@ -182,4 +209,14 @@ def header(rec: dict) -> list[str]:
             f"Machine: {m.get('cpu_model', '?')}, {m.get('logical_cpus')} logical CPUs, "
             f"{m.get('memory_gib', '?')} GiB; {m.get('platform')}.  ",
             f"Versions: {vers}.  ",
+            *_precision_line(rec.get("precision")),
             f"Load: {fmt_load(rec['load'])}.", ""]
+
+
+def _precision_line(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    peak = p["matmul_peak"]
+    units = ", ".join(p["cpu_bf16"]["flags"]) or "none (no avx512_bf16 / amx_bf16)"
+    return [f"Precision: bf16 units {units}; `torch.mm` peak fp32 {peak['float32']['best_gflops']:.0f}, bf16 "
+            f"{peak['bfloat16']['best_gflops']:.1f} GFLOP/s (n = {peak['bfloat16']['n']}), this run.  "]

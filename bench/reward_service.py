@@ -363,7 +363,7 @@ def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
               "requests_per_round": {_key(*k): v for k, v in requests.items()},
               "cases": [{"clients": n, "items_per_request": ipr} for n, ipr in CASES], "modes": MODES,
               "targets": {**TARGETS, "case": _key(*TARGET_CASE)},
-              "ray": "ray.init(address='local', num_cpus=4)",
+              "ray": "ray.init(address='local', num_cpus=4)", "dtype": "float32 (the served model and the raw forward)",
               "service": "the reward application of configs/serve.yaml (its args: 1 replica, num_cpus 1, "
                          "max_ongoing_requests 64), deployed alone with serve.launch.deploy on 127.0.0.1; "
                          "models: the built-in reward model; follow_registry false. Batching is switched per "

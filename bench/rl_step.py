@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH_DIR, REPO_ROOT, builtin_assets, header, log, median, read_jsonl
+from bench.common import BENCH_DIR, REPO_ROOT, builtin_assets, cpu_bf16, header, log, matmul_peak, median, read_jsonl
 
 WORK = BENCH_DIR / "out" / "rl_step"  # git-ignored: model copies, prompts, run directories
 PHASES = ["generate", "score", "advantages", "train", "sync"]
@@ -72,22 +72,6 @@ def _param_counts(policy: Path, reward: Path) -> dict:
         out[name] = {"layers": L, "hidden": d, "vocab": v, "matmul_parameters": L * per_layer + head + d,
                      "embedding_parameters": v * d}
     return out
-
-
-# --------------------------------------------------------------------------- matmul peak
-def matmul_peak(n: int = 2048, seconds: float = 3.0) -> dict:
-    """fp32 torch.mm of n x n matrices with torch's default threads (all cores): GFLOP/s per call."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    rates, t_end = [], time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        torch.mm(a, b)
-        rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
-    return {"n": n, "dtype": "float32", "torch_threads": torch.get_num_threads(), "calls": len(rates),
-            "best_gflops": max(rates), "median_gflops": median(rates)}
 
 
 # --------------------------------------------------------------------------- TRL contender (child process)
@@ -147,10 +131,16 @@ def batch_tokens(run) -> dict:
 
 # One optimiser step per batch, as TRL's side takes: one mini-batch, and one micro-batch of 32 per rank.
 # The product's old log-probs come from vLLM (tiny-cpu.yaml's `old_logprobs: sampler`).
-OURS = ["mini_batches=1", "trainer.micro_batch_size=32"]
+# Packed micro-batches (tiny-cpu.yaml packs) as large as 32 padded sequences of the longest W1 length (128
+# tokens) for the trainers, 16 for the scorers (their micro_batch_size).
+OURS = ["mini_batches=1", "trainer.micro_batch_size=32", "trainer.max_tokens_per_micro_batch=4096",
+        "critic.max_tokens_per_micro_batch=4096", "reference.max_tokens_per_micro_batch=2048",
+        "reward_group.max_tokens_per_micro_batch=2048"]
 # The same step as the product ran it before this benchmark's optimisations (bench/README.md, "Before /
-# after"): a second policy forward for the old log-probs, micro-batches of 16.
-BEFORE = ["old_logprobs=recompute", "trainer.micro_batch_size=16"]
+# after"): a second policy forward for the old log-probs, padded micro-batches of 16.
+BEFORE = ["old_logprobs=recompute", "trainer.micro_batch_size=16", "trainer.max_tokens_per_micro_batch=null",
+          "critic.max_tokens_per_micro_batch=null", "reference.max_tokens_per_micro_batch=null",
+          "reward_group.max_tokens_per_micro_batch=null"]
 
 
 def start_ours(inputs: dict, estimator: str, settings: dict, tag: str, extra: list[str] = ()):
@@ -217,14 +207,6 @@ def our_step(run) -> dict:
             "response_length": m["response/length"], "staleness": m["rollout/staleness"],
             "idle": {"engines": m["idle/engines"], "trainer": m["idle/trainer"]},
             "coordinator_cpu_s": m["coordinator/cpu_s"], "cpu_s": cpu}
-
-
-def cpu_bf16() -> dict:
-    """Whether this CPU has bf16 matrix units: the flags `precision: auto` reads (rlhf_cluster/lib/precision.py)."""
-    from rlhf_cluster.lib.precision import BF16_CPU_FLAGS, cpu_flags
-
-    found = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
-    return {"flags": found, "bf16": bool(found)}
 
 
 # --------------------------------------------------------------------------- FLOPs

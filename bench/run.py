@@ -12,6 +12,9 @@
                      step on the same model, data and batch, alternating; FLOPs utilisation against this
                      machine's fp32 matmul peak; per-phase breakdown over batch size, length, model size
                      (bench/rl_step.py, TRL in a child process: bench/trl_grpo.py)
+    packing          padded vs packed (`max_tokens_per_micro_batch`) micro-batches on a mixed-length batch:
+                     the policy's PPO step and log-probs, the reference's log-probs, the reward's scores
+                     (bench/packing.py)
 
 Each benchmark writes bench/results/<name>.json (machine, versions, load, config, raw timings,
 medians, ratios) and the Markdown section of bench/README.md between the markers is regenerated
@@ -39,15 +42,17 @@ import sys
 import time
 from pathlib import Path
 
-from bench import reward_service, rl_step, rollout_engines, weight_sync
+from bench import packing, reward_service, rl_step, rollout_engines, weight_sync
 from bench.common import (
     BENCH_DIR,
     REPO_ROOT,
     LoadSampler,
+    cpu_bf16,
     git_commit,
     is_shared,
     log,
     machine,
+    matmul_peak,
     other_work,
     versions,
     write_json,
@@ -59,7 +64,8 @@ README = BENCH_DIR / "README.md"
 BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 
 BENCHMARKS = {"rollout_engines": rollout_engines.bench_rollout_engines, "weight_sync": weight_sync.bench_weight_sync,
-              "reward_service": reward_service.bench_reward_service, "rl_step": rl_step.bench_rl_step}
+              "reward_service": reward_service.bench_reward_service, "rl_step": rl_step.bench_rl_step,
+              "packing": packing.bench_packing}
 TABLES = {"rollout_engines": rollout_engines.readme_table, "weight_sync": weight_sync.readme_table,
           "reward_service": reward_service.readme_table, "rl_step": rl_step.readme_table}
 
@@ -67,6 +73,8 @@ TABLES = {"rollout_engines": rollout_engines.readme_table, "weight_sync": weight
 # --------------------------------------------------------------------------- running and recording
 def run_one(name: str, quick: bool, out_dir: Path) -> Path:
     log(f"{name}: start ({'quick' if quick else 'full'})")
+    # what this CPU computes per dtype, in the same run: utilisation is read against the dtype a side used
+    precision = {"cpu_bf16": cpu_bf16(), "matmul_peak": {d: matmul_peak(d) for d in ("float32", "bfloat16")}}
     load_before, others_before = list(os.getloadavg()), other_work()
     t0 = time.perf_counter()
     with LoadSampler() as sampler:
@@ -78,7 +86,7 @@ def run_one(name: str, quick: bool, out_dir: Path) -> Path:
         "name": name, "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(a for a in sys.argv[1:] if a != "--child"),
         "quick": quick, "git_commit": git_commit(),
-        "machine": machine(), "versions": versions(),
+        "machine": machine(), "versions": versions(), "precision": precision,
         "load": {"cores": cores, "before_1_5_15min": [round(x, 2) for x in load_before],
                  "after_1_5_15min": [round(x, 2) for x in load_after], "during_1min": sampler.summary(),
                  "other_processes_before": others_before, "other_processes_after": others_after},

@@ -99,7 +99,7 @@ def bench_weight_sync(quick: bool) -> tuple[dict, list[dict]]:
     os.environ.pop("RAY_ADDRESS", None)  # always a private local cluster, never someone else's
     config = {"sizes": ["tiny"] if quick else ["tiny", "small"],
               "repetitions": {"tiny": 3} if quick else {"tiny": 7, "small": 5},
-              "bucket_bytes": 64 << 20, "ray": "ray.init(address='local', num_cpus=4)",
+              "bucket_bytes": 64 << 20, "ray": "ray.init(address='local', num_cpus=4)", "dtype": "float32 (both sides)",
               "trainer": "PolicyTrainer ActorGroup, 2 ranks, ZeRO-3, num_cpus_per_rank 0.5, fp32, gloo",
               "rollout": "one RolloutEngine (vLLM, fp32) group, 1 rank, num_cpus_per_rank 0.5",
               "export": "policy.run('export_weights'): every rank gathers the ZeRO-3 partitions, rank 0 "

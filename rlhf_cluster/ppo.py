@@ -77,13 +77,13 @@ class PPORun:
         steps = cfg.iterations * cfg.ppo_epochs * cfg.mini_batches * (2 if cfg.ptx_coef > 0 else 1)
         self.groups = RLGroups(cfg, policy_path, reward_path, trainer=cfg.trainer, train_steps=steps,
                                with_critic=cfg.estimator == "gae", log=log)
-        self.faults = {"rollbacks": 0, "engine_failures": 0, "skipped_iterations": 0}
+        self.faults = {"rollbacks": 0, "engine_failures": 0, "skipped_iterations": 0, "reward_errors": 0}
         self.weights = WeightSync(self.groups, cfg, self.faults, log)
         self.rng = random.Random(cfg.seed)  # data order and mini-batch order, in the order they are drawn
         self.order = PromptOrder(self.prompts["train"], self.rng)
         self.producer = RolloutProducer(self.groups, self.weights, self.order, cfg, self.faults, log)
         self.learner = Learner(self.groups, cfg, self.rng, ptx_data)
-        self.evaluate = HeldOutEval(self.groups, self.producer, self.prompts, cfg)
+        self.evaluate = HeldOutEval(self.groups, self.producer, self.prompts, cfg, log)
         self.store = CheckpointStore(self.out, self.groups, self.tokenizer, cfg, log)
         self.asynchronous = cfg.async_rollout.max_staleness > 0
         # stale samples: PPO's ratio starts from the recomputed policy, and truncated importance weights
@@ -125,14 +125,22 @@ class PPORun:
             timing[f"time/{name}"] = time.time() - clock
             clock = time.time()
 
-        # 1. sample (asynchronous: the next batches are already generating behind this one)
+        # 1. sample (asynchronous: the next batches are already generating behind this one); with dynamic
+        # sampling, prompt groups whose samples all scored alike are replaced by more sampled prompts
         batch = self.last_batch = self.producer.next_batch(self.iteration)
+        if batch.reward_error:  # a reward function raised, hung or returned non-finite values: counted, skipped
+            self.faults["reward_errors"] = self.faults.get("reward_errors", 0) + 1
+            return {"skipped": 1, "skip_reason": batch.reward_error, **timing}
+        filtered = self.producer.keep_informative(batch) if cfg.dynamic_sampling.enabled else {}
         samples, staleness = batch.samples, self.iteration - batch.policy_version
         lap("generate")
+        if not samples:
+            return {"skipped": 1, "skip_reason": "dynamic sampling found no prompt group with differing rewards",
+                    **filtered, **timing}
         timing["time/generate"] -= batch.score_wait  # waited for scoring chained on the engines' calls
 
         # 2. score: reference, reward, critic and the policy's own (old) log-probs, in parallel
-        s = score_batch(self.groups, samples, cfg, recompute=cfg.old_logprobs == "recompute", done=batch.scores)
+        s = score_batch(self.groups, samples, recompute=cfg.old_logprobs == "recompute", done=batch.scores)
         lap("score")
         timing["time/score"] += batch.score_wait
         batch.score_wait = 0.0
@@ -140,6 +148,9 @@ class PPORun:
         # 3. rewards and advantages (pure functions, on [B, T] response tensors)
         mask, old_lp, raw_scores = s.mask, s.old_logprobs, s.scores
         scores = raw_scores
+        if cfg.overlong.buffer:  # DAPO's soft overlong penalty, part of the reward
+            scores = scores + A.overlong_penalty(torch.tensor(s.lengths), cfg.rollout.max_new_tokens,
+                                                 cfg.overlong.buffer, cfg.overlong.penalty)
         if cfg.normalize_rewards:
             self.reward_stats.update(scores)
             scores = self.reward_stats.normalize(scores)
@@ -151,7 +162,7 @@ class PPORun:
         if cfg.estimator == "gae":
             advantages, returns = A.gae(rewards, s.values * mask, mask, cfg.gamma, cfg.lam)
         elif cfg.estimator == "grpo":
-            advantages = A.grpo_advantages(rewards.sum(-1), mask, n)
+            advantages = A.grpo_advantages(rewards.sum(-1), mask, n, scale_by_std=cfg.grpo_scale_by_std)
         elif cfg.estimator == "rloo":
             advantages = A.rloo_advantages(rewards.sum(-1), mask, n)
         else:
@@ -176,6 +187,10 @@ class PPORun:
         # 4. PPO epochs over mini-batches
         lists = {k: unpadded(v, s.lengths) for k, v in fields.items()}
         items = [trainer_item(x, **{k: v[i] for k, v in lists.items()}) for i, x in enumerate(samples)]
+        if cfg.overlong.mask_truncated:  # DAPO's overlong filtering: no loss on responses the budget cut off
+            for it, x in zip(items, samples):
+                if not x["finished"]:
+                    it["loss_mask"] = [0] * len(it["loss_mask"])
         stats = self.learner.update(items, self.iteration)
         lap("train")
 
@@ -200,6 +215,7 @@ class PPORun:
             "policy/skipped_optimizer_steps": sum(m["skipped_optimizer_steps"] for m in policy),
             "response/length": sum(s.lengths) / len(s.lengths),
             "response/finished": sum(x["finished"] for x in samples) / len(samples),
+            **filtered,
             "rollout/policy_version": batch.policy_version,
             "rollout/staleness": staleness,
             # steady-state share of the step each side waited: the engines for the batch they sampled,
@@ -473,20 +489,21 @@ def _tensorboard(path: Path):
 def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str | None]:
     """The policy to start from and the reward model; the built-in ones are trained first if missing.
     With a reward service and no reward.path, there is no local reward model (None)."""
-    if cfg.policy.path and (cfg.reward.path or cfg.reward_service):
+    if cfg.policy.path and (cfg.reward.path or cfg.reward_service or cfg.rewards):
         return cfg.policy.path, cfg.reward.path
     from rlhf_cluster.reward import ensure_builtin_sft_and_rm
 
     log("using the built-in SFT policy and reward model (trained first if missing)")
     sft, rm = ensure_builtin_sft_and_rm(cfg.builtin)
-    return cfg.policy.path or str(sft), cfg.reward.path or str(rm)
+    return cfg.policy.path or str(sft), None if cfg.rewards else cfg.reward.path or str(rm)
 
 
 def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
     """Validate, connect, build the groups, train, report. Bad configs fail before any actor starts."""
     scaffold.connect(cfg, log_to_driver=False, log=log)
     policy_path, reward_path = resolve_models(cfg, log)
-    scorer = reward_path if not cfg.reward_service else f"{cfg.reward_service.url} (reward service)"
+    scorer = (" + ".join(f"{r.weight:g} x {r.name} ({r.model or r.fn or r.url})" for r in cfg.rewards) if cfg.rewards
+              else f"{cfg.reward_service.url} (reward service)" if cfg.reward_service else reward_path)
     log(f"policy: {policy_path}\nreward model: {scorer}\noutput: {Path(cfg.output_dir).resolve()}")
     ckpt = latest_checkpoint(Path(cfg.output_dir).resolve()) if resume else None
     if resume and ckpt is None:

@@ -61,7 +61,7 @@ class RejectionSamplingRun:
         self.rng = random.Random(cfg.seed)
         self.order = PromptOrder(self.prompts["train"], self.rng)
         self.producer = RolloutProducer(self.groups, self.weights, self.order, cfg, self.faults, log)
-        self.held_out_eval = HeldOutEval(self.groups, self.producer, self.prompts, cfg)
+        self.held_out_eval = HeldOutEval(self.groups, self.producer, self.prompts, cfg, log)
 
     def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None, seed: int | None = None):
         return self.producer.generate(prompt_ids, overrides, seed)
@@ -137,8 +137,7 @@ class RejectionSamplingRun:
             steps = []
             for start in range(0, len(items), size):
                 batch = items[start:start + size]
-                n_micro = self.policy.micro_batches_per_rank(len(batch), cfg.trainer.micro_batch_size)
-                steps += gather(self.policy.split_call("train_step", batch, "sft", n_micro))
+                steps += gather(self.policy.split_call("train_step", batch, "sft"))
             losses.append(sum(m["loss"] * m["items"] for m in steps) / len(items))
         self.sync()
         by_model = {}  # each combined reward model's mean score, over all samples and over the selected ones
@@ -224,8 +223,10 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
 
     def start(path: str) -> RejectionSamplingRun:
         job = RejectionSamplingRun(cfg, path, reward_path, log)
-        job.extra_rewards = {m.name: ActorGroup(RewardModel, cfg.reward_group, m.path, cfg.reward.dtype,
-                                                name=f"reward-{m.name}") for m in cfg.reward_models}
+        rg = cfg.reward_group
+        job.extra_rewards = {m.name: ActorGroup(RewardModel, rg, m.path, cfg.reward.dtype, rg.micro_batch_size,
+                                                rg.max_tokens_per_micro_batch, name=f"reward-{m.name}")
+                             for m in cfg.reward_models}
         return job
 
     def stop(job: RejectionSamplingRun) -> None:

@@ -11,12 +11,14 @@ before and after training.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
 
 from rlhf_cluster import scaffold, stages
 from rlhf_cluster.lib.config import SFTConfig
+from rlhf_cluster.lib.packing import first_fit, packed_batch, place
 
 TASK_TYPE = "CAUSAL_LM"
 
@@ -37,53 +39,21 @@ def load_data(cfg: SFTConfig, paths: dict, tokenizer, log=None):
 
 
 def pack(samples: list, max_tokens: int) -> list[list]:
-    """Greedy first-fit packing of samples into rows of at most `max_tokens` tokens.
-
-    Each row keeps its samples apart (positions restart, attention is block-diagonal), so
-    packing only removes padding; it never lets one sample see another.
-    """
-    rows: list[list] = []
-    lengths: list[int] = []
-    for s in sorted(samples, key=lambda s: -len(s.input_ids)):
-        for i, used in enumerate(lengths):
-            if used + len(s.input_ids) <= max_tokens:
-                rows[i].append(s)
-                lengths[i] += len(s.input_ids)
-                break
-        else:
-            rows.append([s])
-            lengths.append(len(s.input_ids))
+    """Samples packed into rows of at most `max_tokens` tokens (lib/packing.py), rows in a seeded order."""
+    rows = first_fit([len(s.input_ids) for s in samples], max_tokens)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
-    return [rows[i] for i in order]
+    return [[samples[i] for i in rows[r]] for r in order]
 
 
 def collate(items: list, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of samples (or packed rows of samples) with loss mask and positions.
-
-    A packed row gets a block-diagonal causal mask ([B, 1, T, T], True = may attend) so its
-    samples do not attend to each other.
-    """
+    """Right-padded batch of samples (or packed rows of samples) with loss mask and positions."""
     rows = [item if isinstance(item, list) else [item] for item in items]
-    width = max(sum(len(s.input_ids) for s in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    seg = torch.full((len(rows), width), -1, dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for j, s in enumerate(row):
-            n = len(s.input_ids)
-            ids[r, at:at + n] = torch.tensor(s.input_ids)
-            mask[r, at:at + n] = torch.tensor(s.loss_mask)
-            pos[r, at:at + n] = torch.arange(n)
-            seg[r, at:at + n] = j
-            at += n
-    if all(len(row) == 1 for row in rows):  # unpacked: the ordinary padding mask
-        return {"input_ids": ids, "loss_mask": mask, "position_ids": None, "attention_mask": (seg >= 0).long()}
-    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-    same = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg.unsqueeze(2) >= 0)
-    attn = (same & causal) | torch.eye(width, dtype=torch.bool)  # padding attends to itself only (no NaN)
-    return {"input_ids": ids, "loss_mask": mask, "position_ids": pos, "attention_mask": attn.unsqueeze(1)}
+    samples = [s for row in rows for s in row]
+    starts = [0, *itertools.accumulate(len(row) for row in rows)]
+    b = packed_batch([s.input_ids for s in samples], [list(range(a, z)) for a, z in zip(starts, starts[1:])], pad_id)
+    mask = place(b, [s.loss_mask for s in samples], b.input_ids.shape[1]).long()
+    return {"input_ids": b.input_ids, "loss_mask": mask, "position_ids": b.position_ids,
+            "attention_mask": b.attention_mask}
 
 
 def train_loop(config: dict) -> None:

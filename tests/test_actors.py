@@ -87,7 +87,7 @@ def _items(samples):
 
 
 def _response_logprobs(policy, samples):
-    lps = policy.map("logprobs", _items(samples), policy.micro_batches_per_rank(len(samples), TRAINER.micro_batch_size))
+    lps = policy.map("logprobs", _items(samples))
     return [lp[len(s["prompt_ids"]) - 1:] for lp, s in zip(lps, samples)]
 
 
@@ -117,8 +117,7 @@ def test_zero3_trains_syncs_and_logprobs_agree(policy, engine, tokenizer, sft_it
     before = ray.get(engine.actors[0].generate.remote(prompts))
     assert _max_gap(before, _response_logprobs(policy, before)) < 1e-3
 
-    n_micro = policy.micro_batches_per_rank(len(sft_items), TRAINER.micro_batch_size)
-    losses = [sum(m["loss"] for m in ray.get(policy.split_call("train_step", sft_items, "sft", n_micro))) / 2
+    losses = [sum(m["loss"] for m in ray.get(policy.split_call("train_step", sft_items, "sft"))) / 2
               for _ in range(6)]
     assert losses[-1] < losses[0] - 0.2, losses  # loss falls on a fixed batch
 
@@ -156,34 +155,31 @@ def test_zero3_trains_syncs_and_logprobs_agree(policy, engine, tokenizer, sft_it
 
 
 def test_save_load_restores_logprobs(policy, sft_items, tmp_path):
-    n_micro = policy.micro_batches_per_rank(len(sft_items), TRAINER.micro_batch_size)
-    saved = policy.map("logprobs", sft_items, n_micro)
+    saved = policy.map("logprobs", sft_items)
     policy.run("save", str(tmp_path / "ckpt"))
-    ray.get(policy.split_call("train_step", sft_items, "sft", n_micro))
-    changed = policy.map("logprobs", sft_items, n_micro)
+    ray.get(policy.split_call("train_step", sft_items, "sft"))
+    changed = policy.map("logprobs", sft_items)
     assert max(abs(a - b) for x, y in zip(saved, changed) for a, b in zip(x, y)) > 1e-3
     policy.run("load", str(tmp_path / "ckpt"))
-    restored = policy.map("logprobs", sft_items, n_micro)
+    restored = policy.map("logprobs", sft_items)
     assert restored == saved  # identical, bit for bit
 
 
 def test_one_optimizer_step_per_call_however_many_micro_batches(policy, sft_items, tmp_path):
     """A PPO mini-batch is one optimiser step: its micro-batches' gradients add up (loss / n each)."""
     items = sft_items + sft_items  # 16 per rank: 2 micro-batches of 8
-    n_micro = policy.micro_batches_per_rank(len(items), TRAINER.micro_batch_size)
-    assert n_micro == 2
     policy.run("save", str(tmp_path / "ckpt"))
-    before = policy.map("logprobs", sft_items, 1)
-    for m in ray.get(policy.split_call("train_step", items, "sft", n_micro)):
+    before = policy.map("logprobs", sft_items)
+    for m in ray.get(policy.split_call("train_step", items, "sft")):
         assert m["optimizer_steps"] == 1 and m["micro_batches"] == 2 and m["items"] == 16
-    once = policy.map("logprobs", sft_items, 1)
+    once = policy.map("logprobs", sft_items)
     # the same items as one micro-batch of 8 per rank (each item twice over 2 micro-batches above):
     # the same gradient, so the same step
     policy.run("load", str(tmp_path / "ckpt"))
-    assert policy.map("logprobs", sft_items, 1) == before
-    for m in ray.get(policy.split_call("train_step", sft_items, "sft", 1)):
+    assert policy.map("logprobs", sft_items) == before
+    for m in ray.get(policy.split_call("train_step", sft_items, "sft")):
         assert m["optimizer_steps"] == 1 and m["micro_batches"] == 1
-    single = policy.map("logprobs", sft_items, 1)
+    single = policy.map("logprobs", sft_items)
     gap = max(abs(a - b) for x, y in zip(once, single) for a, b in zip(x, y))
     moved = max(abs(a - b) for x, y in zip(before, single) for a, b in zip(x, y))
     assert gap < 1e-4 < 1e-2 < moved, (gap, moved)
@@ -201,20 +197,19 @@ def test_bad_input_gives_clear_errors_and_actors_survive(policy, engine, tokeniz
     ppo_items = [dict(it, old_logprobs=[0.0] * len(it["loss_mask"]),
                       advantages=[float("nan") if i >= 2 else 1.0] * len(it["loss_mask"]))
                  for i, it in enumerate(sft_items[:4])]
-    n_micro = policy.micro_batches_per_rank(len(ppo_items), TRAINER.micro_batch_size)
-    before = policy.map("logprobs", sft_items[:4], n_micro)
-    for m in ray.get(policy.split_call("train_step", ppo_items, "ppo", n_micro)):
-        assert m["skipped_micro_batches"] == n_micro and m["items"] == 0
-    assert policy.map("logprobs", sft_items[:4], n_micro) == before  # weights untouched
+    before = policy.map("logprobs", sft_items[:4])
+    for m in ray.get(policy.split_call("train_step", ppo_items, "ppo")):
+        assert m["skipped_micro_batches"] == 1 and m["items"] == 0
+    assert policy.map("logprobs", sft_items[:4]) == before  # weights untouched
     # a finite loss whose gradient overflows (on rank 0 only): the ZeRO-3 optimiser skips the step
     # on every rank, and it is counted
-    ray.get(policy.actors[0].inject_nonfinite_gradient.remote(n_micro))
-    for m in ray.get(policy.split_call("train_step", sft_items[:4], "sft", n_micro)):
+    ray.get(policy.actors[0].inject_nonfinite_gradient.remote(1))
+    for m in ray.get(policy.split_call("train_step", sft_items[:4], "sft")):
         assert m["skipped_micro_batches"] == 0 and m["skipped_optimizer_steps"] == 1  # one step per call
-    assert policy.map("logprobs", sft_items[:4], n_micro) == before
+    assert policy.map("logprobs", sft_items[:4]) == before
     assert policy.run("weights_finite") == [True, True]
     with pytest.raises(ray.exceptions.RayTaskError, match="unknown loss 'dpo2'"):
-        ray.get(policy.split_call("train_step", sft_items[:4], "dpo2", n_micro))
+        ray.get(policy.split_call("train_step", sft_items[:4], "dpo2"))
     assert policy.run("ping") == [0, 1] and ray.get(engine.actors[0].ping.remote()) == 0  # alive
     assert len(ray.get(gen.remote(_prompt_ids(tokenizer)[:1]))) == 2  # and still working
 
@@ -244,9 +239,50 @@ def test_reference_and_reward_groups_match_direct_calls(ray_cluster, builtin_ass
             ids, att = pad_batch(seqs, tokenizer.pad_token_id)
             torch.testing.assert_close(head(input_ids=ids, attention_mask=att).logits[:, 0],
                                        torch.tensor(scores), atol=1e-5, rtol=0)
+        # packed rows (mixed lengths: short ones share a row) give the padded results, to 1e-5 in fp32
+        mixed = seqs + [s[: len(s) // 3] for s in seqs]
+        padded = ref.map("logprobs", mixed), rm.map("score", mixed)
+        for group in (ref, rm):
+            group.run("set_micro_batching", 16, 512)
+        packed = ref.map("logprobs", mixed), rm.map("score", mixed)
+        assert max(abs(a - b) for x, y in zip(padded[0], packed[0]) for a, b in zip(x, y, strict=True)) < 1e-5
+        assert max(abs(a - b) for a, b in zip(padded[1], packed[1], strict=True)) < 1e-5
     finally:
         ref.shutdown()
         rm.shutdown()
+
+
+def _max_diff(xs, ys) -> float:
+    return max(abs(a - b) for x, y in zip(xs, ys, strict=True) for a, b in zip(x, y, strict=True))
+
+
+def test_packed_micro_batches_give_the_padded_logprobs_loss_and_step(policy, sft_items, tmp_path):
+    """max_tokens_per_micro_batch: items packed into rows (no item sees another) give the padded
+    log-probs to 1e-5 in fp32, and a PPO step on them has the same loss, one optimiser step, and
+    moves the weights the same way, though the micro-batches differ."""
+    short = [{"input_ids": it["input_ids"][:n], "loss_mask": [0] * (n // 2) + [1] * (n - 1 - n // 2)}
+             for it in sft_items for n in [max(4, len(it["input_ids"]) // 3)]]
+    mixed = [x for pair in zip(sft_items, short) for x in pair]  # long and short on every rank
+    ppo = [dict(it, old_logprobs=[-2.0] * len(it["loss_mask"]),
+                advantages=[(-1.0) ** i * 0.5] * len(it["loss_mask"])) for i, it in enumerate(mixed)]
+    policy.run("save", str(tmp_path / "ckpt"))
+    try:
+        padded_lp = policy.map("logprobs", mixed)
+        padded = ray.get(policy.split_call("train_step", ppo, "ppo"))
+        padded_after = policy.map("logprobs", mixed)
+        policy.run("load", str(tmp_path / "ckpt"))
+        policy.run("set_micro_batching", 8, 1024)
+        assert _max_diff(policy.map("logprobs", mixed), padded_lp) < 1e-5
+        packed = ray.get(policy.split_call("train_step", ppo, "ppo"))
+        packed_after = policy.map("logprobs", mixed)
+    finally:
+        policy.run("set_micro_batching", TRAINER.micro_batch_size, None)
+    for a, b in zip(padded, packed):
+        assert b["micro_batches"] < a["micro_batches"]  # packing did pack
+        assert a["optimizer_steps"] == b["optimizer_steps"] == 1 and a["items"] == b["items"], (a, b)
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), (a, b)
+    moved = _max_diff(padded_after, padded_lp)
+    assert _max_diff(packed_after, padded_after) < 1e-4 < 1e-2 < moved
 
 
 def test_critic_values_and_value_step(ray_cluster, builtin_assets, sft_items):
@@ -254,10 +290,15 @@ def test_critic_values_and_value_step(ray_cluster, builtin_assets, sft_items):
     critic = ActorGroup(Critic, cfg, str(builtin_assets.reward_base), cfg.model_dump(), 100, name="critic")
     try:
         items = sft_items[:8]
-        values = critic.map("values", items, 1)
+        values = critic.map("values", items)
         assert [len(v) for v in values] == [len(it["input_ids"]) - 1 for it in items]
         targets = [dict(it, old_values=v, returns=[1.0] * len(v)) for it, v in zip(items, values)]
-        losses = [ray.get(critic.split_call("train_step", targets, "value", 1))[0]["loss"] for _ in range(8)]
+        mixed = items + [dict(it, input_ids=it["input_ids"][:5], loss_mask=it["loss_mask"][:4]) for it in items]
+        padded = critic.map("values", mixed)
+        critic.run("set_micro_batching", 8, 512)
+        assert _max_diff(critic.map("values", mixed), padded) < 1e-5  # packed rows: the same values
+        critic.run("set_micro_batching", 8, None)
+        losses = [ray.get(critic.split_call("train_step", targets, "value"))[0]["loss"] for _ in range(8)]
         assert losses[-1] < losses[0] * 0.8, losses  # values move toward the returns
     finally:
         critic.shutdown()
@@ -281,8 +322,7 @@ def test_hf_engine_behind_the_same_interface(policy, ray_cluster, builtin_assets
             assert s["finished"] == (s["response_ids"][-1] == tokenizer.eos_token_id)
         one = ray.get(hf.actors[0].generate.remote(prompts, None, 7))  # all prompts on one engine
         assert [s["response_ids"] for s in one] == [s["response_ids"] for s in samples]
-        n_micro = policy.micro_batches_per_rank(len(sft_items), TRAINER.micro_batch_size)
-        ray.get(policy.split_call("train_step", sft_items, "sft", n_micro))
+        ray.get(policy.split_call("train_step", sft_items, "sft"))
         buckets = [ref for part in policy.run("export_weights") for ref in part]
         assert ray.get([a.update_weights.remote(buckets, 3) for a in hf.actors]) == [39, 39]
         with pytest.raises(ray.exceptions.RayTaskError, match="holds weights version 3, expected 2"):
@@ -302,11 +342,10 @@ def test_lora_policy_syncs_its_adapted_weights_into_vllm(ray_cluster, engine, bu
     cfg.optim = cfg.optim.model_copy(update={"lr": 1e-2})
     lora = ActorGroup(PolicyTrainer, cfg, str(builtin_assets.base), cfg.model_dump(), 1000, name="policy-lora")
     try:
-        n_micro = lora.micro_batches_per_rank(len(sft_items), cfg.micro_batch_size)
-        before = lora.map("logprobs", sft_items, n_micro)
+        before = lora.map("logprobs", sft_items)
         for _ in range(3):
-            ray.get(lora.split_call("train_step", sft_items, "sft", n_micro))
-        after = lora.map("logprobs", sft_items, n_micro)
+            ray.get(lora.split_call("train_step", sft_items, "sft"))
+        after = lora.map("logprobs", sft_items)
         assert max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y)) > 1e-2  # it learned
         buckets = [ref for part in lora.run("export_weights") for ref in part]
         assert ray.get(engine.actors[0].update_weights.remote(buckets, 100)) == 39  # plain names, merged

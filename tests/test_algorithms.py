@@ -50,6 +50,20 @@ def test_aggregate_token_vs_sequence():
         A.aggregate(x, mask, "bogus")
 
 
+def test_micro_batch_weights_make_the_split_irrelevant():
+    """Micro-batch losses weighted by aggregation_units over the whole give aggregate() of the whole."""
+    x = t([[1, 2, 3], [10, 0, 0], [4, 4, 0]])
+    mask = t([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    assert A.aggregation_units(mask, "token") == 6 and A.aggregation_units(mask, "sequence") == 3
+    assert A.aggregation_units(t([[0, 0], [1, 0]]), "sequence") == 1  # an empty row is no unit
+    for mode in ("token", "sequence"):
+        parts = [(x[:1], mask[:1]), (x[1:], mask[1:])]  # token: 6/3 and 18/3 -> (2*3 + 6*3)/6 = 4
+        total = A.aggregation_units(mask, mode)
+        split = sum(A.aggregate(a, m, mode) * A.aggregation_units(m, mode) / total for a, m in parts)
+        close(split, A.aggregate(x, mask, mode))
+    close(A.aggregate(x, mask, "token"), 4.0)  # (6 + 10 + 8) / 6
+
+
 def test_whiten_unbiased_and_shift_mean():
     x = t([[1, 2, 99], [3, 4, -5]])
     mask = t([[1, 1, 0], [1, 1, 0]])
@@ -398,3 +412,53 @@ def test_weighted_reward_and_best_of_k():
     assert best_of_k(torch.tensor([0.1, 0.7, 0.3, 0.9, 0.2, 0.0]), 3).tolist() == [1, 3]
     with pytest.raises(ValueError, match="groups of k=4"):
         best_of_k(torch.zeros(6), 4)
+
+
+# ---------------------------------------------------------------------------------------- DAPO-family stabilisers
+
+
+def test_clip_higher_widens_only_the_upper_bound():
+    # r = 1.25 (A = +1) and r = 0.7 (A = -1): with eps 0.2 both clipped: min(1.25, 1.2) = 1.2, min(-0.7, -0.8) = -0.8
+    logp, old = t([[math.log(1.25), math.log(0.7)]]), t([[0.0, 0.0]])
+    adv, mask = t([[1.0, -1.0]]), t([[1, 1]])
+    close(A.clipped_policy_loss(logp, old, adv, mask, clip_eps=0.2)[0], -(1.2 - 0.8) / 2)
+    # clip-higher 0.28: the upper bound is 1.28, so r = 1.25 passes unclipped; the lower bound stays 0.8
+    loss, frac = A.clipped_policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    close(loss, -(1.25 - 0.8) / 2)
+    close(frac, 0.5)  # only the A < 0 token is clipped
+
+
+def test_sequence_sum_aggregations():
+    x = t([[1, 2, 3], [10, 0, 0], [7, 7, 7]])
+    mask = t([[1, 1, 1], [1, 0, 0], [0, 0, 0]])  # the last sequence has no response token
+    close(A.aggregate(x, mask, "sequence_sum"), 8.0)  # mean(6, 10), empty row left out
+    close(A.aggregate(x, mask, "sequence_sum_norm", norm_length=4), 2.0)  # (6 + 10) / 2 / 4
+    with pytest.raises(ValueError, match="norm_length"):
+        A.aggregate(x, mask, "sequence_sum_norm")
+    assert A.aggregation_units(mask, "sequence_sum_norm") == 2
+    # Dr. GRPO through the policy loss: ratio 1 -> -(sum of A per sequence) / L, mean over sequences
+    zeros = torch.zeros(3, 3)
+    close(A.clipped_policy_loss(zeros, zeros, x, mask, loss_agg="sequence_sum_norm", norm_length=4)[0], -2.0)
+
+
+def test_grpo_without_std_scaling():
+    # groups (1, 3) and (5, 5): centred -> (-1, 1), (0, 0); with std scaling (std of (1, 3) = sqrt(2)) -> -/+0.7071
+    scores, mask = t([1.0, 3.0, 5.0, 5.0]), torch.ones(4, 2)
+    close(A.grpo_advantages(scores, mask, 2, scale_by_std=False)[:, 0], t([-1.0, 1.0, 0.0, 0.0]))
+    close(A.grpo_advantages(scores, mask, 2)[:, 0], t([-0.707106, 0.707106, 0.0, 0.0]), atol=1e-4)
+
+
+def test_overlong_penalty():
+    # budget 20, buffer 8: no penalty up to 12 tokens, then -(len - 12) / 8, -1 at 20 and beyond (x factor)
+    lengths = torch.tensor([5, 12, 14, 16, 20, 25])
+    close(A.overlong_penalty(lengths, 20, 8), t([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+    close(A.overlong_penalty(lengths, 20, 8, factor=0.5), t([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]))
+    with pytest.raises(ValueError, match="buffer"):
+        A.overlong_penalty(lengths, 20, 0)
+
+
+def test_informative_groups():
+    scores = t([1.0, 1.0, 0.0, 1.0, 0.5, 0.5 + 1e-9, 0.0, 0.0])
+    assert A.informative_groups(scores, 2).tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="groups of 3"):
+        A.informative_groups(scores, 3)

@@ -70,6 +70,8 @@ def test_wrong_types_and_ranges_are_named(override, key):
     (["colocate.critic_reward=true", "estimator=grpo", "rollout.samples_per_prompt=2"], "needs a critic"),
     (["colocate.policy_reference=true", "reference.num_ranks=2", "trainer.num_gpus_per_rank=0.75",
       "reference.num_gpus_per_rank=0.5"], "1.25 GPUs per rank together"),
+    (["reward_group.max_tokens_per_micro_batch=80", "rollout.max_new_tokens=32"],
+     r"reward_group\.max_tokens_per_micro_batch=80 cannot hold the longest sequence: .* = 96 tokens"),
 ])
 def test_impossible_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):

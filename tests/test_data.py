@@ -121,3 +121,30 @@ def test_pad_batch_left_and_right():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and att.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, att = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and att.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_first_fit_packing_and_token_budget_micro_batches():
+    from rlhf_cluster.lib.packing import first_fit, micro_batch_rows, packed_batch, place, take
+
+    lengths = [5, 2, 7, 3, 1, 6]
+    # longest first, each into the first row with room (capacity 7): 7 | 6+1 | 5+2 | 3
+    assert first_fit(lengths, 7) == [[2], [5, 4], [0, 1], [3]]
+    assert first_fit([9, 2], 7) == [[0], [1]]  # too long for a row: a row of its own
+    # padded: micro_batch_size sequences, one per row; packed: rows no wider than the longest (7),
+    # then as many rows as fit the budget (15 // 7 = 2)
+    assert micro_batch_rows(lengths, 4, None) == [[[0], [1], [2], [3]], [[4], [5]]]
+    assert micro_batch_rows(lengths, 4, 15) == [[[2], [5, 4]], [[0, 1], [3]]]
+    assert micro_batch_rows(lengths, 4, 3) == [[[2]], [[5, 4]], [[0, 1]], [[3]]]  # at least one row each
+    seqs = [[11, 12, 13], [21, 22], [31]]
+    p = packed_batch(seqs, [[0], [1, 2]], pad_id=0)
+    assert p.input_ids.tolist() == [[11, 12, 13], [21, 22, 31]]
+    assert p.position_ids.tolist() == [[0, 1, 2], [0, 1, 0]]  # positions restart per sequence
+    assert p.places == {0: (0, 0), 1: (1, 0), 2: (1, 2)}
+    # row 1: token 31 attends to itself only, not to 21/22 (block-diagonal causal mask)
+    assert p.attention_mask[1, 0].long().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    assert p.attention_mask[0, 0].long().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    laid = place(p, [[0.5, 0.25], [0.75], []], 2)
+    assert laid.tolist() == [[0.5, 0.25], [0.75, 0.0]]
+    assert take(p, laid, {0: 2, 1: 1, 2: 0}) == {0: [0.5, 0.25], 1: [0.75], 2: []}
+    unpacked = packed_batch(seqs, [[0], [1]], pad_id=0)  # one sequence per row: a plain padding mask
+    assert unpacked.position_ids is None and unpacked.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -201,6 +201,65 @@ def test_explicit_bf16_runs_on_any_cpu(ray_cluster, builtin_assets, tmp_path):
     assert all(0 < r["rollout/logprob_gap"] < 0.5 for r in rows[1:]), [r["rollout/logprob_gap"] for r in rows[1:]]
 
 
+def _scripted_producer(scores_by_prompt: dict[int, list[float]], max_extra: int, want: int = 3):
+    """A RolloutProducer whose engine and reward calls are replaced by scores fixed per prompt, to test the
+    dynamic-sampling bookkeeping alone (the real engines run it in test_grpo_with_dapo_stabilisers_runs),
+    and its first batch."""
+    import random
+
+    from rlhf_cluster.rl.rollout import Batch, PromptOrder, RolloutProducer
+
+    class Scripted(RolloutProducer):
+        def _send(self, batch):
+            return batch
+
+        def _collect(self, batch):
+            batch.samples = [{"prompt_ids": [p["id"]], "response_ids": [1], "prompt_index": i}
+                             for i, p in enumerate(batch.prompts) for _ in range(2)]
+            batch.scores = {"score": [x for p in batch.prompts for x in scores_by_prompt[p["id"]]],
+                            "ref": [[0.0] for p in batch.prompts for _ in range(2)]}
+
+    cfg = PPOConfig(estimator="grpo", prompts_per_iteration=want, rollout={"samples_per_prompt": 2},
+                    dynamic_sampling={"enabled": True, "max_extra_batches": max_extra})
+    weights = type("Weights", (), {"policy_version": 0, "version": 0})()
+    order = PromptOrder([{"id": i, "prompt_ids": [i]} for i in sorted(scores_by_prompt)], random.Random(0))
+    producer = Scripted(None, weights, order, cfg, {})
+    batch = Batch(0, order.take(want), 0, 0)
+    producer._collect(batch)
+    return producer, batch
+
+
+def test_dynamic_sampling_fills_the_batch_and_stops_at_its_bound():
+    scores = {i: ([0.0, 1.0] if i % 2 else [0.5, 0.5]) for i in range(12)}  # odd prompts informative
+    producer, batch = _scripted_producer(scores, max_extra=2)
+    metrics = producer.keep_informative(batch)
+    ids = [p["id"] for p in batch.prompts]
+    assert len(ids) == 3 and all(i % 2 for i in ids)  # filled with informative groups only, the excess dropped
+    assert [s["prompt_index"] for s in batch.samples] == [0, 0, 1, 1, 2, 2]
+    assert [s["prompt_ids"][0] for s in batch.samples] == [i for i in ids for _ in range(2)]
+    assert batch.scores["score"] == [0.0, 1.0] * 3 and len(batch.scores["ref"]) == 6
+    assert metrics["rollout/extra_batches"] >= 1 and metrics["rollout/informative_prompts"] == 3
+    # every group alike: extra batches up to the bound, then an empty batch (the step skips it, counted)
+    producer, batch = _scripted_producer({i: [1.0, 1.0] for i in range(12)}, max_extra=2)
+    metrics = producer.keep_informative(batch)
+    assert batch.samples == [] and metrics == {"rollout/filtered_frac": 1.0, "rollout/extra_batches": 2,
+                                               "rollout/informative_prompts": 0}
+    assert producer.order.pos == 9  # 3 batches of 3 prompts drawn, no more
+
+
+@pytest.mark.ray
+def test_grpo_with_dapo_stabilisers_runs(ray_cluster, builtin_assets, tmp_path):
+    """Clip-higher, Dr. GRPO (no std scaling, constant normaliser), the overlong penalty and filter, and
+    dynamic sampling together through the real groups: every iteration trains, with their metrics."""
+    out = tmp_path / "dapo"
+    summary = run(_smoke(builtin_assets, out, "estimator=grpo", "ptx_coef=0", "iterations=2", "eval_every=2",
+                         "clip_eps_high=0.28", "loss_agg=sequence_sum_norm", "grpo_scale_by_std=false",
+                         "overlong.buffer=4", "overlong.mask_truncated=true", "dynamic_sampling.enabled=true"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["iterations"] == 2 and not any(r.get("skipped") for r in rows)
+    assert all(0.0 <= r["rollout/filtered_frac"] <= 1.0 and r["rollout/informative_prompts"] == 8 for r in rows[1:])
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator,iterations,margin,colocate", [

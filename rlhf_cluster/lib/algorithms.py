@@ -20,11 +20,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_eps: float = 0.2, dual_clip: float | None = None,
-                        loss_agg: str = "token", is_weights: torch.Tensor | None = None
+                        loss_agg: str = "token", is_weights: torch.Tensor | None = None,
+                        clip_eps_high: float | None = None, norm_length: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate: -E[min(r A, clip(r, 1-eps, 1+eps) A)], r = pi/pi_old.
+    """PPO's clipped surrogate: -E[min(r A, clip(r, 1-eps, 1+eps_high) A)], r = pi/pi_old.
 
     The min makes the objective a pessimistic bound, so a step gains nothing by moving r outside [1-eps, 1+eps].
+    clip_eps_high (DAPO's "clip-higher", Yu et al. 2025): a wider upper bound than the lower one lets
+    the probability of unlikely tokens with positive advantage grow faster, against entropy collapse;
+    None: symmetric.
     dual_clip = c > 1 (Ye et al. 2020): for A < 0 the objective is further bounded below, max(min(...), c A), so a
     huge ratio on a bad token cannot produce an unbounded loss. loss_agg: see aggregate().
     is_weights: per-token importance weights of off-policy samples (truncated_is_weights), constants
@@ -33,7 +37,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     """
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high)) * advantages
     objective = torch.min(unclipped, clipped)
     if dual_clip is not None:
         if dual_clip <= 1:
@@ -41,7 +45,7 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
         objective = torch.where(advantages < 0, torch.max(objective, dual_clip * advantages), objective)
     if is_weights is not None:
         objective = objective * is_weights
-    loss = -aggregate(objective, mask, loss_agg)
+    loss = -aggregate(objective, mask, loss_agg, norm_length)
     clip_frac = masked_mean((clipped < unclipped).float(), mask)
     return loss, clip_frac
 
@@ -62,36 +66,60 @@ def truncated_is_weights(logprobs: torch.Tensor, behaviour_logprobs: torch.Tenso
 
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       mask: torch.Tensor, clip_eps: float = 0.2, loss_agg: str = "token") -> torch.Tensor:
+                       mask: torch.Tensor, clip_eps: float = 0.2, loss_agg: str = "token",
+                       norm_length: int | None = None) -> torch.Tensor:
     """0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2), aggregated (see aggregate()).
 
     The max is the pessimistic choice, so the critic gains nothing by moving further than eps from V_old.
     """
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
-    return 0.5 * aggregate(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, loss_agg)
+    return 0.5 * aggregate(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask, loss_agg, norm_length)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Aggregation and masked statistics
 # ---------------------------------------------------------------------------------------------------------------------
 
-LOSS_AGG_MODES = ("token", "sequence")
+LOSS_AGG_MODES = ("token", "sequence", "sequence_sum", "sequence_sum_norm")
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token") -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token",
+              norm_length: int | None = None) -> torch.Tensor:
     """Reduce a per-token loss [B, T] to a scalar.
 
     "token":    sum_{b,t} m x / sum_{b,t} m  -- every response token of the batch weighs the same, so long
-                responses dominate (PPO / InstructGPT, the historical default here).
+                responses dominate (PPO / InstructGPT, DAPO's token-level loss; the default).
     "sequence": mean_b [ sum_t m x / sum_t m ] -- every sequence weighs the same whatever its length (the
                 original GRPO objective); sequences with no response token are left out of the outer mean.
+    "sequence_sum": mean_b [ sum_t m x ] -- token sums: a long response's tokens weigh as much as a short one's,
+                and the sequence as a whole more.
+    "sequence_sum_norm": mean_b [ sum_t m x ] / norm_length -- Dr. GRPO (Liu et al. 2025): the token sum over a
+                constant (the generation budget), so no length bias enters through the normaliser.
+    The sequence modes average over sequences with at least one response token.
     """
     if mode == "token":
         return masked_mean(per_token, mask)
+    mask = mask.to(per_token.dtype)
+    has_tokens = (mask.sum(-1) > 0).to(per_token.dtype)
     if mode == "sequence":
-        mask = mask.to(per_token.dtype)
-        per_seq = masked_mean(per_token, mask, dim=-1)
-        return masked_mean(per_seq, (mask.sum(-1) > 0).to(per_token.dtype))
+        return masked_mean(masked_mean(per_token, mask, dim=-1), has_tokens)
+    if mode == "sequence_sum":
+        return masked_mean((per_token * mask).sum(-1), has_tokens)
+    if mode == "sequence_sum_norm":
+        if not norm_length or norm_length <= 0:
+            raise ValueError(f"loss_agg sequence_sum_norm needs a positive norm_length, got {norm_length}")
+        return masked_mean((per_token * mask).sum(-1), has_tokens) / norm_length
+    raise ValueError(f"unknown loss_agg {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def aggregation_units(mask: torch.Tensor, mode: str = "token") -> int:
+    """How many units aggregate() averages over in `mask`: response tokens ("token") or sequences with at
+    least one (the sequence modes). A mini-batch split into micro-batches weighs each micro-batch's loss by its
+    units over the mini-batch's, so the step is the same however it is split (padded or packed)."""
+    if mode == "token":
+        return int(mask.sum().item())
+    if mode in LOSS_AGG_MODES:
+        return int((mask.sum(-1) > 0).sum().item())
     raise ValueError(f"unknown loss_agg {mode!r}; expected one of {LOSS_AGG_MODES}")
 
 
@@ -223,14 +251,19 @@ def _broadcast(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return seq_adv.unsqueeze(-1) * mask.to(seq_adv.dtype)
 
 
-def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(scores: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-6,
+                    scale_by_std: bool = True) -> torch.Tensor:
     """GRPO (Shao et al. 2024, outcome supervision): A_i = (r_i - mean_g r) / (std_g r + eps), on every token.
 
     The group of k samples of the same prompt is the baseline, so no critic is needed; std is the UNBIASED (k - 1)
     group std (as torch.std, TRL, verl); a group with equal scores gets A = 0. Needs k >= 2.
+    scale_by_std=False (Dr. GRPO, Liu et al. 2025): A_i = r_i - mean_g r; dividing by the group std weighs
+    prompts that are nearly always solved (or failed) up, a difficulty bias.
     """
     g = _check_groups(scores.float(), group_size, min_size=2)
-    adv = (g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + eps)
+    adv = g - g.mean(-1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (g.std(-1, keepdim=True) + eps)
     return _broadcast(adv.reshape(-1), mask)
 
 
@@ -313,6 +346,24 @@ class AdaptiveKLController:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025), added to the reward of each response of `lengths`:
+    0 up to max_length - buffer tokens, then falling linearly to -factor at max_length:
+    -factor * (length - (max_length - buffer)) / buffer, and -factor beyond max_length."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in 1..max_length ({max_length}), got {buffer}")
+    over = (lengths.float() - (max_length - buffer)).clamp(min=0.0) / buffer
+    return -factor * over.clamp(max=1.0)
+
+
+def informative_groups(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """DAPO's dynamic sampling filter: [B // k] True for prompt groups whose rewards are not all equal.
+    A group where every sample scored the same has zero advantage under GRPO / RLOO: no gradient, only noise
+    in the batch size."""
+    g = _check_groups(scores.float(), group_size, min_size=2)
+    return (g.max(-1).values - g.min(-1).values) > eps
+
+
 def clip_rewards(scores: torch.Tensor, clip: float | None) -> torch.Tensor:
     """clamp(scores, -clip, clip): bounds outliers of the reward model (None or <= 0: unchanged)."""
     if clip is None or clip <= 0:
@@ -368,9 +419,10 @@ class RunningMeanStd:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float, loss_agg: str = "token") -> torch.Tensor:
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float, loss_agg: str = "token",
+                  norm_length: int | None = None) -> torch.Tensor:
     """-coef * aggregated entropy: added to the loss, it rewards keeping the policy stochastic (exploration)."""
-    return -coef * aggregate(entropy, mask, loss_agg)
+    return -coef * aggregate(entropy, mask, loss_agg, norm_length)
 
 
 def ptx_loss(logprobs: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor:

@@ -57,6 +57,8 @@ class DataConfig(Strict):
     max_prompt_tokens: int = Field(64, gt=0)
     max_sequence_tokens: int = Field(128, gt=0)
     on_bad_sample: Literal["skip", "error"] = "skip"
+    # prompt records' label (a reference answer, unit tests: any JSON value), passed to reward functions
+    label_key: str = "label"
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
@@ -76,6 +78,13 @@ class GroupResources(Strict):
     def demand(self) -> tuple[float, float]:
         """(CPUs, GPUs) the whole group asks Ray for."""
         return self.num_ranks * self.num_cpus_per_rank, self.num_ranks * self.num_gpus_per_rank
+
+
+class ScorerConfig(GroupResources):
+    """A frozen scoring group (reference policy, reward model): ranks and micro-batching."""
+
+    micro_batch_size: int = Field(16, ge=1)
+    max_tokens_per_micro_batch: int | None = Field(None, ge=2)  # set: packed rows, as TrainerConfig's
 
 
 class OptimConfig(Strict):
@@ -104,6 +113,10 @@ class TrainerConfig(GroupResources):
     zero_stage: Literal[0, 1, 2, 3] = 3
     offload: bool = False
     micro_batch_size: int = Field(8, ge=1)
+    # set: the RL trainers (policy, critic) pack items into rows and fill micro-batches up to this many
+    # tokens instead of padding `micro_batch_size` items (lib/packing.py); null: padded micro-batches.
+    # Same results either way (losses are weighted by tokens, not micro-batches); packed wastes no padding.
+    max_tokens_per_micro_batch: int | None = Field(None, ge=2)
     grad_accumulation: int = Field(1, ge=1)
     optim: OptimConfig = OptimConfig()
     lora: LoraConfig = LoraConfig()
@@ -260,6 +273,34 @@ class RewardServiceConfig(Strict):
         return self
 
 
+class RewardSource(Strict):
+    """One term of the reward (`rewards:` of a PPO config): a learned reward model, a Python function, or
+    a remote endpoint; the reward is the weighted sum of the terms."""
+
+    name: str
+    model: str | None = None  # a reward model directory (sequence classification, one output)
+    fn: str | None = None  # "package.module:function": (prompts, responses, labels) -> list[float]
+    url: str | None = None  # a reward service speaking OpenRLHF's POST /get_reward (query, prompts, labels)
+    weight: float = 1.0
+    timeout_s: float = Field(60.0, gt=0.0)  # per call of a function or request to a url
+    needs_label: bool = True  # fn: a prompt without a label is a bad sample (data.on_bad_sample)
+    token_env: str = "RLHF_REWARD_TOKEN"  # url: the driver's environment variable holding the bearer token
+    batch_size: int = Field(64, ge=1, le=512)  # url: queries per request
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardSource:
+        kinds = [k for k in ("model", "fn", "url") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError(f"reward source {self.name!r} needs exactly one of model, fn, url (got {kinds or 'none'})")
+        if self.fn:
+            from rlhf_cluster.lib.reward_functions import load_function
+
+            load_function(self.fn)  # importable and callable, before any actor starts
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"reward source {self.name!r}: url must start with http:// or https://")
+        return self
+
+
 class ColocateConfig(Strict):
     """Groups that share devices (OpenRLHF's colocation): rank i of each colocated group goes into
     bundle i of one placement group holding the sum of their per-rank resources, so on GPUs they
@@ -301,6 +342,24 @@ class AsyncRolloutConfig(Strict):
     is_cap: float = Field(2.0, ge=1.0)  # TIS's truncation C (OpenRLHF and Yao et al. use 2)
 
 
+class OverlongConfig(Strict):
+    """DAPO's overlong handling: a soft penalty on responses that approach the generation budget
+    (rollout.max_new_tokens), and/or no loss on responses cut off by it (their reward judges an unfinished answer)."""
+
+    buffer: int | None = Field(None, ge=1)  # set: penalty ramps from 0 at max_new_tokens - buffer to -penalty at it
+    penalty: float = Field(1.0, ge=0.0)
+    mask_truncated: bool = False
+
+
+class DynamicSamplingConfig(Strict):
+    """DAPO's dynamic sampling (grpo / rloo): prompt groups whose samples all scored the same carry no
+    advantage; drop them and sample more prompts, at most `max_extra_batches` more batches per iteration,
+    until the batch holds prompts_per_iteration informative groups (or the bound is hit)."""
+
+    enabled: bool = False
+    max_extra_batches: int = Field(2, ge=0)
+
+
 class PPOConfig(JobConfig):
     """PPO (or a critic-free estimator) with a KL penalty to the reference policy."""
 
@@ -308,13 +367,16 @@ class PPOConfig(JobConfig):
     policy: ModelSource = ModelSource()  # null: the built-in SFT policy
     reward: ModelSource = ModelSource()  # null: the built-in reward model
     reward_service: RewardServiceConfig | None = None  # set: score over HTTP instead of a local reward group
+    # set: the reward is the weighted sum of these sources (models, functions on labels, endpoints), in
+    # place of `reward` / `reward_service`
+    rewards: list[RewardSource] = []
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.5,
                                            optim=OptimConfig(lr=1e-5, weight_decay=0.0))
     critic: TrainerConfig = TrainerConfig(num_ranks=1, num_cpus_per_rank=0.25,
                                           optim=OptimConfig(lr=5e-5, weight_decay=0.0))
-    reference: GroupResources = GroupResources(num_cpus_per_rank=0.25)
-    reward_group: GroupResources = GroupResources(num_cpus_per_rank=0.25)
+    reference: ScorerConfig = ScorerConfig(num_cpus_per_rank=0.25)
+    reward_group: ScorerConfig = ScorerConfig(num_cpus_per_rank=0.25)
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, num_cpus_per_engine=0.25)
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
     iterations: int = Field(20, ge=1)
@@ -330,7 +392,8 @@ class PPOConfig(JobConfig):
     # recompute in bf16 (measured mean gap 1.3e-3 per token on a CPU, docs/performance.md).
     old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"
     async_rollout: AsyncRolloutConfig = AsyncRolloutConfig()
-    clip_eps: float = Field(0.2, gt=0.0)
+    clip_eps: float = Field(0.2, gt=0.0)  # the ratio's lower bound 1 - clip_eps (and upper, unless clip_eps_high)
+    clip_eps_high: float | None = Field(None, gt=0.0)  # DAPO's clip-higher: upper bound 1 + clip_eps_high (e.g. 0.28)
     dual_clip: float | None = Field(None, gt=1.0)
     value_clip_eps: float = Field(0.2, gt=0.0)
     entropy_coef: float = Field(0.0, ge=0.0)
@@ -347,7 +410,12 @@ class PPOConfig(JobConfig):
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_target: float | None = Field(None, gt=0.0)  # set: adaptive KL controller (Ziegler et al.)
     kl_horizon: int = Field(10000, ge=1)
-    loss_agg: Literal["token", "sequence"] = "token"
+    # token: mean over the mini-batch's tokens; sequence: mean over sequences of their token means; sequence_sum:
+    # of their token sums; sequence_sum_norm: token sums over rollout.max_new_tokens (Dr. GRPO); lib/algorithms.py
+    loss_agg: Literal["token", "sequence", "sequence_sum", "sequence_sum_norm"] = "token"
+    grpo_scale_by_std: bool = True  # false: Dr. GRPO's advantage r - mean(group), no division by the group std
+    overlong: OverlongConfig = OverlongConfig()
+    dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
     eval_every: int = Field(5, ge=1)
     eval_temperature: float = Field(0.0, ge=0.0)  # 0: greedy, so evaluations are comparable
     eval_samples_per_prompt: int = Field(4, ge=1)  # sampled responses per prompt for the sampled KL / RM / gold
@@ -362,6 +430,41 @@ class PPOConfig(JobConfig):
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
     colocate: ColocateConfig = ColocateConfig()
     registry_run: str | None = None  # the `run` of this job's registry entries; null: output_dir's name
+
+    @model_validator(mode="after")
+    def _one_way_to_reward(self) -> PPOConfig:
+        if self.rewards:
+            if self.reward_service or self.reward.path:
+                raise ValueError("rewards replaces reward / reward_service: set one of them, not both")
+            names = [r.name for r in self.rewards]
+            if len(set(names)) != len(names):
+                raise ValueError(f"rewards names must be unique, got {names}")
+        return self
+
+    def needs_labels(self) -> bool:
+        """Some reward function reads labels: prompts without one are bad samples."""
+        return any(r.fn and r.needs_label for r in self.rewards)
+
+    @model_validator(mode="after")
+    def _stabilisers_fit(self) -> PPOConfig:
+        if self.dynamic_sampling.enabled and self.estimator not in ("grpo", "rloo"):
+            raise ValueError(f"dynamic_sampling needs a group baseline (estimator grpo or rloo), "
+                             f"not estimator={self.estimator}")
+        if self.overlong.buffer is not None and self.overlong.buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"overlong.buffer={self.overlong.buffer} is longer than rollout.max_new_tokens="
+                             f"{self.rollout.max_new_tokens}")
+        return self
+
+    @model_validator(mode="after")
+    def _token_budgets_hold_a_sequence(self) -> PPOConfig:
+        longest = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        for name in ("trainer", "critic", "reference", "reward_group"):
+            budget = getattr(self, name).max_tokens_per_micro_batch
+            if budget is not None and budget < longest:
+                raise ValueError(f"{name}.max_tokens_per_micro_batch={budget} cannot hold the longest sequence: "
+                                 f"data.max_prompt_tokens {self.data.max_prompt_tokens} + rollout.max_new_tokens "
+                                 f"{self.rollout.max_new_tokens} = {longest} tokens")
+        return self
 
     @model_validator(mode="after")
     def _group_estimators_need_samples(self) -> PPOConfig:
@@ -559,6 +662,9 @@ class RSConfig(PPOConfig):
     def _rounds_and_models(self) -> RSConfig:
         if not self.rounds:
             raise ValueError("rounds must name at least one round")
+        if self.rewards:
+            raise ValueError("rewards (functions, endpoints) is not available to rejection sampling yet; "
+                             "combine reward models with reward_models")
         names = [m.name for m in self.reward_models]
         if len(set(names)) != len(names):
             raise ValueError(f"reward_models names must be unique, got {names}")

@@ -69,11 +69,12 @@ def load_records(path: str | Path) -> Dataset:
         raise DataError(f"data file {path} could not be parsed: {e}") from None
 
 
-def _require_columns(ds: Dataset, columns: list[str], source: str) -> None:
-    missing = [c for c in columns if c not in ds.column_names]
+def _require_columns(ds: Dataset, columns: list, source: str) -> None:
+    """Each entry a field name, or a tuple of names of which one must be present."""
+    missing = [c for c in columns if not set(c if isinstance(c, tuple) else (c,)) & set(ds.column_names)]
     if missing:
-        raise DataError(f"{source}: records have no field {', '.join(map(repr, missing))} "
-                        f"(fields present: {ds.column_names})")
+        shown = ", ".join(" or ".join(map(repr, c)) if isinstance(c, tuple) else repr(c) for c in missing)
+        raise DataError(f"{source}: records have no field {shown} (fields present: {ds.column_names})")
 
 
 def _check_turns(turns, what: str) -> list[dict]:
@@ -142,8 +143,14 @@ def _encode_sft(tokenizer, rec: dict, max_tokens: int) -> Encoded:
     return Encoded(ids, mask)
 
 
-def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int) -> dict:
-    messages = _check_turns(rec.get("messages"), "messages")
+def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int, label_key: str | None = None,
+                       require_label: bool = False) -> dict:
+    """A prompt record: `messages` (a chat ending with a user turn) or `prompt` (a string: one user turn, or a
+    chat), and optionally a label under `label_key`, kept as `label`."""
+    turns = rec.get("messages") if rec.get("messages") is not None else rec.get("prompt")
+    if isinstance(turns, str):
+        turns = [{"role": "user", "content": turns}]
+    messages = _check_turns(turns, "messages" if rec.get("messages") is not None else "prompt")
     if messages[-1]["role"] != "user":
         raise _BadSample("prompt_not_ending_with_user_turn")
     if not messages[-1]["content"].strip():
@@ -151,7 +158,13 @@ def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int) -> dict:
     ids = encode_prompt(tokenizer, messages)
     if len(ids) > max_tokens:
         raise _BadSample("too_long")
-    return {"messages": messages, "prompt_ids": ids}
+    out = {"messages": messages, "prompt_ids": ids}
+    label = rec.get(label_key) if label_key else None
+    if label is not None:
+        out["label"] = label
+    elif require_label:
+        raise _BadSample("missing_label")
+    return out
 
 
 def _encode_pair(tokenizer, rec: dict, max_tokens: int) -> dict:
@@ -178,14 +191,15 @@ def _encode_pair(tokenizer, rec: dict, max_tokens: int) -> dict:
 
 _ENCODERS = {
     "sft": (["messages"], _encode_sft),
-    "prompts": (["messages"], _encode_prompt_rec),
+    "prompts": ([("messages", "prompt")], _encode_prompt_rec),
     "preferences": (["prompt", "chosen", "rejected"], _encode_pair),
 }
 
 
 def load_tokenized(path: str | Path, tokenizer, kind: str, max_tokens: int,
-                   on_bad_sample: str = "skip") -> tuple[list, SkipReport]:
-    """Load and tokenise a file of `kind` sft | prompts | preferences; returns (samples, report)."""
+                   on_bad_sample: str = "skip", **options) -> tuple[list, SkipReport]:
+    """Load and tokenise a file of `kind` sft | prompts | preferences; returns (samples, report).
+    `options` go to the record encoder (prompts: label_key, require_label)."""
     columns, encode = _ENCODERS[kind]
     ds = load_records(path)
     source = str(path)
@@ -194,7 +208,7 @@ def load_tokenized(path: str | Path, tokenizer, kind: str, max_tokens: int,
     samples = []
     for i, rec in enumerate(ds):
         try:
-            samples.append(encode(tokenizer, rec, max_tokens))
+            samples.append(encode(tokenizer, rec, max_tokens, **options))
         except _BadSample as bad:
             if on_bad_sample == "error":
                 raise DataError(f"{source}, record {i}: {bad.reason.replace('_', ' ')}") from None

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from rlhf_cluster.lib.config import PPOConfig
 from rlhf_cluster.rl.batch import response_part, trainer_item
+from rlhf_cluster.rl.rollout import reward_context
 
 
 class HeldOutEval:
-    def __init__(self, groups, producer, prompts: dict[str, list[dict]], cfg: PPOConfig):
-        self.groups, self.producer, self.prompts, self.cfg = groups, producer, prompts, cfg
+    def __init__(self, groups, producer, prompts: dict[str, list[dict]], cfg: PPOConfig, log=print):
+        self.groups, self.producer, self.prompts, self.cfg, self.log = groups, producer, prompts, cfg, log
         self.baseline: dict[str, list[str]] = {}  # the initial policy's responses per split (win-rate)
 
     def __call__(self) -> dict:
@@ -20,9 +21,17 @@ class HeldOutEval:
                 out |= self.split_eval(split)
         return out
 
-    def _kl_and_scores(self, samples: list[dict]) -> tuple[list[float], list[float]]:
+    def _kl_and_scores(self, samples: list[dict], prompts: list[dict]) -> tuple[list[float], list[float]]:
+        """KL to the reference and reward of each sample; the rewards are NaN (and the error logged) when a
+        reward function fails: an evaluation reports, it does not stop the run."""
+        from actors.scorers import RewardFunctionError
+
         seqs = [trainer_item(s)["input_ids"] for s in samples]
-        scores = self.groups.reward.map("score", seqs)
+        try:
+            scores = self.groups.reward.map("score_samples", samples, reward_context(prompts))
+        except RewardFunctionError as e:
+            self.log(f"evaluation without rewards: {str(e).strip().splitlines()[-1]}")
+            scores = [float("nan")] * len(samples)
         ref = self.groups.reference.map("logprobs", seqs)
         kl = [sum(a - b for a, b in zip(s["logprobs"], response_part(s, r))) for s, r in zip(samples, ref)]
         return kl, scores
@@ -36,7 +45,7 @@ class HeldOutEval:
         prompts = self.prompts[split]
         samples = self.producer.generate([p["prompt_ids"] for p in prompts],
                                          {"samples_per_prompt": 1, "temperature": self.cfg.eval_temperature})
-        kl, scores = self._kl_and_scores(samples)
+        kl, scores = self._kl_and_scores(samples, prompts)
         texts = [task.prompt_text(prompts[s["prompt_index"]]["messages"]) for s in samples]
         responses = [s["text"] for s in samples]
         gold = gold_report(texts, responses)
@@ -62,7 +71,7 @@ class HeldOutEval:
         samples = self.producer.generate([p["prompt_ids"] for p in prompts],
                                          {"samples_per_prompt": self.cfg.eval_samples_per_prompt},
                                          seed=self.cfg.seed * 1_000_003 + 999_983)
-        kl, scores = self._kl_and_scores(samples)
+        kl, scores = self._kl_and_scores(samples, prompts)
         gold = gold_report([task.prompt_text(prompts[s["prompt_index"]]["messages"]) for s in samples],
                            [s["text"] for s in samples])
         return {f"{split}/sampled_kl": sum(kl) / len(kl), f"{split}/sampled_rm_score": sum(scores) / len(scores),

@@ -19,7 +19,7 @@ class RLGroups:
                  train_steps: int, with_critic: bool, log=print):
         from actors.group import ActorGroup, colocated_placement_group
         from actors.rollout import engine_class
-        from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel
+        from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel, RewardSources
         from actors.trainer import Critic, PolicyTrainer
 
         self.cfg = cfg
@@ -45,17 +45,25 @@ class RLGroups:
             log(f"colocated: {' + '.join(names)}")
         self.policy = ActorGroup(PolicyTrainer, trainer, policy_path, trainer.model_dump(), train_steps,
                                  cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False, pg=pg.get("trainer"))
-        self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype, name="reference",
-                                    env=env, wait=False, pg=pg.get("reference"), **replica)
-        if cfg.reward_service:  # scores over HTTP; the bearer token travels in the actors' environment
+        self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype,
+                                    cfg.reference.micro_batch_size, cfg.reference.max_tokens_per_micro_batch,
+                                    name="reference", env=env, wait=False, pg=pg.get("reference"), **replica)
+        if cfg.rewards:  # a weighted sum of models, functions and endpoints, every rank holding all of them
+            tokens = {r.token_env: os.environ[r.token_env] for r in cfg.rewards if r.url and r.token_env in os.environ}
+            rg = cfg.reward_group
+            self.reward = ActorGroup(RewardSources, rg, [r.model_dump() for r in cfg.rewards], policy_path,
+                                     cfg.reward.dtype, rg.micro_batch_size, rg.max_tokens_per_micro_batch,
+                                     name="reward", env=env | tokens, wait=False, pg=pg.get("reward_group"), **replica)
+        elif cfg.reward_service:  # scores over HTTP; the bearer token travels in the actors' environment
             svc = cfg.reward_service
             token = {svc.token_env: os.environ[svc.token_env]} if svc.token_env in os.environ else {}
             self.reward = ActorGroup(RemoteRewardModel, cfg.reward_group, svc.url, policy_path, svc.token_env,
                                      svc.batch_size, svc.timeout_s, svc.retries, name="reward", env=env | token,
                                      wait=False, pg=pg.get("reward_group"), **replica)
         else:
-            self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype, name="reward",
-                                     env=env, wait=False, pg=pg.get("reward_group"), **replica)
+            self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype,
+                                     cfg.reward_group.micro_batch_size, cfg.reward_group.max_tokens_per_micro_batch,
+                                     name="reward", env=env, wait=False, pg=pg.get("reward_group"), **replica)
         self.critic = None
         if with_critic:
             # the critic starts from the reward model (its head too), or the policy when scores come over HTTP

@@ -25,20 +25,17 @@ class Learner:
             for start in range(0, len(batch), size):
                 mb = [batch[i] for i in order[start:start + size]]
                 calls = {"policy": policy.split_call(
-                    "train_step", mb, "ppo", policy.micro_batches_per_rank(len(mb), cfg.trainer.micro_batch_size),
-                    clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef, dual_clip=cfg.dual_clip,
-                    loss_agg=cfg.loss_agg)}
+                    "train_step", mb, "ppo", clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef,
+                    dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg, clip_eps_high=cfg.clip_eps_high,
+                    norm_length=cfg.rollout.max_new_tokens)}
                 if critic:
-                    calls["critic"] = critic.split_call(
-                        "train_step", mb, "value", critic.micro_batches_per_rank(len(mb), cfg.critic.micro_batch_size),
-                        clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
+                    calls["critic"] = critic.split_call("train_step", mb, "value", clip_eps=cfg.value_clip_eps,
+                                                        loss_agg=cfg.loss_agg, norm_length=cfg.rollout.max_new_tokens)
                 for name, refs in calls.items():
                     out[name] += gather(refs)
                 if cfg.ptx_coef > 0:  # PPO-ptx: keep the likelihood of SFT data (InstructGPT, DeepSpeed-Chat)
                     ptx = self.ptx_batch(iteration, len(out["ptx"]))
-                    out["ptx"] += gather(policy.split_call(
-                        "train_step", ptx, "ptx", policy.micro_batches_per_rank(len(ptx), cfg.trainer.micro_batch_size),
-                        coef=cfg.ptx_coef))
+                    out["ptx"] += gather(policy.split_call("train_step", ptx, "ptx", coef=cfg.ptx_coef))
         return out
 
     def ptx_batch(self, iteration: int, step: int) -> list[dict]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ray.exceptions import RayActorError
 
+from actors.scorers import RewardFunctionError
 from rlhf_cluster.lib.config import PPOConfig
 from rlhf_cluster.rl.weights import WeightSync, short
 
@@ -38,9 +39,15 @@ def load_prompt_splits(cfg: PPOConfig, tokenizer, log=print) -> dict[str, list[d
         files = {split: assets.file(f"prompts_{split}.jsonl") for split in ("train", "val", "test")}
     prompts = {}
     for split, path in files.items():
-        prompts[split], report = load_tokenized(path, tokenizer, "prompts", d.max_prompt_tokens, d.on_bad_sample)
+        prompts[split], report = load_tokenized(path, tokenizer, "prompts", d.max_prompt_tokens, d.on_bad_sample,
+                                                label_key=d.label_key, require_label=cfg.needs_labels())
         log(f"{split} prompts: {report}")
     return prompts
+
+
+def reward_context(prompts: list[dict]) -> list[dict]:
+    """What reward functions see of each prompt besides the response: its last user turn and its label."""
+    return [{"prompt": p["messages"][-1]["content"], "label": p.get("label")} for p in prompts]
 
 
 class PromptOrder:
@@ -85,10 +92,12 @@ class Batch:
     samples: list[dict] | None = None
     scores: dict | None = None  # {"ref": per-token log-probs, "score": rewards}, in sample order
     score_wait: float = 0.0
+    reward_error: str | None = None  # a reward function failed on these samples: the step skips the batch
 
     def state_dict(self) -> dict:
         return {"index": self.index, "prompts": self.prompts, "seed": self.seed,
-                "policy_version": self.policy_version, "samples": self.samples, "scores": self.scores}
+                "policy_version": self.policy_version, "samples": self.samples, "scores": self.scores,
+                "reward_error": self.reward_error}
 
 
 class RolloutProducer:
@@ -119,6 +128,37 @@ class RolloutProducer:
             self._collect(self._send(batch))
         return batch
 
+    def keep_informative(self, batch: Batch) -> dict:
+        """DAPO's dynamic sampling: drop the prompt groups whose samples all scored the same (no advantage
+        under a group baseline) and sample more prompts with the latest weights, at most
+        dynamic_sampling.max_extra_batches more batches, until `batch` holds prompts_per_iteration
+        informative groups (the excess is dropped); fewer if the bound is hit. Returns its metrics."""
+        import torch
+
+        from rlhf_cluster.lib.algorithms import informative_groups
+
+        k, want = self.cfg.rollout.samples_per_prompt, self.cfg.prompts_per_iteration
+        prompts, samples, scores = [], [], {key: [] for key in batch.scores}
+        sampled = uninformative = extra = 0
+        part = batch
+        while True:
+            keep = informative_groups(torch.tensor(part.scores["score"]), k).tolist()
+            sampled, uninformative = sampled + len(keep), uninformative + keep.count(False)
+            for g in [g for g, ok in enumerate(keep) if ok][: want - len(prompts)]:
+                rows = range(g * k, (g + 1) * k)  # a prompt's samples are contiguous
+                samples += [dict(part.samples[i], prompt_index=len(prompts)) for i in rows]
+                scores = {key: v + [part.scores[key][i] for i in rows] for key, v in scores.items()}
+                prompts.append(part.prompts[g])
+            if len(prompts) == want or extra == self.cfg.dynamic_sampling.max_extra_batches:
+                break
+            extra += 1
+            part = Batch(batch.index, self.order.take(want), self.batch_seed(batch.index) + extra * 7_919,
+                         self.weights.policy_version)
+            self._collect(self._send(part))
+        batch.prompts, batch.samples, batch.scores = prompts, samples, scores
+        return {"rollout/filtered_frac": uninformative / sampled, "rollout/extra_batches": extra,
+                "rollout/informative_prompts": len(prompts)}
+
     def _send(self, batch: Batch) -> Batch:
         from actors.rollout import submit_across
 
@@ -130,9 +170,13 @@ class RolloutProducer:
         # result actor to actor): scoring overlaps the other engines' sampling, and the learner's step
         reference, reward = self.groups.reference.actors, self.groups.reward.actors
         engine_results = [ref for ref, _ in batch.calls]
+        context, starts = reward_context(batch.prompts), [0]
+        for _, count in batch.calls:
+            starts.append(starts[-1] + count)
         batch.score_calls = {
             "ref": [reference[j % len(reference)].logprobs_of_samples.remote(r) for j, r in enumerate(engine_results)],
-            "score": [reward[j % len(reward)].score_samples.remote(r) for j, r in enumerate(engine_results)]}
+            "score": [reward[j % len(reward)].score_samples.remote(r, context[starts[j]:starts[j + 1]])
+                      for j, r in enumerate(engine_results)]}
         batch.scores = None
         return batch
 
@@ -149,7 +193,11 @@ class RolloutProducer:
             try:
                 samples = collect_across(batch.calls)
                 t0 = time.time()
-                batch.scores = {k: [x for part in gather(refs) for x in part] for k, refs in batch.score_calls.items()}
+                try:
+                    batch.scores = {k: [x for part in gather(refs) for x in part]
+                                    for k, refs in batch.score_calls.items()}
+                except RewardFunctionError as e:  # the user's function, not an actor, failed: skip the batch
+                    batch.scores, batch.reward_error = None, str(e).strip().splitlines()[-1]
                 batch.score_wait = time.time() - t0  # the part of the wait that was scoring (step timing)
                 batch.samples, batch.calls, batch.score_calls = samples, [], {}
                 self.weights.settle()
@@ -178,7 +226,7 @@ class RolloutProducer:
     def load_state_dict(self, batches: list[dict]) -> None:
         """Batches restored from a checkpoint; whatever was in flight is dropped (its results unread)."""
         self.queue = deque(Batch(b["index"], b["prompts"], b["seed"], b["policy_version"], samples=b["samples"],
-                                 scores=b.get("scores")) for b in batches)
+                                 scores=b.get("scores"), reward_error=b.get("reward_error")) for b in batches)
 
     # ---------------------------------------------------------------- one-off sampling (evaluation, RS)
     def generate(self, prompt_ids: list[list[int]], overrides: dict | None = None,

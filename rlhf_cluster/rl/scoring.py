@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from actors.group import gather
-from rlhf_cluster.lib.config import PPOConfig
 from rlhf_cluster.rl.batch import padded, response_part, trainer_item
 
 
@@ -23,7 +22,7 @@ class Scored:
     values: torch.Tensor | None  # critic values (GAE)
 
 
-def score_batch(groups, samples: list[dict], cfg: PPOConfig, recompute: bool, done: dict | None = None) -> Scored:
+def score_batch(groups, samples: list[dict], recompute: bool, done: dict | None = None) -> Scored:
     """`done`: reference log-probs and rewards already computed (the rollout producer chains them on the
     engines' calls), {"ref": [...], "score": [...]}; the rest is computed here."""
     items = [trainer_item(s) for s in samples]
@@ -31,11 +30,9 @@ def score_batch(groups, samples: list[dict], cfg: PPOConfig, recompute: bool, do
     refs = {} if done else {"ref": groups.reference.split_call("logprobs", seqs),
                             "score": groups.reward.split_call("score", seqs)}
     if recompute:
-        refs["old"] = groups.policy.split_call(
-            "logprobs", items, groups.policy.micro_batches_per_rank(len(items), cfg.trainer.micro_batch_size))
+        refs["old"] = groups.policy.split_call("logprobs", items)
     if groups.critic:
-        refs["values"] = groups.critic.split_call(
-            "values", items, groups.critic.micro_batches_per_rank(len(items), cfg.critic.micro_batch_size))
+        refs["values"] = groups.critic.split_call("values", items)
     got = (done or {}) | {k: [x for part in gather(v) for x in part] for k, v in refs.items()}
 
     def response(key: str) -> torch.Tensor:

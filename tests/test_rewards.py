@@ -1,0 +1,193 @@
+"""Verifiable rewards: labels in prompt data, reward functions beside reward models and endpoints
+(`rewards:` in a PPO config), the shipped exact-match verifier, and what happens when a function fails."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import ray
+
+from rlhf_cluster.lib.config import ConfigError, PPOConfig, RSConfig, load_config
+from rlhf_cluster.lib.data import DataError, encode_prompt, load_tokenized
+from rlhf_cluster.lib.reward_functions import exact_match, final_answer, load_function, normalise
+
+MATH = "tests/data/math_prompts.jsonl"
+
+
+# --------------------------------------------------------------------------- the verifier, configs, data
+def test_exact_match_reads_the_final_answer():
+    responses = ["The answer is 42.", r"so \boxed{1/2}", "2+2 = 4", "#### 1,000", "no idea", "x = 3.0",
+                 "Answer: Paris", "7, not 8", r"\boxed{8} or maybe 7"]
+    labels = ["42", "0.5", 4, "1000", "1", 3, "paris", "8", "8"]
+    labels[7] = "7"  # "7, not 8": the last number is the answer
+    assert exact_match([""] * 9, responses, labels) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert final_answer("nothing here") is None and normalise("1,000.") == "1000" == normalise(1000.0)
+    assert normalise(" Paris ") == "paris" and normalise("4/2") == normalise("2")
+
+
+def test_reward_sources_are_checked_before_anything_starts():
+    ok = load_config(PPOConfig, None, ["rewards=[{name: exact, fn: 'rlhf_cluster.lib.reward_functions:exact_match'}]"])
+    assert ok.needs_labels() and ok.rewards[0].weight == 1.0
+    for overrides, message in [
+        (["rewards=[{name: a}]"], "needs exactly one of model, fn, url"),
+        (["rewards=[{name: a, fn: x.y:z, url: 'http://h'}]"], "needs exactly one"),
+        (["rewards=[{name: a, fn: 'no_such_module_zz:f'}]"], "cannot import 'no_such_module_zz'"),
+        (["rewards=[{name: a, fn: 'rlhf_cluster.lib.reward_functions:nope'}]"], "has no callable 'nope'"),
+        (["rewards=[{name: a, fn: 'just_a_name'}]"], "must look like 'package.module:function'"),
+        (["rewards=[{name: a, url: 'ftp://h'}]"], "url must start with http"),
+        (["rewards=[{name: a, model: m}, {name: a, model: n}]"], "names must be unique"),
+        (["rewards=[{name: a, model: m}]", "reward.path=/x"], "rewards replaces reward / reward_service"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(PPOConfig, None, overrides)
+    with pytest.raises(ConfigError, match="not available to rejection sampling yet"):
+        load_config(RSConfig, None, ["rewards=[{name: a, model: m}]"])
+
+
+def test_prompt_records_carry_labels(tokenizer, tmp_path):
+    rows, report = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label")
+    assert len(rows) == 8 and rows[0]["label"] == "5" and "label" not in rows[5]
+    assert rows[0]["messages"] == [{"role": "user", "content": "What is 2+3?"}]  # a plain `prompt` string
+    assert rows[0]["prompt_ids"] == encode_prompt(tokenizer, rows[0]["messages"])
+    # a function that reads labels: the unlabelled row is counted and skipped, or an error naming it
+    rows, report = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label", require_label=True)
+    assert len(rows) == 7 and report.skipped == {"missing_label": 1} and report.examples["missing_label"] == [5]
+    with pytest.raises(DataError, match=r"math_prompts.jsonl, record 5: missing label"):
+        load_tokenized(MATH, tokenizer, "prompts", 64, "error", label_key="label", require_label=True)
+    other = tmp_path / "answers.jsonl"
+    other.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}], "answer": 4}) + "\n")
+    rows, _ = load_tokenized(other, tokenizer, "prompts", 64, label_key="answer", require_label=True)
+    assert rows[0]["label"] == 4
+    with pytest.raises(DataError, match="no field 'messages' or 'prompt'"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"question": "2+2?"}) + "\n")
+        load_tokenized(bad, tokenizer, "prompts", 64)
+    assert load_function("tests.reward_fns:label_length")([""], [""], ["abc"]) == [3.0]
+
+
+# --------------------------------------------------------------------------- the reward actors
+class _Recorder(BaseHTTPRequestHandler):
+    """A reward endpoint speaking OpenRLHF's /get_reward: records each body, answers 1.0 per query."""
+
+    bodies: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Recorder.bodies.append(body)
+        out = json.dumps({"rewards": [1.0] * len(body["query"])}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _samples(tokenizer, rows):
+    """Engine-shaped samples, two per prompt, with a short response each."""
+    out = []
+    for i, row in enumerate(rows):
+        for text in ("5", "I think 17"):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            out.append({"prompt_index": i, "prompt_ids": row["prompt_ids"], "response_ids": ids})
+    return out
+
+
+@pytest.mark.ray
+def test_reward_sources_sum_models_functions_and_endpoints(ray_cluster, builtin_assets, tokenizer, endpoint):
+    from actors.group import ActorGroup
+    from actors.scorers import RewardModel, RewardSources
+    from rlhf_cluster.lib.config import GroupResources
+    from rlhf_cluster.rl.rollout import reward_context
+
+    rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label", require_label=True)
+    rows = rows[:3]
+    samples, context = _samples(tokenizer, rows), reward_context(rows)
+    res = GroupResources(num_cpus_per_rank=0.25)
+    sources = [{"name": "len", "fn": "tests.reward_fns:label_length", "weight": 2.0},
+               {"name": "sum", "fn": "tests.reward_fns:prompt_and_label", "weight": 1.0},
+               {"name": "rm", "model": str(builtin_assets.reward_base), "weight": 0.5},
+               {"name": "remote", "url": endpoint, "weight": 0.25}]
+    group = ActorGroup(RewardSources, res, sources, str(builtin_assets.base), name="reward-sources")
+    rm = ActorGroup(RewardModel, res, str(builtin_assets.reward_base), name="reward-model")
+    try:
+        _Recorder.bodies.clear()
+        got = ray.get(group.actors[0].score_samples.remote(samples, context))
+        rm_scores = ray.get(rm.actors[0].score_samples.remote(samples))
+        # label "5" (1 char) / "17" / "8": 2 x len + 1 (a+b == label) + 0.5 x rm + 0.25 x 1.0 (the endpoint)
+        lengths = [1, 1, 2, 2, 1, 1]
+        want = [2 * n + 1.0 + 0.5 * r + 0.25 for n, r in zip(lengths, rm_scores)]
+        assert got == pytest.approx(want, abs=1e-5)
+        # the endpoint got each sample's rendered prompt and its label, as OpenRLHF's protocol defines
+        body = _Recorder.bodies[-1]
+        assert body["labels"] == ["5", "5", "17", "17", "8", "8"]
+        assert body["prompts"][2] == tokenizer.decode(rows[1]["prompt_ids"], skip_special_tokens=False)
+        assert body["query"][2].startswith(body["prompts"][2]) and len(body["query"]) == 6
+    finally:
+        group.shutdown()
+        rm.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("fn,message", [
+    ("raises", r"reward function 'f' \(tests.reward_fns:raises\) raised ValueError: the verifier is broken"),
+    ("nan", r"returned non-finite values at 2 of 2 responses \(first: nan at 0\)"),
+    ("hangs", r"did not return within 1 s"),
+])
+def test_a_failing_function_is_a_clear_error_and_the_actor_lives_on(ray_cluster, builtin_assets, tokenizer, fn,
+                                                                     message):
+    from actors.group import ActorGroup
+    from actors.scorers import RewardFunctionError, RewardSources
+    from rlhf_cluster.lib.config import GroupResources
+    from rlhf_cluster.rl.rollout import reward_context
+
+    rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label")
+    samples, context = _samples(tokenizer, rows[:1]), reward_context(rows[:1])
+    sources = [{"name": "f", "fn": f"tests.reward_fns:{fn}", "timeout_s": 1.0}]
+    group = ActorGroup(RewardSources, GroupResources(num_cpus_per_rank=0.25), sources, str(builtin_assets.base),
+                       name=f"reward-{fn}")
+    try:
+        with pytest.raises(RewardFunctionError, match=message):
+            ray.get(group.actors[0].score_samples.remote(samples, context))
+        assert group.run("ping") == [0]  # the actor is alive and answers (a hung call keeps only its thread)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.ray
+def test_a_run_skips_the_iteration_a_function_fails_and_goes_on(ray_cluster, builtin_assets, tmp_path):
+    """PPO (GRPO) on labelled prompts with a function reward: the iteration whose reward call fails is
+    skipped and counted, the run keeps its state and finishes; the labels reached the function."""
+    from rlhf_cluster.ppo import run
+    from tests.reward_fns import CALLS
+
+    CALLS.unlink(missing_ok=True)
+    out = tmp_path / "fn-run"
+    cfg = load_config(PPOConfig, None, [
+        f"policy.path={builtin_assets.base}", f"output_dir={out}", f"registry={out / 'registry'}",
+        f"data.train={MATH}", f"data.eval={MATH}", "estimator=grpo", "rollout.samples_per_prompt=2",
+        "rollout.max_new_tokens=8", "prompts_per_iteration=4", "iterations=3", "eval_every=3", "checkpoint_every=1",
+        "trainer.num_ranks=1", "ray.num_cpus=4",
+        "rewards=[{name: short, fn: 'tests.reward_fns:fails_on_second_batch'}]"])
+    lines: list[str] = []
+    summary = run(cfg, log=lines.append)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after iteration 0
+    assert [bool(r.get("skipped")) for r in rows] == [False, True, False]
+    assert "reward function 'short' (tests.reward_fns:fails_on_second_batch) raised RuntimeError: second batch fails" \
+        in rows[1]["skip_reason"]
+    assert summary["iterations"] == 3 and summary["faults"]["reward_errors"] == 1
+    assert any("7 samples kept, skipped 1 missing_label" in line for line in lines)  # the unlabelled prompt
+    assert 0.0 < rows[0]["reward/rm_score"] <= 1.0  # the function's 1 - length / 100
