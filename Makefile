@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system run test test-fast bench results results-quick lint clean distclean
+.PHONY: install system run test test-fast bench results results-quick gpu-check lint clean distclean
 
 install: $(STAMP) system
 
@@ -34,6 +34,11 @@ run: install
 
 test: install
 	$(PY) -m pytest
+
+# The prepared GPU check (scripts/gpu_check.py) with the Python environment at hand (a GPU machine needs
+# torch with CUDA, vllm, deepspeed, ray installed: `pip install -e '.[gpu]'`); writes bench/results/gpu_check.json.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py --out bench/results/gpu_check.json
 
 test-fast: install
 	$(PY) -m pytest -m "not ray and not vllm and not slow"

@@ -163,7 +163,7 @@ class RemoteRewardModel(Worker):
             extra = {}
             if prompts is not None:
                 extra["prompts"] = [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts[chunk]]
-            if labels is not None:
+            if labels is not None and any(x is not None for x in labels):  # unlabelled data sends none
                 extra["labels"] = labels[chunk]
             out += self._post([self.tokenizer.decode(s, skip_special_tokens=False) for s in sequences[chunk]], extra)
         return out

@@ -47,7 +47,7 @@ from rlhf_cluster.lib.overoptimisation import overoptimising
 from rlhf_cluster.rl.batch import trainer_item, unpadded
 from rlhf_cluster.rl.checkpoints import CheckpointStore, PoisonedState, latest_checkpoint
 from rlhf_cluster.rl.evaluation import HeldOutEval
-from rlhf_cluster.rl.groups import RLGroups
+from rlhf_cluster.rl.groups import RLGroups, plan_memory
 from rlhf_cluster.rl.learner import Learner
 from rlhf_cluster.rl.rollout import PromptOrder, RolloutProducer, load_prompt_splits
 from rlhf_cluster.rl.scoring import score_batch
@@ -505,6 +505,7 @@ def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
     scorer = (" + ".join(f"{r.weight:g} x {r.name} ({r.model or r.fn or r.url})" for r in cfg.rewards) if cfg.rewards
               else f"{cfg.reward_service.url} (reward service)" if cfg.reward_service else reward_path)
     log(f"policy: {policy_path}\nreward model: {scorer}\noutput: {Path(cfg.output_dir).resolve()}")
+    plan_memory(cfg, policy_path, reward_path, with_critic=cfg.estimator == "gae", log=log)
     ckpt = latest_checkpoint(Path(cfg.output_dir).resolve()) if resume else None
     if resume and ckpt is None:
         log("no complete checkpoint to resume from; starting from the beginning")

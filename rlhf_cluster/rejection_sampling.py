@@ -30,7 +30,7 @@ from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig
 from rlhf_cluster.ppo import resolve_models
 from rlhf_cluster.rl.batch import trainer_item
 from rlhf_cluster.rl.evaluation import HeldOutEval
-from rlhf_cluster.rl.groups import RLGroups
+from rlhf_cluster.rl.groups import RLGroups, plan_memory
 from rlhf_cluster.rl.rollout import PromptOrder, RolloutProducer, load_prompt_splits
 from rlhf_cluster.rl.weights import WeightSync
 
@@ -217,6 +217,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
     scaffold.connect(cfg, log_to_driver=False, check=lambda cpus, gpus: check_round_resources(cfg, cpus, gpus),
                      log=log)
     policy_path, reward_path = resolve_models(cfg, log)
+    plan_memory(cfg, policy_path, reward_path, with_critic="ppo" in cfg.rounds and cfg.estimator == "gae", log=log)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_name = run_name or out.name

@@ -141,7 +141,8 @@ class RolloutConfig(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(32, ge=1)
     max_model_len: int = Field(256, ge=8)
-    kv_cache_gib: float = Field(1.0, gt=0.0)
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # CPU: vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # GPU: the share of its device vLLM preallocates
     # trainer -> engine weight sync: Ray object store (CPU and anywhere), or vLLM's GPU transports:
     # NCCL broadcast, CUDA IPC when trainer and engines share GPUs (colocate.all)
     weight_transport: Literal["object_store", "nccl", "ipc"] = "object_store"
@@ -164,6 +165,7 @@ class RayConfig(Strict):
     address: str | None = None
     num_cpus: float | None = Field(None, gt=0)  # logical CPUs of a locally started cluster
     num_gpus: float | None = Field(None, ge=0)
+    gpu_memory_gib: float | None = Field(None, gt=0)  # each GPU's memory, for the memory plan (null: this machine's)
 
 
 class JobConfig(Strict):

@@ -36,6 +36,7 @@ def make_vllm(model_dir: str, cfg: RolloutConfig, seed: int = 0, dtype: str = "f
         tensor_parallel_size=cfg.tensor_parallel_size,
         enforce_eager=True,
         seed=seed,
+        **({"gpu_memory_utilization": cfg.gpu_memory_utilization} if cfg.num_gpus_per_engine else {}),
         **extra,
     )
 

@@ -100,3 +100,32 @@ class RLGroups:
             g.shutdown()
         for pg in self.shared_pgs:
             remove_placement_group(pg)
+
+
+def plan_memory(cfg: PPOConfig, policy_path: str, reward_path: str | None, with_critic: bool, log=print) -> None:
+    """The memory plan of the groups RLGroups would start (rlhf_cluster/lib/memory.py), printed; a layout
+    that cannot fit its devices is refused here, with the numbers, before any actor starts."""
+    import ray
+
+    from rlhf_cluster.lib.config import ConfigError
+    from rlhf_cluster.lib.memory import GIB, plan_ppo
+
+    res = ray.cluster_resources()
+    host = int(res.get("memory", 0) + res.get("object_store_memory", 0)) or None
+    device = int(cfg.ray.gpu_memory_gib * GIB) if cfg.ray.gpu_memory_gib else None
+    if device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_properties(0).total_memory
+    if cfg.rewards:
+        rewards = [r.model for r in cfg.rewards if r.model]
+    else:
+        rewards = [reward_path] if reward_path and not cfg.reward_service else []
+    critic = (reward_path or policy_path) if with_critic else None
+    plan = plan_ppo(cfg, policy_path, rewards, critic, host, device)
+    log(plan.table())
+    if plan.problems:
+        raise ConfigError("this layout does not fit its devices:\n  " + "\n  ".join(plan.problems)
+                          + "\n(fewer or smaller micro-batches, more ranks with zero_stage 3, offload, "
+                          "a smaller rollout.kv_cache_gib / gpu_memory_utilization, or no colocation)")

