@@ -10,6 +10,7 @@ import torch
 from actors.group import Worker
 from rlhf_cluster.lib.losses import token_logprobs
 from rlhf_cluster.lib.packing import micro_batch_rows, packed_batch, take
+from rlhf_cluster.lib.reward_functions import FunctionReward, RewardFunctionError
 
 
 def _sequences(samples: list[dict]) -> list[list[int]]:
@@ -173,54 +174,6 @@ class RemoteRewardModel(Worker):
         labels to the request."""
         labels = [context[s["prompt_index"]].get("label") for s in samples] if context else None
         return self.score(_sequences(samples), [s["prompt_ids"] for s in samples], labels)
-
-
-class RewardFunctionError(RuntimeError):
-    """A reward function raised, ran past its timeout, or returned something other than one finite float
-    per response. The coordinator skips the iteration and counts it (docs/reliability.md)."""
-
-
-class FunctionReward:
-    """A Python reward function (rlhf_cluster/lib/reward_functions.py), called batched with a timeout.
-
-    The call runs in a worker thread: past `timeout_s` the coordinator gets a RewardFunctionError, and a
-    fresh thread serves later calls (the stuck call cannot be stopped from Python; it is abandoned)."""
-
-    def __init__(self, name: str, spec: str, timeout_s: float):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from rlhf_cluster.lib.reward_functions import load_function
-
-        self.name, self.spec, self.timeout_s = name, spec, timeout_s
-        self.fn = load_function(spec)
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}")
-
-    def __call__(self, prompts: list[str], responses: list[str], labels: list) -> list[float]:
-        import math
-        from concurrent.futures import ThreadPoolExecutor
-        from concurrent.futures import TimeoutError as Timeout
-
-        who = f"reward function {self.name!r} ({self.spec})"
-        future = self.pool.submit(self.fn, prompts, responses, labels)
-        try:
-            out = future.result(timeout=self.timeout_s)
-        except Timeout:
-            self.pool.shutdown(wait=False)
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"reward-{self.name}")
-            raise RewardFunctionError(f"{who} did not return within {self.timeout_s:g} s") from None
-        except Exception as e:
-            raise RewardFunctionError(f"{who} raised {type(e).__name__}: {e}") from None
-        try:
-            values = [float(x) for x in out]
-        except (TypeError, ValueError):
-            raise RewardFunctionError(f"{who} must return a list of floats, returned {type(out).__name__}") from None
-        if len(values) != len(responses):
-            raise RewardFunctionError(f"{who} returned {len(values)} values for {len(responses)} responses")
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            raise RewardFunctionError(f"{who} returned non-finite values at {len(bad)} of {len(values)} "
-                                      f"responses (first: {values[bad[0]]} at {bad[0]})")
-        return values
 
 
 class RewardSources(Worker):

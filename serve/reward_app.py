@@ -4,6 +4,8 @@
                        -> {"scores": [...]} (+ "per_model" when several models; scores are their mean)
     POST /get_reward   OpenRLHF's remote RM protocol: {"query": [full text], "prompts", "labels"}
                        -> {"rewards": [...], "scores": sigmoid(rewards) in [0, 1], "extra_logs": {...}}
+                       With `functions:` in the app's args, reward functions (verifiers) score too: the
+                       response is each query after its prompt, and the function sees prompts and labels.
     GET  /healthz      loaded models and batching settings; 503 naming the problem when the last health
                        check failed (a served model no longer gives a finite score to the probe item)
 
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from rlhf_cluster.lib.data import DataError, encode_conversation
+from rlhf_cluster.lib.reward_functions import FunctionReward, RewardFunctionError
 from serve.common import TokenAuth, install_guards, load_token, require_token, unprocessable
 
 logger = logging.getLogger("ray.serve")
@@ -130,7 +133,11 @@ class RewardAppArgs(BaseModel):
     """Arguments of `app_builder` (the `args:` of the application in configs/serve.yaml)."""
 
     model_config = ConfigDict(extra="forbid")
-    models: dict[str, str] = {}          # name -> model directory; empty: the built-in reward model
+    models: dict[str, str] = {}          # name -> model directory; empty (and no functions): the built-in one
+    # name -> "package.module:function" (rlhf_cluster/lib/reward_functions.py): verifiers on /get_reward,
+    # called with the request's prompts, the responses (each query after its prompt) and its labels
+    functions: dict[str, str] = {}
+    function_timeout_s: float = Field(30.0, gt=0.0)
     registry: str | None = None          # redis://... or a directory; null: $REDIS_URL / default directory
     follow_registry: bool = True         # serve the registry's promoted reward checkpoint (first model's slot)
     max_batch_size: int = Field(16, ge=1, le=1024)
@@ -143,6 +150,14 @@ class RewardAppArgs(BaseModel):
     num_cpus: float = Field(1.0, gt=0.0)
     max_ongoing_requests: int = Field(64, ge=1)
     graceful_shutdown_timeout_s: float = Field(GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0.0)
+
+    @model_validator(mode="after")
+    def _functions_load(self) -> RewardAppArgs:
+        from rlhf_cluster.lib.reward_functions import load_function
+
+        for spec in self.functions.values():
+            load_function(spec)  # importable and callable, or the deploy fails saying which
+        return self
 
 
 @dataclass(frozen=True)
@@ -249,18 +264,20 @@ class RewardDeployment:
 
             self.registry = open_registry(args.registry)
         paths = dict(args.models)
-        if not paths:
+        if not paths and not args.functions:
             from rlhf_cluster.lib.builtin import ensure_builtin
 
             paths = {"reward": str(ensure_builtin(log=logger.info).reward_base)}
-        self.primary = next(iter(paths))
+        self.primary = next(iter(paths), None)  # None: functions only
+        self.functions = {name: FunctionReward(name, spec, args.function_timeout_s)
+                          for name, spec in args.functions.items()}
         self.models = {name: load_reward_model(name, path, args.max_tokens) for name, path in paths.items()}
         self._load_lock = asyncio.Lock()
         self._failed_ids: set[str] = set()
         self.unready: str | None = None  # why the last health check failed; /healthz reports it
         self.batches = self.largest_batch = 0
         self.swaps = 0
-        promoted = self.registry.serving("reward") if self.registry else None
+        promoted = self.registry.serving("reward") if self.registry and self.primary else None
         if promoted is not None:
             try:
                 self.models[self.primary] = self._load_entry(self.primary, promoted.model_dump())
@@ -320,7 +337,7 @@ class RewardDeployment:
         told) converges on the promoted checkpoint."""
         models = self.models
         try:
-            if not models:
+            if not models and not self.functions:
                 raise ValueError("no reward model is loaded")
             for rm in models.values():
                 await asyncio.to_thread(probe, rm)
@@ -329,7 +346,7 @@ class RewardDeployment:
             logger.error("health check failed: %s", self.unready)
             raise RuntimeError(self.unready) from None
         self.unready = None
-        if self.registry is None or self._load_lock.locked():
+        if self.registry is None or self.primary is None or self._load_lock.locked():
             return
         try:
             entry = await asyncio.to_thread(self.registry.serving, "reward")
@@ -384,26 +401,52 @@ class RewardDeployment:
     @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
               dependencies=[Depends(require_token)])
     async def score(self, body: ScoreRequest):
+        if not self.models:
+            raise unprocessable("this service hosts reward functions only "
+                                f"({', '.join(self.functions)}): score on /get_reward with prompts and labels")
         per_model = await self._score(encode_messages, [item.conversation() for item in body.items], "items")
         scores = [sum(s) / len(s) for s in zip(*per_model.values())]
         return ScoreResponse(scores=scores, per_model=per_model if len(per_model) > 1 else None)
 
     @app.post("/get_reward", response_model=GetRewardResponse, dependencies=[Depends(require_token)])
     async def get_reward(self, body: GetRewardRequest):
-        per_model = await self._score(encode_query, body.query, "query")
-        rewards = [sum(s) / len(s) for s in zip(*per_model.values())]
-        extra = {f"rm_{name}": s for name, s in per_model.items()} if len(per_model) > 1 else {}
+        per_source = {f"rm_{name}": s for name, s in (await self._score(encode_query, body.query, "query")).items()
+                      } if self.models else {}
+        if self.functions:
+            per_source |= await self._functions(body)
+        rewards = [sum(s) / len(s) for s in zip(*per_source.values())]
+        extra = per_source if len(per_source) > 1 else {}
         return GetRewardResponse(rewards=rewards, scores=[1 / (1 + math.exp(-r)) for r in rewards],
                                  extra_logs=extra)
+
+    async def _functions(self, body: GetRewardRequest) -> dict[str, list[float]]:
+        """Every reward function on the request: responses are the queries after their prompts."""
+        if body.prompts is None:
+            raise unprocessable(f"the reward functions ({', '.join(self.functions)}) need 'prompts' (each query's "
+                                "prompt part), and 'labels' where they read them", ["prompts"])
+        for i, (query, prompt) in enumerate(zip(body.query, body.prompts)):
+            if not query.startswith(prompt):
+                raise unprocessable("does not start with its prompt (prompts[i])", ["query", i])
+        responses = [q[len(p):] for q, p in zip(body.query, body.prompts)]
+        labels = body.labels if body.labels is not None else [None] * len(body.query)
+        out = {}
+        for name, fn in self.functions.items():
+            try:
+                out[f"fn_{name}"] = await asyncio.to_thread(fn, body.prompts, responses, labels)
+            except RewardFunctionError as e:  # the request made the verifier fail: the client's to see
+                raise unprocessable(str(e)) from None
+        return out
 
     @app.get("/healthz")
     async def healthz(self):
         models = self.models
-        if not models or self.unready:  # the last health check (at most health_check_period_s ago) failed
+        # the last health check (at most health_check_period_s ago) failed
+        if (not models and not self.functions) or self.unready:
             return JSONResponse({"status": "unavailable", "error": self.unready or "no reward model is loaded"},
                                 status_code=503)
         return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id,
-                "models": {n: rm.info() for n, rm in models.items()}, "swaps": self.swaps,
+                "models": {n: rm.info() for n, rm in models.items()}, "functions": self.args.functions,
+                "swaps": self.swaps,
                 "batching": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
                              "batches": self.batches, "largest_batch": self.largest_batch}}
 

@@ -24,6 +24,7 @@ def test_exact_match_reads_the_final_answer():
     labels = ["42", "0.5", 4, "1000", "1", 3, "paris", "8", "8"]
     labels[7] = "7"  # "7, not 8": the last number is the answer
     assert exact_match([""] * 9, responses, labels) == [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert final_answer("The answer is 5<|end|>") == "5" and final_answer("x = 3</s>") == "3"
     assert final_answer("nothing here") is None and normalise("1,000.") == "1000" == normalise(1000.0)
     assert normalise(" Paris ") == "paris" and normalise("4/2") == normalise("2")
 
@@ -150,8 +151,9 @@ def test_reward_sources_sum_models_functions_and_endpoints(ray_cluster, builtin_
 def test_a_failing_function_is_a_clear_error_and_the_actor_lives_on(ray_cluster, builtin_assets, tokenizer, fn,
                                                                      message):
     from actors.group import ActorGroup
-    from actors.scorers import RewardFunctionError, RewardSources
+    from actors.scorers import RewardSources
     from rlhf_cluster.lib.config import GroupResources
+    from rlhf_cluster.lib.reward_functions import RewardFunctionError
     from rlhf_cluster.rl.rollout import reward_context
 
     rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label")

@@ -34,6 +34,53 @@ def load_function(spec: str) -> Callable:
     return fn
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, ran past its timeout, or returned something other than one finite float
+    per response. The coordinator skips the iteration and counts it (docs/reliability.md)."""
+
+
+class FunctionReward:
+    """A reward function called batched with a timeout (the reward actors, the reward service).
+
+    The call runs in a worker thread: past `timeout_s` the coordinator gets a RewardFunctionError, and a
+    fresh thread serves later calls (the stuck call cannot be stopped from Python; it is abandoned)."""
+
+    def __init__(self, name: str, spec: str, timeout_s: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.name, self.spec, self.timeout_s = name, spec, timeout_s
+        self.fn = load_function(spec)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}")
+
+    def __call__(self, prompts: list[str], responses: list[str], labels: list) -> list[float]:
+        import math
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as Timeout
+
+        who = f"reward function {self.name!r} ({self.spec})"
+        future = self.pool.submit(self.fn, prompts, responses, labels)
+        try:
+            out = future.result(timeout=self.timeout_s)
+        except Timeout:
+            self.pool.shutdown(wait=False)
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"reward-{self.name}")
+            raise RewardFunctionError(f"{who} did not return within {self.timeout_s:g} s") from None
+        except Exception as e:
+            raise RewardFunctionError(f"{who} raised {type(e).__name__}: {e}") from None
+        try:
+            values = [float(x) for x in out]
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"{who} must return a list of floats, returned {type(out).__name__}") from None
+        if len(values) != len(responses):
+            raise RewardFunctionError(f"{who} returned {len(values)} values for {len(responses)} responses")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise RewardFunctionError(f"{who} returned non-finite values at {len(bad)} of {len(values)} "
+                                      f"responses (first: {values[bad[0]]} at {bad[0]})")
+        return values
+
+
+_MARKUP = re.compile(r"<[^<>\s]*>")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _STATED = re.compile(r"(?:answer(?: is)?|####)\s*[:=]?\s*([^\n]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -41,7 +88,9 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 def final_answer(response: str) -> str | None:
     """The answer a response gives: the last \\boxed{...}, else what follows the last "answer (is)" or
-    "####", else its last number; None when there is none."""
+    "####", else its last number; None when there is none. Special-token markup (`<|eot|>`, `</s>`) is
+    dropped first: a served verifier sees responses decoded with it."""
+    response = _MARKUP.sub("", response)
     for pattern in (_BOXED, _STATED):
         found = pattern.findall(response)
         if found:

@@ -24,7 +24,7 @@ class HeldOutEval:
     def _kl_and_scores(self, samples: list[dict], prompts: list[dict]) -> tuple[list[float], list[float]]:
         """KL to the reference and reward of each sample; the rewards are NaN (and the error logged) when a
         reward function fails: an evaluation reports, it does not stop the run."""
-        from actors.scorers import RewardFunctionError
+        from rlhf_cluster.lib.reward_functions import RewardFunctionError
 
         seqs = [trainer_item(s)["input_ids"] for s in samples]
         try:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ray.exceptions import RayActorError
 
-from actors.scorers import RewardFunctionError
 from rlhf_cluster.lib.config import PPOConfig
+from rlhf_cluster.lib.reward_functions import RewardFunctionError
 from rlhf_cluster.rl.weights import WeightSync, short
 
 
