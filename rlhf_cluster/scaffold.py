@@ -68,17 +68,28 @@ def main(name: str, config_cls: type[JobConfig], run: Callable, argv: list[str] 
 
     `add_flags` adds the job's own flags (e.g. PPO's --resume); their values reach `run` as keywords.
     """
-    ap = argparse.ArgumentParser(prog=f"python -m rlhf_cluster.{name}", description=description)
+    from rlhf_cluster.lib.config import keys_help
+
+    ap = argparse.ArgumentParser(prog=f"python -m rlhf_cluster.{name}", description=description,
+                                 epilog=keys_help(config_cls), formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = f" (default: {default_config.name})" if default_config else "; keys not given take their defaults"
     ap.add_argument("--config", default=str(default_config) if default_config else None,
                     help=f"YAML config (see configs/){shown}")
     if add_flags:
         add_flags(ap)
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (file, overrides and defaults) as YAML and exit")
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.zero_stage=2")
     args = vars(ap.parse_args(argv))
-    path, overrides = args.pop("config"), args.pop("overrides")
+    path, overrides, print_config = args.pop("config"), args.pop("overrides"), args.pop("print_config")
     try:
-        return run(load_config(config_cls, path, overrides), **args)
+        cfg = load_config(config_cls, path, overrides)
+        if print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+            return cfg
+        return run(cfg, **args)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None

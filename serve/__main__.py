@@ -43,6 +43,16 @@ def main(argv: list[str] | None = None) -> None:
     deploy(cfg, http_port=args.port)
     port = args.port or (cfg.http_options.port if cfg.http_options else 8000)
     print(f"serving on http://127.0.0.1:{port}  (/v1/score, /get_reward, /v1/checkpoints, /docs); Ctrl-C stops")
+    import httpx
+
+    for app in cfg.applications:  # say what each reward app scores with (its /healthz "source")
+        if app.import_path.startswith("serve.reward_app"):
+            route = (app.route_prefix or "/").rstrip("/")
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}{route}/healthz", timeout=30).json()
+                print(f"{app.name}: serving {health.get('source', '?')}")
+            except (httpx.HTTPError, ValueError) as e:
+                print(f"{app.name}: /healthz did not answer ({e})")
     try:
         while True:
             time.sleep(3600)

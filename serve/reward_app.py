@@ -248,6 +248,23 @@ _limits = {"max_body_bytes": 1 << 20}  # per replica process; set from the app's
 install_guards(app, _limits)
 
 
+def default_model(builtin=None) -> tuple[dict[str, str], str]:
+    """What a service given no models serves (before the registry's promoted checkpoint, which replaces it
+    when there is one): the trained built-in reward model if it was trained, else the untrained reward_base."""
+    from rlhf_cluster.lib.builtin import cache_root, ensure_builtin
+    from rlhf_cluster.lib.config import BuiltinConfig
+
+    builtin = builtin or BuiltinConfig()
+    trained = cache_root(builtin) / "reward" / "model"
+    if (trained / "config.json").exists():
+        return {"reward": str(trained)}, f"the trained built-in reward model {trained}"
+    base = ensure_builtin(builtin, log=logger.info).reward_base
+    logger.warning("no trained built-in reward model (python -m rlhf_cluster.reward trains it): its scores mean "
+                   "nothing until one is promoted or given in the app's args")
+    return {"reward": str(base)}, (f"the UNTRAINED built-in reward_base {base} "
+                                   "(train one: python -m rlhf_cluster.reward)")
+
+
 @serve.deployment(name="RewardModel", max_ongoing_requests=64, health_check_period_s=5, health_check_timeout_s=30,
                   graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_TIMEOUT_S)
 @serve.ingress(app)
@@ -263,11 +280,9 @@ class RewardDeployment:
             from rlhf_cluster.lib.registry import open_registry
 
             self.registry = open_registry(args.registry)
-        paths = dict(args.models)
+        paths, self.source = dict(args.models), "the models in the app's args"
         if not paths and not args.functions:
-            from rlhf_cluster.lib.builtin import ensure_builtin
-
-            paths = {"reward": str(ensure_builtin(log=logger.info).reward_base)}
+            paths, self.source = default_model()
         self.primary = next(iter(paths), None)  # None: functions only
         self.functions = {name: FunctionReward(name, spec, args.function_timeout_s)
                           for name, spec in args.functions.items()}
@@ -281,10 +296,12 @@ class RewardDeployment:
         if promoted is not None:
             try:
                 self.models[self.primary] = self._load_entry(self.primary, promoted.model_dump())
+                self.source = f"the registry's promoted reward checkpoint {promoted.id}"
             except Exception as e:  # the models from args keep serving
                 self._failed_ids.add(promoted.id)
                 logger.error("not serving promoted checkpoint %s: %s", promoted.id, e)
         self._set_batching(args.max_batch_size, args.batch_wait_timeout_s)
+        logger.info("reward service: serving %s", self.source)
 
     # ------------------------------------------------------------------ configuration and hot swap
     def _set_batching(self, max_batch_size: int, wait_s: float) -> None:
@@ -445,7 +462,8 @@ class RewardDeployment:
             return JSONResponse({"status": "unavailable", "error": self.unready or "no reward model is loaded"},
                                 status_code=503)
         return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id,
-                "models": {n: rm.info() for n, rm in models.items()}, "functions": self.args.functions,
+                "models": {n: rm.info() for n, rm in models.items()}, "source": self.source,
+                "functions": self.args.functions,
                 "swaps": self.swaps,
                 "batching": {"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
                              "batches": self.batches, "largest_batch": self.largest_batch}}

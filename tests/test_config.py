@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from rlhf_cluster.lib.config import (
@@ -176,3 +177,42 @@ def test_this_machines_auto_precision():
     fixed = SFTConfig()  # elsewhere fp32 unless asked: the built-in models are the same on every machine
     fixed.resolve_precision(flags)
     assert fixed.model.dtype == "float32"
+
+
+JOB_CONFIGS = ["SFTConfig", "RewardConfig", "DPOConfig", "EvalConfig", "PPOConfig", "RSConfig", "PipelineConfig",
+               "ResultsConfig"]
+
+
+@pytest.mark.parametrize("name", JOB_CONFIGS)
+def test_every_config_key_is_documented(name):
+    """--help lists every key of every job with its type, default and description (the field's docstring,
+    or its base class's): a key added without one fails here."""
+    from rlhf_cluster.lib import config as C
+
+    cls = getattr(C, name)
+    rows = C.config_keys(cls, cls())
+    assert rows and [k for k, _, _, text in rows if not text] == []
+    keys = [k for k, *_ in rows]
+    assert len(keys) == len(set(keys))
+
+
+def test_help_lists_keys_print_config_resolves_and_typos_get_a_suggestion(capsys):
+    from rlhf_cluster import ppo
+    from rlhf_cluster.lib.config import keys_help
+
+    with pytest.raises(SystemExit) as exit_:
+        ppo.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.endswith(keys_help(PPOConfig) + "\n")
+    assert "  trainer.max_tokens_per_micro_batch" in out and "PPO's trainer" not in out
+    line = next(x for x in out.splitlines() if x.strip().startswith("trainer.optim.lr "))
+    assert "float [1e-05]" in line  # the job's own default for its section, not OptimConfig's 1e-4
+    cfg = ppo.main(["--print-config", "trainer.zero_stage=2", "rollout.temperature=0.7"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["zero_stage"] == 2 == cfg.trainer.zero_stage and printed["rollout"]["temperature"] == 0.7
+    assert printed["trainer"]["max_tokens_per_micro_batch"] == 1536  # from the default file, tiny-cpu.yaml
+    with pytest.raises(ConfigError, match=r"trainer\.zero_stag: unknown key \(did you mean trainer\.zero_stage\?\)"):
+        load_config(PPOConfig, None, ["trainer.zero_stag=2"])
+    with pytest.raises(ConfigError, match=r"kl_coeff: unknown key \(did you mean kl_coef\?\)"):
+        load_config(PPOConfig, None, ["kl_coeff=0.1"])

@@ -193,3 +193,31 @@ def test_a_run_skips_the_iteration_a_function_fails_and_goes_on(ray_cluster, bui
     assert summary["iterations"] == 3 and summary["faults"]["reward_errors"] == 1
     assert any("7 samples kept, skipped 1 missing_label" in line for line in lines)  # the unlabelled prompt
     assert 0.0 < rows[0]["reward/rm_score"] <= 1.0  # the function's 1 - length / 100
+
+
+# --------------------------------------------------------------------------- the arithmetic task's data
+def test_arithmetic_task_data(tmp_path, tokenizer):
+    from rlhf_cluster.lib import arithmetic
+
+    counts = arithmetic.build(tmp_path, seed=0)
+    splits = arithmetic.split_problems(0)
+    assert splits == arithmetic.split_problems(0) and splits != arithmetic.split_problems(1)  # seeded
+    questions = {name: {p["question"] for p in rows} for name, rows in splits.items()}
+    assert not (questions["train"] & questions["val"] or questions["train"] & questions["test"]
+                or questions["val"] & questions["test"])  # disjoint by problem
+    for name in ("val", "test"):
+        assert sorted({p["level"] for p in splits[name]}) == [1, 2, 3, 4] and len(splits[name]) == 48
+    # level 1 has 100 distinct problems: 12 + 12 held out, 76 to train; level 3 has 81: 57 to train
+    assert sum(p["level"] == 1 for p in splits["train"]) == 76 and sum(p["level"] == 3 for p in splits["train"]) == 57
+    assert counts["prompts_train.jsonl"] == len(splits["train"]) == 76 + 400 + 57 + 400
+    # the demonstrations are what the shipped verifier accepts, for every problem of every split
+    for rows in splits.values():
+        demos = [arithmetic.solution(p["question"], p["answer"]) for p in rows]
+        assert exact_match([p["question"] for p in rows], demos, [str(p["answer"]) for p in rows]) == [1.0] * len(rows)
+    assert arithmetic.solution("What is (6+7)*4?", 52) == "6+7 = 13, and 13*4 = 52. The answer is 52."
+    rows, report = load_tokenized(tmp_path / "prompts_test.jsonl", tokenizer, "prompts", 64, "error",
+                                  label_key="label", require_label=True)
+    assert len(rows) == 48 and rows[0]["label"] == str(splits["test"][0]["answer"])
+    sft = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
+    assert len(sft) + counts["sft_val.jsonl"] == counts["prompts_train.jsonl"]
+    assert {m["role"] for m in sft[0]["messages"]} == {"user", "assistant"}

@@ -31,7 +31,9 @@ service, second_rm, nan_rm = serve_fixtures.service, serve_fixtures.second_rm, s
 
 def test_scores_equal_the_model_called_directly(service, builtin_assets):
     c = service["client"]
-    assert c.get("/healthz").json()["models"]["rm"]["path"] == str(builtin_assets.reward_base)
+    health = c.get("/healthz").json()
+    assert health["models"]["rm"]["path"] == str(builtin_assets.reward_base)
+    assert health["source"] == "the models in the app's args"
     r = c.post("/v1/score", json=items(PAIRS))
     assert r.status_code == 200, r.text
     body = r.json()
@@ -484,3 +486,23 @@ def test_soak_mixed_traffic_no_5xx_bounded_memory(service, builtin_assets):
     assert not [s for s in statuses if s >= 500], statuses
     assert len(outcomes) == len(cases)  # every kind of request was sent
     assert sum(growth.values()) < SOAK_RSS_BOUND, report
+
+
+def test_a_service_given_no_models_serves_the_trained_reward_model(tmp_path):
+    """No models in the args: the trained built-in reward model if there is one, else the untrained base,
+    said as such (the registry's promoted checkpoint, when there is one, replaces either at start)."""
+    from rlhf_cluster.lib.builtin import cache_root
+    from rlhf_cluster.lib.config import BuiltinConfig
+    from serve.reward_app import default_model
+
+    cfg = BuiltinConfig(cache_dir=str(tmp_path))
+    root = cache_root(cfg)
+    for made in ("data/task.json", "models/base/config.json", "models/reward_base/config.json"):
+        (root / made).parent.mkdir(parents=True, exist_ok=True)
+        (root / made).write_text("{}")  # as if built: nothing is built here
+    paths, source = default_model(cfg)
+    assert paths == {"reward": str(root / "models" / "reward_base")} and source.startswith("the UNTRAINED")
+    (root / "reward" / "model").mkdir(parents=True)
+    (root / "reward" / "model" / "config.json").write_text("{}")
+    paths, source = default_model(cfg)
+    assert paths == {"reward": str(root / "reward" / "model")} and source.startswith("the trained built-in")

@@ -25,23 +25,29 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelSource(Strict):
     """Where a model comes from: a local HF directory, or the built-in one when null."""
 
     path: str | None = None
-    dtype: Literal["float32", "bfloat16"] | None = None  # null: the job's `precision` decides
+    """a local Hugging Face model directory; null: the built-in model of this role"""
+    dtype: Literal["float32", "bfloat16"] | None = None
+    """null: the job's `precision` decides"""
 
 
 class BuiltinConfig(Strict):
     """The embedded default: built-in task and locally built Llama models."""
 
     size: Literal["tiny", "small"] = "tiny"
+    """size of the locally built Llama models: tiny (0.9 M parameters) or small (~24 M)"""
     seed: int = 0
+    """seed of the built-in task's data and models"""
     label_noise: float = Field(0.1, ge=0.0, lt=0.5)
-    cache_dir: str | None = None  # default: $RLHF_CLUSTER_CACHE or ~/.cache/rlhf-cluster
+    """share of the built-in preference pairs whose label is flipped, as noisy human labels"""
+    cache_dir: str | None = None
+    """default: $RLHF_CLUSTER_CACHE or ~/.cache/rlhf-cluster"""
 
 
 class DataConfig(Strict):
@@ -52,13 +58,19 @@ class DataConfig(Strict):
     """
 
     train: str | None = None
+    """training file; null: the built-in task's"""
     eval: str | None = None
+    """validation file: measured during training, and what chooses (best checkpoint, promotion)"""
     test: str | None = None
+    """test file: reported only, never read to choose anything"""
     max_prompt_tokens: int = Field(64, gt=0)
+    """a prompt longer than this many tokens is a bad sample"""
     max_sequence_tokens: int = Field(128, gt=0)
+    """a prompt + response longer than this many tokens is a bad sample"""
     on_bad_sample: Literal["skip", "error"] = "skip"
-    # prompt records' label (a reference answer, unit tests: any JSON value), passed to reward functions
+    """skip: count bad samples in the load report; error: stop, naming file, record and field"""
     label_key: str = "label"
+    """prompt records' label (a reference answer, unit tests: any JSON value), passed to reward functions"""
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
@@ -71,9 +83,13 @@ class GroupResources(Strict):
     """How many ranks an actor group has and what each rank asks Ray for."""
 
     num_ranks: int = Field(1, ge=1)
+    """ranks (actors) of the group"""
     num_cpus_per_rank: float = Field(1.0, ge=0.0)
+    """CPUs each rank asks Ray for"""
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
+    """GPUs each rank asks Ray for (fractions share a GPU)"""
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy of the group's bundles"""
 
     def demand(self) -> tuple[float, float]:
         """(CPUs, GPUs) the whole group asks Ray for."""
@@ -84,42 +100,63 @@ class ScorerConfig(GroupResources):
     """A frozen scoring group (reference policy, reward model): ranks and micro-batching."""
 
     micro_batch_size: int = Field(16, ge=1)
-    max_tokens_per_micro_batch: int | None = Field(None, ge=2)  # set: packed rows, as TrainerConfig's
+    """sequences per forward pass (padded micro-batches)"""
+    max_tokens_per_micro_batch: int | None = Field(None, ge=2)
+    """set: packed rows, as TrainerConfig's"""
 
 
 class OptimConfig(Strict):
     """AdamW with Llama 2's defaults and a cosine schedule decaying to `min_lr_ratio` of peak."""
 
     lr: float = Field(1e-4, gt=0.0)
+    """peak learning rate"""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's betas"""
     eps: float = Field(1e-5, gt=0.0)
+    """AdamW's epsilon"""
     weight_decay: float = Field(0.1, ge=0.0)
+    """AdamW's decoupled weight decay"""
     grad_clip: float = Field(1.0, gt=0.0)
+    """clip of the global gradient norm"""
     warmup_steps: int = Field(0, ge=0)
+    """linear warm-up steps before the cosine decay"""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """the cosine schedule decays to this share of the peak learning rate"""
 
 
 class LoraConfig(Strict):
     enabled: bool = False
+    """train LoRA adapters only (peft); exports and weight syncs carry the merged weights"""
     rank: int = Field(8, ge=1)
+    """LoRA rank r"""
     alpha: float = Field(16.0, gt=0.0)
+    """LoRA alpha: the adapters' update is scaled by alpha / rank"""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """dropout on the adapters' input"""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """names of the linear modules that get adapters"""
 
 
 class TrainerConfig(GroupResources):
     """A DeepSpeed-trained actor group (policy, critic, SFT/RM/DPO workers)."""
 
     zero_stage: Literal[0, 1, 2, 3] = 3
+    """DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters"""
     offload: bool = False
+    """ZeRO-Offload: optimizer state (and with stage 3 the parameters) in host memory"""
     micro_batch_size: int = Field(8, ge=1)
-    # set: the RL trainers (policy, critic) pack items into rows and fill micro-batches up to this many
-    # tokens instead of padding `micro_batch_size` items (lib/packing.py); null: padded micro-batches.
-    # Same results either way (losses are weighted by tokens, not micro-batches); packed wastes no padding.
+    """sequences per forward/backward pass (padded micro-batches)"""
     max_tokens_per_micro_batch: int | None = Field(None, ge=2)
+    """set: the RL trainers (policy, critic) pack items into rows and fill micro-batches up to this many tokens
+    instead of padding `micro_batch_size` items (lib/packing.py); null: padded micro-batches. Same results
+    either way (losses are weighted by tokens, not micro-batches); packed wastes no padding.
+    """
     grad_accumulation: int = Field(1, ge=1)
+    """micro-batches per optimiser step in the SFT, RM and DPO stages (RL jobs step once per mini-batch)"""
     optim: OptimConfig = OptimConfig()
+    """optimiser and learning-rate schedule"""
     lora: LoraConfig = LoraConfig()
+    """LoRA adapters instead of full fine-tuning"""
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> TrainerConfig:
@@ -131,21 +168,34 @@ class TrainerConfig(GroupResources):
 class RolloutConfig(Strict):
     """Sampling engines (vLLM by default) and how they sample."""
 
-    engine: Literal["vllm", "hf"] = "vllm"  # hf: transformers generate (fallback / comparison)
+    engine: Literal["vllm", "hf"] = "vllm"
+    """hf: transformers generate (fallback / comparison)"""
     num_engines: int = Field(1, ge=1)
+    """sampling engines, one actor each"""
     tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs per engine (vLLM tensor parallelism)"""
     num_cpus_per_engine: float = Field(1.0, ge=0.0)
+    """CPUs each engine asks Ray for"""
     num_gpus_per_engine: float = Field(0.0, ge=0.0)
+    """GPUs each engine asks Ray for"""
     samples_per_prompt: int = Field(1, ge=1)
+    """responses sampled per prompt (a GRPO / RLOO group)"""
     temperature: float = Field(1.0, ge=0.0)
+    """sampling temperature (0: greedy)"""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """nucleus sampling's top-p"""
     max_new_tokens: int = Field(32, ge=1)
+    """the generation budget: at most this many response tokens"""
     max_model_len: int = Field(256, ge=8)
-    kv_cache_gib: float = Field(1.0, gt=0.0)  # CPU: vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)  # GPU: the share of its device vLLM preallocates
-    # trainer -> engine weight sync: Ray object store (CPU and anywhere), or vLLM's GPU transports:
-    # NCCL broadcast, CUDA IPC when trainer and engines share GPUs (colocate.all)
+    """the engine's context length, prompt + response"""
+    kv_cache_gib: float = Field(1.0, gt=0.0)
+    """CPU: vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE, whole GiB)"""
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """GPU: the share of its device vLLM preallocates"""
     weight_transport: Literal["object_store", "nccl", "ipc"] = "object_store"
+    """trainer -> engine weight sync: Ray object store (CPU and anywhere), or vLLM's GPU transports: NCCL
+    broadcast, CUDA IPC when trainer and engines share GPUs (colocate.all)
+    """
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> RolloutConfig:
@@ -163,23 +213,32 @@ class RayConfig(Strict):
     """address null: join the cluster of RAY_ADDRESS (as under `ray job submit`) or start a local one."""
 
     address: str | None = None
-    num_cpus: float | None = Field(None, gt=0)  # logical CPUs of a locally started cluster
+    """a cluster to join (host:port or ray://...); null: $RAY_ADDRESS, or a local cluster"""
+    num_cpus: float | None = Field(None, gt=0)
+    """logical CPUs of a locally started cluster"""
     num_gpus: float | None = Field(None, ge=0)
-    gpu_memory_gib: float | None = Field(None, gt=0)  # each GPU's memory, for the memory plan (null: this machine's)
+    """GPUs of a locally started cluster; null: what torch sees"""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """each GPU's memory, for the memory plan (null: this machine's)"""
 
 
 class JobConfig(Strict):
     """What every job has: a seed, an output directory, a cluster and the built-in fallback."""
 
     seed: int = 0
+    """seed of everything the job draws: data order, sampling, initialisation"""
     output_dir: str = "runs/job"
+    """where the job writes its run: metrics, checkpoints, report, summary"""
     ray: RayConfig = RayConfig()
+    """the Ray cluster to run on"""
     builtin: BuiltinConfig = BuiltinConfig()
-    # the dtype of every model whose own `dtype` is null (rlhf_cluster/lib/precision.py): auto = bf16 on
-    # GPUs and on CPUs with bf16 units, fp32 elsewhere (configs/tiny-cpu.yaml, what `make run` runs, says
-    # auto); the run's first line says what was chosen and why. fp32 by default, so the built-in models and
-    # the figures measured in fp32 stay what they are on every machine
+    """the built-in task and models, used where data or model paths are null"""
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    """the dtype of every model whose own `dtype` is null (rlhf_cluster/lib/precision.py): auto = bf16 on GPUs
+    and on CPUs with bf16 units, fp32 elsewhere (configs/tiny-cpu.yaml, what `make run` runs, says auto); the
+    run's first line says what was chosen and why. fp32 by default, so the built-in models and the figures
+    measured in fp32 stay what they are on every machine
+    """
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         """name -> (cpus, gpus) this job will ask Ray for; checked against the cluster."""
@@ -205,13 +264,20 @@ class JobConfig(Strict):
 class StageConfig(JobConfig):
     """What the Ray Train stages (SFT, reward model, DPO) share: evaluation, checkpoints, retries."""
 
-    eval_every: int = Field(20, ge=1)  # optimizer steps between held-out evaluations
-    checkpoint_every: int = Field(20, ge=1)  # optimizer steps between Ray Train checkpoints
+    eval_every: int = Field(20, ge=1)
+    """optimizer steps between held-out evaluations"""
+    checkpoint_every: int = Field(20, ge=1)
+    """optimizer steps between Ray Train checkpoints"""
     keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(2, ge=0)  # worker-group restarts (from the last checkpoint) before giving up
+    """Ray Train checkpoints kept"""
+    max_failures: int = Field(2, ge=0)
+    """worker-group restarts (from the last checkpoint) before giving up"""
     model: ModelSource = ModelSource()
+    """the model this stage starts from"""
     data: DataConfig = DataConfig()
+    """training and validation data"""
     trainer: TrainerConfig = TrainerConfig()
+    """the DeepSpeed worker group"""
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         return {"trainer": self.trainer.demand()}
@@ -221,52 +287,77 @@ class SFTConfig(StageConfig):
     output_dir: str = "runs/sft"
     trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=1e-3, warmup_steps=10))
     epochs: int = Field(2, ge=1)
+    """passes over the training data"""
     packing: bool = False
-    gold_eval: bool = True  # sample held-out prompts with vLLM and gold-score them (built-in task only)
+    """pack samples into rows of data.max_sequence_tokens (block-diagonal attention, no padding)"""
+    gold_eval: bool = True
+    """sample held-out prompts with vLLM and gold-score them (built-in task only)"""
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
+    """sampling for the gold evaluation of the trained policy"""
 
 
 class RewardConfig(StageConfig):
     output_dir: str = "runs/reward"
     trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=5e-4, warmup_steps=10))
     epochs: int = Field(2, ge=1)
+    """passes over the preference pairs"""
     loss: Literal["bradley_terry", "margin", "ranking"] = "bradley_terry"
-    margins: dict[str, float] = {  # Llama 2's margin per preference strength
+    """bradley_terry: -log sigmoid(r_chosen - r_rejected); margin: Llama 2's margin by preference strength;
+    ranking: chosen above every other response
+    """
+    margins: dict[str, float] = {
         "significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3, "negligibly_better": 0.0,
     }
+    """Llama 2's margin per preference strength"""
     aspect: Literal["overall", "helpfulness", "safety"] = "overall"
-    builtin_init: Literal["sft", "reward_base"] = "reward_base"  # model.path null: start from this built-in model
+    """which preference labels train it: overall, or one aspect (Llama 2 trains helpfulness and safety apart)"""
+    builtin_init: Literal["sft", "reward_base"] = "reward_base"
+    """model.path null: start from this built-in model"""
 
 
 class DPOConfig(StageConfig):
     output_dir: str = "runs/dpo"
     trainer: TrainerConfig = TrainerConfig(optim=OptimConfig(lr=1e-4))
     epochs: int = Field(1, ge=1)
+    """passes over the preference pairs"""
     beta: float = Field(0.1, gt=0.0)
+    """DPO's beta: strength of the implicit KL constraint to the reference"""
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
-    nll_coef: float = Field(0.0, ge=0.0)  # + nll_coef x length-normalised NLL of chosen (RPO; Llama 3: 0.2)
+    """sigmoid: DPO; ipo: IPO's squared loss"""
+    nll_coef: float = Field(0.0, ge=0.0)
+    """+ nll_coef x length-normalised NLL of chosen (RPO; Llama 3: 0.2)"""
     gold_eval: bool = True
+    """sample held-out prompts with vLLM and gold-score them (built-in task only)"""
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
+    """sampling for the gold evaluation"""
 
 
 class EvalConfig(JobConfig):
     """`python -m rlhf_cluster.evaluate`: gold-score one policy's samples on held-out prompts (no Ray)."""
 
     output_dir: str = "runs/evaluate"
-    model: ModelSource = ModelSource()  # path null: the built-in base policy
-    prompts: str | None = None  # a prompts file; null: the built-in held-out prompts
+    model: ModelSource = ModelSource()
+    """path null: the built-in base policy"""
+    prompts: str | None = None
+    """a prompts file; null: the built-in held-out prompts"""
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, max_new_tokens=32)
+    """how the policy samples"""
 
 
 class RewardServiceConfig(Strict):
     """A remote reward service in the reward slot (OpenRLHF's POST /get_reward protocol; this
     project's reward app speaks it): scores come over HTTP instead of from a local reward group."""
 
-    url: str  # e.g. http://reward.svc:8000/reward (the app's route prefix included)
-    token_env: str = "RLHF_REWARD_TOKEN"  # the driver's environment variable holding the bearer token
-    batch_size: int = Field(64, ge=1, le=512)  # queries per request (the app accepts at most 512)
+    url: str
+    """e.g. http://reward.svc:8000/reward (the app's route prefix included)"""
+    token_env: str = "RLHF_REWARD_TOKEN"
+    """the driver's environment variable holding the bearer token"""
+    batch_size: int = Field(64, ge=1, le=512)
+    """queries per request (the app accepts at most 512)"""
     timeout_s: float = Field(60.0, gt=0.0)
+    """per request"""
     retries: int = Field(5, ge=0)
+    """retries of a failed request (connection errors, 5xx, 429), with backoff"""
 
     @model_validator(mode="after")
     def _http(self) -> RewardServiceConfig:
@@ -280,14 +371,23 @@ class RewardSource(Strict):
     a remote endpoint; the reward is the weighted sum of the terms."""
 
     name: str
-    model: str | None = None  # a reward model directory (sequence classification, one output)
-    fn: str | None = None  # "package.module:function": (prompts, responses, labels) -> list[float]
-    url: str | None = None  # a reward service speaking OpenRLHF's POST /get_reward (query, prompts, labels)
+    """the source's name in metrics and messages"""
+    model: str | None = None
+    """a reward model directory (sequence classification, one output)"""
+    fn: str | None = None
+    """"package.module:function": (prompts, responses, labels) -> list[float]"""
+    url: str | None = None
+    """a reward service speaking OpenRLHF's POST /get_reward (query, prompts, labels)"""
     weight: float = 1.0
-    timeout_s: float = Field(60.0, gt=0.0)  # per call of a function or request to a url
-    needs_label: bool = True  # fn: a prompt without a label is a bad sample (data.on_bad_sample)
-    token_env: str = "RLHF_REWARD_TOKEN"  # url: the driver's environment variable holding the bearer token
-    batch_size: int = Field(64, ge=1, le=512)  # url: queries per request
+    """its weight in the sum"""
+    timeout_s: float = Field(60.0, gt=0.0)
+    """per call of a function or request to a url"""
+    needs_label: bool = True
+    """fn: a prompt without a label is a bad sample (data.on_bad_sample)"""
+    token_env: str = "RLHF_REWARD_TOKEN"
+    """url: the driver's environment variable holding the bearer token"""
+    batch_size: int = Field(64, ge=1, le=512)
+    """url: queries per request"""
 
     @model_validator(mode="after")
     def _one_kind(self) -> RewardSource:
@@ -309,27 +409,31 @@ class ColocateConfig(Strict):
     share rank i's GPU through fractional `num_gpus_per_rank` (e.g. 0.5 + 0.5). Colocated groups
     need the same number of ranks."""
 
-    policy_reference: bool = False  # trainer + reference
-    critic_reward: bool = False  # critic + reward group (estimator gae)
-    all: bool = False  # trainer, reference, reward, critic and the rollout engines
+    policy_reference: bool = False
+    """trainer + reference"""
+    critic_reward: bool = False
+    """critic + reward group (estimator gae)"""
+    all: bool = False
+    """trainer, reference, reward, critic and the rollout engines"""
 
 
 class FaultToleranceConfig(Strict):
     """How the RL coordinators ride out actor failures and bad numbers (docs/reliability.md)."""
 
-    # Ray restarts of a rollout engine / reference / reward actor; the call in flight is retried
     actor_restarts: int = Field(3, ge=0)
-    # DeepSpeed groups (policy, critic) cannot rejoin their process group rank by rank: a lost rank
-    # means the group is rebuilt and the run rolls back to its last complete checkpoint, at most this
-    # many times per run
+    """Ray restarts of a rollout engine / reference / reward actor; the call in flight is retried"""
     max_rollbacks: int = Field(3, ge=0)
-    # iterations in a row whose update was skipped (non-finite rewards, losses or gradients) before
-    # the run halts
+    """DeepSpeed groups (policy, critic) cannot rejoin their process group rank by rank: a lost rank means the
+    group is rebuilt and the run rolls back to its last complete checkpoint, at most this many times per run
+    """
     max_consecutive_skips: int = Field(3, ge=1)
-    # a rank that does not answer a ping within this many seconds after a failure is treated as lost
+    """iterations in a row whose update was skipped (non-finite rewards, losses or gradients) before the run
+    halts
+    """
     ping_timeout_s: float = Field(60.0, gt=0.0)
-    # how long to wait for Ray to bring a restarted actor back (a vLLM engine needs tens of seconds)
+    """a rank that does not answer a ping within this many seconds after a failure is treated as lost"""
     restart_timeout_s: float = Field(600.0, gt=0.0)
+    """how long to wait for Ray to bring a restarted actor back (a vLLM engine needs tens of seconds)"""
 
 
 class AsyncRolloutConfig(Strict):
@@ -341,16 +445,21 @@ class AsyncRolloutConfig(Strict):
     the clip bounds the step; no extra forward pass)."""
 
     max_staleness: int = Field(0, ge=0)
-    is_cap: float = Field(2.0, ge=1.0)  # TIS's truncation C (OpenRLHF and Yao et al. use 2)
+    """policy versions a sample may be behind the learner when trained on; 0: the synchronous step"""
+    is_cap: float = Field(2.0, ge=1.0)
+    """TIS's truncation C (OpenRLHF and Yao et al. use 2)"""
 
 
 class OverlongConfig(Strict):
     """DAPO's overlong handling: a soft penalty on responses that approach the generation budget
     (rollout.max_new_tokens), and/or no loss on responses cut off by it (their reward judges an unfinished answer)."""
 
-    buffer: int | None = Field(None, ge=1)  # set: penalty ramps from 0 at max_new_tokens - buffer to -penalty at it
+    buffer: int | None = Field(None, ge=1)
+    """set: penalty ramps from 0 at max_new_tokens - buffer to -penalty at it"""
     penalty: float = Field(1.0, ge=0.0)
+    """the penalty at the budget (the ramp's depth)"""
     mask_truncated: bool = False
+    """no loss on responses that hit rollout.max_new_tokens"""
 
 
 class DynamicSamplingConfig(Strict):
@@ -359,79 +468,131 @@ class DynamicSamplingConfig(Strict):
     until the batch holds prompts_per_iteration informative groups (or the bound is hit)."""
 
     enabled: bool = False
+    """drop prompt groups whose samples all scored alike and sample more prompts"""
     max_extra_batches: int = Field(2, ge=0)
+    """at most this many extra batches per iteration"""
 
 
 class PPOConfig(JobConfig):
     """PPO (or a critic-free estimator) with a KL penalty to the reference policy."""
 
     output_dir: str = "runs/ppo"
-    policy: ModelSource = ModelSource()  # null: the built-in SFT policy
-    reward: ModelSource = ModelSource()  # null: the built-in reward model
-    reward_service: RewardServiceConfig | None = None  # set: score over HTTP instead of a local reward group
-    # set: the reward is the weighted sum of these sources (models, functions on labels, endpoints), in
-    # place of `reward` / `reward_service`
+    policy: ModelSource = ModelSource()
+    """null: the built-in SFT policy"""
+    reward: ModelSource = ModelSource()
+    """null: the built-in reward model"""
+    reward_service: RewardServiceConfig | None = None
+    """set: score over HTTP instead of a local reward group"""
     rewards: list[RewardSource] = []
+    """set: the reward is the weighted sum of these sources (models, functions on labels, endpoints), in place of
+    `reward` / `reward_service`
+    """
     data: DataConfig = DataConfig()
+    """prompts (train, validation, test)"""
     trainer: TrainerConfig = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.5,
                                            optim=OptimConfig(lr=1e-5, weight_decay=0.0))
+    """the policy's DeepSpeed group"""
     critic: TrainerConfig = TrainerConfig(num_ranks=1, num_cpus_per_rank=0.25,
                                           optim=OptimConfig(lr=5e-5, weight_decay=0.0))
+    """the critic's DeepSpeed group (estimator gae)"""
     reference: ScorerConfig = ScorerConfig(num_cpus_per_rank=0.25)
+    """the frozen reference policy's group (the KL penalty)"""
     reward_group: ScorerConfig = ScorerConfig(num_cpus_per_rank=0.25)
+    """the reward group: a local reward model, the reward-service client, or the rewards sources"""
     rollout: RolloutConfig = RolloutConfig(samples_per_prompt=4, num_cpus_per_engine=0.25)
+    """the vLLM engines and how they sample"""
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """advantages: gae (with a critic), grpo, rloo, reinforce_pp (critic-free)"""
     iterations: int = Field(20, ge=1)
-    stop_after_iterations: int | None = Field(None, ge=1)  # end this session early; --resume continues
+    """iterations of the run (sample, score, update, sync)"""
+    stop_after_iterations: int | None = Field(None, ge=1)
+    """end this session early; --resume continues"""
     prompts_per_iteration: int = Field(16, ge=1)
-    mini_batches: int = Field(1, ge=1)  # optimiser steps per PPO epoch over one iteration's samples
+    """prompts sampled per iteration"""
+    mini_batches: int = Field(1, ge=1)
+    """optimiser steps per PPO epoch over one iteration's samples"""
     ppo_epochs: int = Field(1, ge=1)
-    # Where the behaviour policy's log-probs (PPO's ratio, the KL penalty) come from. `recompute`: a forward
-    # pass of the policy trainer over each batch (OpenRLHF, veRL). `sampler`: the log-probs the rollout
-    # engine returned with each sampled token, which saves that pass; equal up to rounding when engine and
-    # trainer compute in the same dtype (fp32 on CPU: tests/test_actors.py), not in bf16 on GPUs.
-    # `auto`: sampler where the models compute in fp32 (measured gap < 1e-4 per token, tests/test_ppo.py),
-    # recompute in bf16 (measured mean gap 1.3e-3 per token on a CPU, docs/performance.md).
+    """passes over an iteration's samples"""
     old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"
+    """Where the behaviour policy's log-probs (PPO's ratio, the KL penalty) come from. `recompute`: a forward
+    pass of the policy trainer over each batch (OpenRLHF, veRL). `sampler`: the log-probs the rollout engine
+    returned with each sampled token, which saves that pass; equal up to rounding when engine and trainer
+    compute in the same dtype (fp32 on CPU: tests/test_actors.py), not in bf16 on GPUs. `auto`: sampler where
+    the models compute in fp32 (measured gap < 1e-4 per token, tests/test_ppo.py), recompute in bf16 (measured
+    mean gap 1.3e-3 per token on a CPU, docs/performance.md).
+    """
     async_rollout: AsyncRolloutConfig = AsyncRolloutConfig()
-    clip_eps: float = Field(0.2, gt=0.0)  # the ratio's lower bound 1 - clip_eps (and upper, unless clip_eps_high)
-    clip_eps_high: float | None = Field(None, gt=0.0)  # DAPO's clip-higher: upper bound 1 + clip_eps_high (e.g. 0.28)
+    """sample the next batches while the learner trains"""
+    clip_eps: float = Field(0.2, gt=0.0)
+    """the ratio's lower bound 1 - clip_eps (and upper, unless clip_eps_high)"""
+    clip_eps_high: float | None = Field(None, gt=0.0)
+    """DAPO's clip-higher: upper bound 1 + clip_eps_high (e.g. 0.28)"""
     dual_clip: float | None = Field(None, gt=1.0)
+    """dual-clip PPO's c > 1: bounds the loss of negative-advantage tokens with huge ratios"""
     value_clip_eps: float = Field(0.2, gt=0.0)
+    """the critic's value clip around the old values"""
     entropy_coef: float = Field(0.0, ge=0.0)
-    # PPO-ptx (InstructGPT): after each policy step, a step on ptx_coef x NLL of SFT/pretraining data
+    """entropy bonus coefficient"""
     ptx_coef: float = Field(0.0, ge=0.0)
-    ptx_data: str | None = None  # JSONL of conversations (SFT format); null: the built-in SFT data
+    """PPO-ptx (InstructGPT): after each policy step, a step on ptx_coef x NLL of SFT/pretraining data"""
+    ptx_data: str | None = None
+    """JSONL of conversations (SFT format); null: the built-in SFT data"""
     ptx_batch_size: int = Field(16, ge=1)
+    """SFT samples per PPO-ptx step"""
     gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """discount"""
     lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE's lambda"""
     whiten_advantages: bool = True
+    """whiten GAE advantages over the batch"""
     reward_clip: float | None = Field(None, gt=0.0)
+    """clip rewards to [-reward_clip, reward_clip]"""
     normalize_rewards: bool = False
+    """normalise rewards by a running standard deviation"""
     kl_coef: float = Field(0.05, ge=0.0)
+    """KL penalty coefficient beta (the start value with kl_target)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    kl_target: float | None = Field(None, gt=0.0)  # set: adaptive KL controller (Ziegler et al.)
+    """per-token KL estimator: k1 (log ratio), k2, k3 (Schulman's)"""
+    kl_target: float | None = Field(None, gt=0.0)
+    """set: adaptive KL controller (Ziegler et al.)"""
     kl_horizon: int = Field(10000, ge=1)
-    # token: mean over the mini-batch's tokens; sequence: mean over sequences of their token means; sequence_sum:
-    # of their token sums; sequence_sum_norm: token sums over rollout.max_new_tokens (Dr. GRPO); lib/algorithms.py
+    """the adaptive controller's horizon"""
     loss_agg: Literal["token", "sequence", "sequence_sum", "sequence_sum_norm"] = "token"
-    grpo_scale_by_std: bool = True  # false: Dr. GRPO's advantage r - mean(group), no division by the group std
+    """token: mean over the mini-batch's tokens; sequence: mean over sequences of their token means;
+    sequence_sum: of their token sums; sequence_sum_norm: token sums over rollout.max_new_tokens (Dr. GRPO);
+    lib/algorithms.py
+    """
+    grpo_scale_by_std: bool = True
+    """false: Dr. GRPO's advantage r - mean(group), no division by the group std"""
     overlong: OverlongConfig = OverlongConfig()
+    """DAPO's overlong penalty and filter"""
     dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig()
+    """DAPO's dynamic sampling"""
     eval_every: int = Field(5, ge=1)
-    eval_temperature: float = Field(0.0, ge=0.0)  # 0: greedy, so evaluations are comparable
-    eval_samples_per_prompt: int = Field(4, ge=1)  # sampled responses per prompt for the sampled KL / RM / gold
-    # Reward over-optimisation (Gao et al. 2022): when, over the last `overoptimisation_patience` evaluations,
-    # the validation RM score rose while validation gold fell, the run warns; with early_stop=val_gold it also
-    # stops there (and keeps a checkpoint at every new best validation gold, so the best one survives)
+    """iterations between held-out evaluations"""
+    eval_temperature: float = Field(0.0, ge=0.0)
+    """0: greedy, so evaluations are comparable"""
+    eval_samples_per_prompt: int = Field(4, ge=1)
+    """sampled responses per prompt for the sampled KL / RM / gold"""
     early_stop: Literal["none", "val_gold"] = "none"
+    """Reward over-optimisation (Gao et al. 2022): when, over the last `overoptimisation_patience` evaluations,
+    the validation RM score rose while validation gold fell, the run warns; with early_stop=val_gold it also
+    stops there (and keeps a checkpoint at every new best validation gold, so the best one survives)
+    """
     overoptimisation_patience: int = Field(2, ge=1)
+    """evaluations the over-optimisation rule looks back over"""
     checkpoint_every: int = Field(10, ge=1)
+    """iterations between checkpoints"""
     keep_checkpoints: int = Field(2, ge=1)
-    registry: str | None = None  # redis://... or a directory; null: $REDIS_URL or the embedded default
+    """checkpoints kept (the newest; the best by validation gold is kept too)"""
+    registry: str | None = None
+    """redis://... or a directory; null: $REDIS_URL or the embedded default"""
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
+    """how failures and bad numbers are ridden out"""
     colocate: ColocateConfig = ColocateConfig()
-    registry_run: str | None = None  # the `run` of this job's registry entries; null: output_dir's name
+    """groups that share devices"""
+    registry_run: str | None = None
+    """the `run` of this job's registry entries; null: output_dir's name"""
 
     @model_validator(mode="after")
     def _one_way_to_reward(self) -> PPOConfig:
@@ -557,12 +718,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, cls: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
+            lines.append(f"{key}: unknown key" + _closest(cls, key))
         else:
             got = e.get("input")
             lines.append(f"{key}: {e['msg']}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
@@ -587,7 +748,83 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         return cls.model_validate(data)
     except ValidationError as e:
         where = f" in {path}" if path else ""
-        raise ConfigError(_describe(e).replace("invalid configuration", f"invalid configuration{where}", 1)) from None
+        raise ConfigError(_describe(e, cls).replace("invalid configuration", f"invalid configuration{where}", 1)
+                          ) from None
+
+
+# --------------------------------------------------------------------------- the keys, for --help and errors
+def _description(cls: type[BaseModel], name: str) -> str:
+    """A field's docstring, from the class that defines it or the nearest base class that documents it."""
+    for klass in cls.__mro__:
+        info = getattr(klass, "model_fields", {}).get(name)
+        if info is not None and info.description:
+            return " ".join(info.description.split())
+    return ""
+
+
+def _type_name(annotation) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _section(annotation) -> type[BaseModel] | None:
+    """The config model a field holds (also when it may be null), else None."""
+    import typing
+
+    for a in (annotation, *typing.get_args(annotation)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def config_keys(cls: type[BaseModel], defaults: BaseModel | None = None, prefix: str = "") -> list[tuple]:
+    """(dotted key, type, default, description) of every key of `cls`, its sections' keys after them;
+    defaults are the job's own (e.g. PPO's trainer learning rate), not the section class's."""
+    import json
+
+    rows = []
+    for name, info in cls.model_fields.items():
+        value = getattr(defaults, name) if defaults is not None else (
+            info.get_default(call_default_factory=True) if not info.is_required() else None)
+        section = _section(info.annotation)
+        shown = "(section)" if isinstance(value, BaseModel) else (
+            "required" if info.is_required() and defaults is None else json.dumps(
+                value.model_dump(mode="json") if isinstance(value, BaseModel) else value, default=str))
+        rows.append((prefix + name, _type_name(info.annotation), shown, _description(cls, name)))
+        if section is not None and not isinstance(value, list):
+            rows += config_keys(section, value if isinstance(value, BaseModel) else None, prefix + name + ".")
+    return rows
+
+
+def keys_help(cls: type[BaseModel]) -> str:
+    """The config keys as `--help` lists them."""
+    rows = config_keys(cls, cls())
+    width = min(44, max(len(k) for k, *_ in rows))
+    lines = ["config keys (set in the --config file or as key.sub=value; in brackets the job's own default,"
+             " before any file: --print-config shows what a run would use):"]
+    for key, kind, default, text in rows:
+        lines.append(f"  {key:<{width}} {kind} [{default}]" + (f"\n  {'':<{width}}   {text}" if text else ""))
+    return "\n".join(lines)
+
+
+def _closest(cls: type[BaseModel] | None, key: str) -> str:
+    """ " (did you mean trainer.zero_stage?)" for a mistyped dotted key, or ""."""
+    import difflib
+
+    if cls is None:
+        return ""
+    known = [k for k, *_ in config_keys(cls, None)]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def check_resources(cfg: JobConfig | dict[str, tuple[float, float]], cpus: float, gpus: float) -> None:
@@ -627,19 +864,29 @@ def local_resources(cfg: JobConfig) -> tuple[float, float]:
 class RejectionSamplingConfig(Strict):
     """One rejection-sampling round: K samples per prompt, keep the best by reward, fine-tune on it."""
 
-    samples_per_prompt: int = Field(8, ge=1)  # K
+    samples_per_prompt: int = Field(8, ge=1)
+    """K"""
     temperature: float = Field(1.0, gt=0.0)
-    prompts_per_round: int | None = Field(None, ge=1)  # null: every training prompt
-    score_threshold: float | None = None  # keep the best sample only if its reward is at least this
-    dedup: bool = True  # drop a selected response already selected for the same prompt
-    epochs: int = Field(2, ge=1)  # SFT epochs over the selected set
+    """sampling temperature of the K samples"""
+    prompts_per_round: int | None = Field(None, ge=1)
+    """null: every training prompt"""
+    score_threshold: float | None = None
+    """keep the best sample only if its reward is at least this"""
+    dedup: bool = True
+    """drop a selected response already selected for the same prompt"""
+    epochs: int = Field(2, ge=1)
+    """SFT epochs over the selected set"""
     lr: float = Field(2e-4, gt=0.0)
+    """learning rate of the fine-tuning on the selected samples"""
 
 
 class RewardModelSpec(Strict):
     name: str
+    """its name (helpfulness and safety for combine=llama2)"""
     path: str
+    """a reward model directory"""
     weight: float = 1.0
+    """its weight with combine=weighted_sum"""
 
 
 class RSConfig(PPOConfig):
@@ -648,17 +895,25 @@ class RSConfig(PPOConfig):
 
     output_dir: str = "runs/rejection-sampling"
     rounds: list[Literal["rejection_sampling", "ppo"]] = ["rejection_sampling"]
+    """the rounds, in order: rejection_sampling and/or ppo"""
     rs: RejectionSamplingConfig = RejectionSamplingConfig()
-    # the validation metric that picks the best model: gold score of greedy responses to the validation
-    # prompts (a small human-judged set, in a real deployment) or the reward model's score of them
+    """each rejection-sampling round"""
     promote_by: Literal["val_gold", "val_rm"] = "val_gold"
-    best_of_k_eval: list[int] = []  # e.g. [1, 2, 4, 8]: gold score of best-of-K at the end
+    """the validation metric that picks the best model: gold score of greedy responses to the validation prompts
+    (a small human-judged set, in a real deployment) or the reward model's score of them
+    """
+    best_of_k_eval: list[int] = []
+    """e.g. [1, 2, 4, 8]: gold score of best-of-K at the end"""
     best_of_k_seeds: int = Field(2, ge=1)
-    # several reward models combined (weighted sum, or Llama 2's safety/helpfulness rule);
-    # empty: the single `reward` model
+    """seeds of the best-of-K evaluation"""
     reward_models: list[RewardModelSpec] = []
+    """several reward models combined (weighted sum, or Llama 2's safety/helpfulness rule); empty: the single
+    `reward` model
+    """
     combine: Literal["weighted_sum", "llama2"] = "weighted_sum"
-    safety_threshold: float = Field(0.15, gt=0.0, lt=1.0)  # on the sigmoid of the safety score
+    """how several reward models combine: weighted_sum, or Llama 2's rule (safety first on unsafe prompts)"""
+    safety_threshold: float = Field(0.15, gt=0.0, lt=1.0)
+    """on the sigmoid of the safety score"""
 
     @model_validator(mode="after")
     def _rounds_and_models(self) -> RSConfig:
@@ -691,15 +946,19 @@ def _owned_by_pipeline(stage: BaseModel, where: str, keys: tuple[str, ...] = ())
 class PipelineSFTConfig(SFTConfig):
     """The pipeline's SFT stage: SFTConfig's keys, or an already trained policy."""
 
-    use_existing: str | None = None  # an HF policy directory registered as this stage's output; nothing trains
+    use_existing: str | None = None
+    """an HF policy directory registered as this stage's output; nothing trains"""
 
 
 class PipelineRewardConfig(RewardConfig):
     """One reward-model stage of the pipeline: RewardConfig's keys plus a name and a weight."""
 
-    name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,31}$")  # null: the aspect
-    weight: float = 1.0  # in final.combine=weighted_sum
-    use_existing: str | None = None  # an HF reward-model directory registered as this stage's output
+    name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    """null: the aspect"""
+    weight: float = 1.0
+    """in final.combine=weighted_sum"""
+    use_existing: str | None = None
+    """an HF reward-model directory registered as this stage's output"""
 
     @property
     def key(self) -> str:
@@ -728,12 +987,18 @@ class PipelineConfig(JobConfig):
     """
 
     output_dir: str = "runs/pipeline"
-    registry: str | None = None  # redis://... or a directory; null: $REDIS_URL or the embedded default
+    registry: str | None = None
+    """redis://... or a directory; null: $REDIS_URL or the embedded default"""
     sft: PipelineSFTConfig = PipelineSFTConfig()
+    """the SFT stage"""
     reward_models: list[PipelineRewardConfig] = [PipelineRewardConfig()]
+    """the reward-model stages"""
     final: PipelineFinalConfig = PipelineFinalConfig()
-    final_reward: str | None = None  # RM of PPO rounds and of */rm_score; null: `overall` if trained, else the first
-    rerun: list[str] = []  # stages to run again although their registered output is intact; [all]: every stage
+    """the rejection-sampling / PPO rounds"""
+    final_reward: str | None = None
+    """RM of PPO rounds and of */rm_score; null: `overall` if trained, else the first"""
+    rerun: list[str] = []
+    """stages to run again although their registered output is intact; [all]: every stage"""
 
     def stage_names(self) -> list[str]:
         return ["sft", *(f"reward_{r.key}" for r in self.reward_models), "final"]
@@ -776,11 +1041,17 @@ class OveroptimisationSweepConfig(Strict):
     iterations, give (sqrt KL, proxy RM score, gold) points; repeated with each reward-model size."""
 
     kl_coefs: list[float] = [0.0, 0.02]
+    """KL coefficients, one run each"""
     iterations: int = Field(24, ge=2)
+    """iterations per run"""
     eval_every: int = Field(3, ge=1)
+    """iterations between evaluations"""
     estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"
+    """the runs' advantage estimator"""
     reward_sizes: list[Literal["tiny", "small"]] = ["tiny", "small"]
+    """reward-model sizes, a sweep each"""
     seed: int = 0
+    """seed of the sweep's runs"""
 
 
 class ResultsConfig(JobConfig):
@@ -792,17 +1063,28 @@ class ResultsConfig(JobConfig):
     """
 
     output_dir: str = "runs/results"
-    ray: RayConfig = RayConfig(num_cpus=4)  # logical CPUs of a local cluster, as the presets the methods run
+    ray: RayConfig = RayConfig(num_cpus=4)
+    """logical CPUs of a local cluster, as the presets the methods run"""
     seeds: list[int] = [0, 1, 2]
-    methods: list[Literal[RESULT_METHODS]] = list(DEFAULT_RESULT_METHODS)  # type: ignore[valid-type]
-    samples_per_method: int = Field(1024, ge=64)  # responses sampled by each online method (its training budget)
-    prompts_per_iteration: int = Field(16, ge=1)  # PPO-family batch: prompts x rollout samples per iteration
+    """seeds, a full run of every method each"""
+    methods: list[Literal[RESULT_METHODS]] = list(DEFAULT_RESULT_METHODS)
+    """type: ignore[valid-type]"""
+    samples_per_method: int = Field(1024, ge=64)
+    """responses sampled by each online method (its training budget)"""
+    prompts_per_iteration: int = Field(16, ge=1)
+    """PPO-family batch: prompts x rollout samples per iteration"""
     samples_per_prompt: int = Field(4, ge=2)
-    rs_samples_per_prompt: int = Field(8, ge=2)  # K of a rejection-sampling round
-    best_of_k: int = Field(16, ge=2)  # K of best-of-K sampling from the SFT policy (inference-time, no training)
-    eval_points: int = Field(2, ge=1)  # validation/test evaluations along a PPO-family run (and one at its start)
+    """rollout samples per prompt of the PPO-family methods"""
+    rs_samples_per_prompt: int = Field(8, ge=2)
+    """K of a rejection-sampling round"""
+    best_of_k: int = Field(16, ge=2)
+    """K of best-of-K sampling from the SFT policy (inference-time, no training)"""
+    eval_points: int = Field(2, ge=1)
+    """validation/test evaluations along a PPO-family run (and one at its start)"""
     overoptimisation: OveroptimisationSweepConfig | None = OveroptimisationSweepConfig()
-    results_file: str | None = None  # where the JSON goes; null: <output_dir>/results.json
+    """the over-optimisation sweep; null: none"""
+    results_file: str | None = None
+    """where the JSON goes; null: <output_dir>/results.json"""
 
     @model_validator(mode="after")
     def _budget(self) -> ResultsConfig:
