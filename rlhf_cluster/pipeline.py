@@ -48,9 +48,11 @@ DEFAULT_CONFIG = CONFIG_DIR / "pipeline-tiny.yaml"
 
 # --------------------------------------------------------------------------- each stage's own config
 def shared(cfg: PipelineConfig, stage: str) -> dict:
-    """What every stage takes from the top level: seed, cluster, built-in task, precision, output_dir/<stage>."""
+    """What every stage takes from the top level: seed, cluster, built-in task, precision, tracking,
+    output_dir/<stage>."""
     return {"seed": cfg.seed, "output_dir": str(Path(cfg.output_dir).resolve() / stage),
-            "ray": cfg.ray.model_dump(), "builtin": cfg.builtin.model_dump(), "precision": cfg.precision}
+            "ray": cfg.ray.model_dump(), "builtin": cfg.builtin.model_dump(), "precision": cfg.precision,
+            "tracking": cfg.tracking.model_dump()}
 
 
 def sft_config(cfg: PipelineConfig) -> SFTConfig:

@@ -44,6 +44,7 @@ from rlhf_cluster import scaffold
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig
 from rlhf_cluster.lib.overoptimisation import overoptimising
+from rlhf_cluster.lib.tracking import Tracker
 from rlhf_cluster.rl.batch import trainer_item, unpadded
 from rlhf_cluster.rl.checkpoints import CheckpointStore, PoisonedState, latest_checkpoint
 from rlhf_cluster.rl.evaluation import HeldOutEval
@@ -318,11 +319,12 @@ class PPORun:
 
         cfg, ft = self.cfg, self.cfg.fault_tolerance
         metrics_file = (self.out / "metrics.jsonl").open("a")
-        writer = _tensorboard(self.out / "tensorboard")
+        tracker = self.tracker = Tracker(cfg, self.out, "ppo")
         if self.iteration == 0 and not self.history:
             initial = self.evaluate()
             self.history.append({"iteration": 0, **initial})
             metrics_file.write(json.dumps(self.history[-1]) + "\n")
+            tracker.log(initial, 0)
             self.log(f"initial policy: validation gold {initial['val/gold']:.3f}, RM {initial['val/rm_score']:.3f}")
         if self.start_state is None:
             self.start_state = self.state_dict()
@@ -331,7 +333,7 @@ class PPORun:
         stop_at = min(cfg.iterations, cfg.stop_after_iterations or cfg.iterations)
         while self.iteration < stop_at and self.stopped_early is None:
             try:
-                row = self.iterate(metrics_file, writer)
+                row = self.iterate(metrics_file, tracker)
             except (RayActorError, PoisonedState) as e:
                 self.recover(e)
                 bar.n = self.iteration
@@ -370,11 +372,10 @@ class PPORun:
                 path = self.store.save(self.iteration, self.state_dict(), row)
                 self.log(f"checkpoint {path}")
         bar.close()
-        writer.close()
         metrics_file.close()
         return self.finish()
 
-    def iterate(self, metrics_file, writer) -> dict:
+    def iterate(self, metrics_file, tracker) -> dict:
         """One iteration: step, evaluation when due, the metrics row."""
         metrics = self.step()
         self.iteration += 1
@@ -388,9 +389,7 @@ class PPORun:
         self.history.append(row)
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                writer.add_scalar(k, v, self.iteration)
+        tracker.log(metrics, self.iteration)
         return row
 
     def finish(self) -> dict:
@@ -427,6 +426,7 @@ class PPORun:
         }
         learning_curves(self.history, self.out / "report.png", title=f"PPO ({self.cfg.estimator})")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.tracker.finish(summary, self.out / "report.png", summary["best_checkpoint"] or summary["checkpoints"])
         self.log("\n".join([
             "", "=== PPO summary ===",
             f"{f'gold score ({shown}):':<23}{summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}"
@@ -477,12 +477,6 @@ def _rng_state(rng: random.Random) -> list:
 
 def _rng_tuple(s: list) -> tuple:
     return s[0], tuple(s[1]), s[2]
-
-
-def _tensorboard(path: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(path))
 
 
 # --------------------------------------------------------------------------- entry point

@@ -211,6 +211,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
     from rlhf_cluster import ppo
     from rlhf_cluster.lib.registry import make_entry, open_registry
     from rlhf_cluster.lib.report import learning_curves
+    from rlhf_cluster.lib.tracking import track_finished
 
     if cfg.reward_models and cfg.combine == "llama2" and not 0 < cfg.safety_threshold < 1:
         raise ConfigError(f"safety_threshold is a probability in (0, 1) (Llama 2: 0.15), got {cfg.safety_threshold}")
@@ -323,6 +324,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
                "best_model": str(best["hf"]), "best_entry": best["id"], "best_of_k_gold": curve,
                "report": str(out / "report.png")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    track_finished(cfg, out, "rejection_sampling", history, summary, out / "report.png", str(best["hf"]))
     log("\n=== rejection sampling summary ===\n" + "\n".join(
         f"round {i} ({'start' if i == 0 else cfg.rounds[i - 1]}): {_scores(r)}" for i, r in enumerate(history))
         + f"\nbest by {cfg.promote_by}: round {best['round']} -> {best['hf']}"

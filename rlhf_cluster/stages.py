@@ -99,7 +99,8 @@ def run_stage(stage: str, cfg: StageConfig, resolve: Callable, load_data: Callab
     summary = {"model": str(model_dir), "train_samples": report.kept, "train_skipped": dict(report.skipped),
                "steps": history[-1]["step"], "resumed_from_step": result.metrics.get("resumed_from_step", 0),
                "train_seconds": round(result.metrics.get("train_seconds", 0.0), 1)}
-    return {"paths": paths, "model_dir": model_dir, "history": history, "out": out, "t0": t0, "summary": summary}
+    return {"paths": paths, "model_dir": model_dir, "history": history, "out": out, "t0": t0, "summary": summary,
+            "cfg": cfg}
 
 
 def add_gold_eval(run: dict, cfg, llm=None) -> None:
@@ -115,8 +116,12 @@ def add_gold_eval(run: dict, cfg, llm=None) -> None:
 
 
 def finish_stage(stage: str, run: dict) -> Path:
+    from rlhf_cluster.lib.tracking import track_finished
+
     run["summary"]["seconds"] = round(time.time() - run["t0"], 1)
     summarize(stage, run["out"], run["summary"])
+    track_finished(run["cfg"], run["out"], stage, run["history"], run["summary"], run["out"] / "loss.png",
+                   str(run["model_dir"]))
     return run["model_dir"]
 
 

@@ -250,14 +250,25 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_bound():
 @pytest.mark.ray
 def test_grpo_with_dapo_stabilisers_runs(ray_cluster, builtin_assets, tmp_path):
     """Clip-higher, Dr. GRPO (no std scaling, constant normaliser), the overlong penalty and filter, and
-    dynamic sampling together through the real groups: every iteration trains, with their metrics."""
+    dynamic sampling together through the real groups: every iteration trains, with their metrics; tracked
+    in TensorBoard, MLflow and W&B."""
     out = tmp_path / "dapo"
     summary = run(_smoke(builtin_assets, out, "estimator=grpo", "ptx_coef=0", "iterations=2", "eval_every=2",
                          "clip_eps_high=0.28", "loss_agg=sequence_sum_norm", "grpo_scale_by_std=false",
-                         "overlong.buffer=4", "overlong.mask_truncated=true", "dynamic_sampling.enabled=true"))
+                         "overlong.buffer=4", "overlong.mask_truncated=true", "dynamic_sampling.enabled=true",
+                         "tracking.backends=[tensorboard, mlflow, wandb]"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["iterations"] == 2 and not any(r.get("skipped") for r in rows)
     assert all(0.0 <= r["rollout/filtered_frac"] <= 1.0 and r["rollout/informative_prompts"] == 8 for r in rows[1:])
+    # the run went to MLflow (a SQLite store in the run directory) and W&B (offline) as well
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("rlhf-cluster-ppo").experiment_id])
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "rollout/filtered_frac")] == [1, 2]
+    assert tracked.data.params["estimator"] == '"grpo"' and tracked.data.tags["model"]
+    assert [a.path for a in client.list_artifacts(tracked.info.run_id)] == ["report.png"]
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 @pytest.mark.ray

@@ -222,6 +222,22 @@ class RayConfig(Strict):
     """each GPU's memory, for the memory plan (null: this machine's)"""
 
 
+class TrackingConfig(Strict):
+    """Where a run's config, metrics, report picture and final model pointer go (rlhf_cluster/lib/tracking.py),
+    beside the run directory's metrics.jsonl."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = ["tensorboard"]
+    """any of tensorboard (event files in the run), mlflow, wandb"""
+    mlflow_uri: str | None = None
+    """an MLflow tracking URI (a server, or sqlite:///path); null: a SQLite store in the run directory"""
+    experiment: str | None = None
+    """the MLflow experiment; null: rlhf-cluster-<job>"""
+    wandb_project: str = "rlhf-cluster"
+    """the Weights & Biases project"""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline: files in the run directory (`wandb sync` uploads them); online needs WANDB_API_KEY"""
+
+
 class JobConfig(Strict):
     """What every job has: a seed, an output directory, a cluster and the built-in fallback."""
 
@@ -233,6 +249,8 @@ class JobConfig(Strict):
     """the Ray cluster to run on"""
     builtin: BuiltinConfig = BuiltinConfig()
     """the built-in task and models, used where data or model paths are null"""
+    tracking: TrackingConfig = TrackingConfig()
+    """experiment tracking: TensorBoard, MLflow, Weights & Biases"""
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     """the dtype of every model whose own `dtype` is null (rlhf_cluster/lib/precision.py): auto = bf16 on GPUs
     and on CPUs with bf16 units, fp32 elsewhere (configs/tiny-cpu.yaml, what `make run` runs, says auto); the
@@ -931,7 +949,8 @@ class RSConfig(PPOConfig):
 
 
 # --------------------------------------------------------------------------- the whole pipeline
-SHARED_KEYS = ("seed", "output_dir", "ray", "builtin", "precision")  # a pipeline's stages take these from the top level
+# a pipeline's stages take these from the top level
+SHARED_KEYS = ("seed", "output_dir", "ray", "builtin", "precision", "tracking")
 
 
 def _owned_by_pipeline(stage: BaseModel, where: str, keys: tuple[str, ...] = ()) -> None:
