@@ -176,8 +176,9 @@ def load_train_and_held(cfg: StageConfig, paths: dict, tokenizer, kind: str, log
     from rlhf_cluster.lib.data import load_tokenized
 
     d = cfg.data
-    train, report = load_tokenized(paths["train"], tokenizer, kind, d.max_sequence_tokens, d.on_bad_sample)
-    held, held_report = (load_tokenized(paths["eval"], tokenizer, kind, d.max_sequence_tokens, d.on_bad_sample)
+    train, report = load_tokenized(paths["train"], tokenizer, kind, d.max_sequence_tokens, d.on_bad_sample, d.keys())
+    held, held_report = (load_tokenized(paths["eval"], tokenizer, kind, d.max_sequence_tokens, d.on_bad_sample,
+                                        d.keys())
                          if paths["eval"] else (None, None))
     if log:
         log(f"train {noun}: {report}")

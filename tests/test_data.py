@@ -148,3 +148,52 @@ def test_first_fit_packing_and_token_budget_micro_batches():
     assert take(p, laid, {0: 2, 1: 1, 2: 0}) == {0: [0.5, 0.25], 1: [0.75], 2: []}
     unpacked = packed_batch(seqs, [[0], [1]], pad_id=0)  # one sequence per row: a plain padding mask
     assert unpacked.position_ids is None and unpacked.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+# --------------------------------------------------------------------------- the shapes people's data has
+CANONICAL_PAIR = {"prompt": [{"role": "user", "content": "List 3 fruits."}],
+                  "chosen": [{"role": "assistant", "content": "apple, pear, plum."}],
+                  "rejected": [{"role": "assistant", "content": "I will not."}]}
+
+
+def _canonical_pair(tmp_path, tokenizer):
+    path = tmp_path / "canonical.jsonl"
+    path.write_text(json.dumps(CANONICAL_PAIR) + "\n")
+    return load_tokenized(path, tokenizer, "preferences", 128)[0][0]
+
+
+@pytest.mark.parametrize("name", ["prefs_strings.jsonl", "prefs_hh.jsonl", "prefs_ultrafeedback.jsonl"])
+def test_preference_shapes_encode_as_the_canonical_pair(name, tmp_path, tokenizer):
+    """prompt/chosen/rejected strings, Anthropic HH transcripts (no prompt field) and UltraFeedback's whole
+    conversations all give the tokens of the same pair written in this project's shape."""
+    pairs, report = load_tokenized(f"tests/data/{name}", tokenizer, "preferences", 128)
+    want = _canonical_pair(tmp_path, tokenizer)
+    assert pairs[0]["chosen"] == want["chosen"] and pairs[0]["rejected"] == want["rejected"]
+    assert pairs[0]["messages"] == CANONICAL_PAIR["prompt"]
+    if name == "prefs_hh.jsonl":  # a multi-turn transcript keeps its earlier turns as the prompt
+        assert [t["role"] for t in pairs[1]["messages"]] == ["user", "assistant", "user"]
+        assert report.skipped == {"transcripts_without_a_shared_prompt": 1} and report.examples[
+            "transcripts_without_a_shared_prompt"] == [2]
+
+
+def test_key_mapping_sft_and_prompt_transcripts_and_errors(tmp_path, tokenizer):
+    rows, report = load_tokenized("tests/data/sft_hh.jsonl", tokenizer, "sft", 128, keys={"messages": "text"})
+    assert len(rows) == 1 and report.skipped == {"no_assistant_turn": 1}  # "Human: ..." alone: a user turn
+    ids, mask = encode_conversation(tokenizer, [{"role": "user", "content": "List 3 fruits."},
+                                                {"role": "assistant", "content": "apple, pear, plum."}])
+    assert (rows[0].input_ids, rows[0].loss_mask) == (ids, mask)
+    with pytest.raises(DataError, match=r"sft_hh.jsonl, record 1: no assistant turn"):
+        load_tokenized("tests/data/sft_hh.jsonl", tokenizer, "sft", 128, "error", keys={"messages": "text"})
+    with pytest.raises(DataError, match=r"sft_hh.jsonl: records have no field 'messages'"):
+        load_tokenized("tests/data/sft_hh.jsonl", tokenizer, "sft", 128)  # the mapping not given
+    prompts, _ = load_tokenized("tests/data/prompts_hh.jsonl", tokenizer, "prompts", 128)
+    assert prompts[0]["messages"] == [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                                      {"role": "user", "content": "List 3 fruits."}]
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(json.dumps({"question": "List 3 fruits.", "good": "apple, pear, plum.", "bad": "I will not."})
+                       + "\n")
+    pairs, _ = load_tokenized(renamed, tokenizer, "preferences", 128,
+                              keys={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert pairs[0]["chosen"] == _canonical_pair(tmp_path, tokenizer)["chosen"]
+    with pytest.raises(DataError, match=r"records have no field 'good'"):
+        load_tokenized("tests/data/prefs_strings.jsonl", tokenizer, "preferences", 128, keys={"chosen": "good"})

@@ -49,18 +49,18 @@ def test_reward_sources_are_checked_before_anything_starts():
 
 
 def test_prompt_records_carry_labels(tokenizer, tmp_path):
-    rows, report = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label")
+    rows, report = load_tokenized(MATH, tokenizer, "prompts", 64)
     assert len(rows) == 8 and rows[0]["label"] == "5" and "label" not in rows[5]
     assert rows[0]["messages"] == [{"role": "user", "content": "What is 2+3?"}]  # a plain `prompt` string
     assert rows[0]["prompt_ids"] == encode_prompt(tokenizer, rows[0]["messages"])
     # a function that reads labels: the unlabelled row is counted and skipped, or an error naming it
-    rows, report = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label", require_label=True)
+    rows, report = load_tokenized(MATH, tokenizer, "prompts", 64, require_label=True)
     assert len(rows) == 7 and report.skipped == {"missing_label": 1} and report.examples["missing_label"] == [5]
     with pytest.raises(DataError, match=r"math_prompts.jsonl, record 5: missing label"):
-        load_tokenized(MATH, tokenizer, "prompts", 64, "error", label_key="label", require_label=True)
+        load_tokenized(MATH, tokenizer, "prompts", 64, "error", require_label=True)
     other = tmp_path / "answers.jsonl"
     other.write_text(json.dumps({"messages": [{"role": "user", "content": "2+2?"}], "answer": 4}) + "\n")
-    rows, _ = load_tokenized(other, tokenizer, "prompts", 64, label_key="answer", require_label=True)
+    rows, _ = load_tokenized(other, tokenizer, "prompts", 64, keys={"label": "answer"}, require_label=True)
     assert rows[0]["label"] == 4
     with pytest.raises(DataError, match="no field 'messages' or 'prompt'"):
         bad = tmp_path / "bad.jsonl"
@@ -114,7 +114,7 @@ def test_reward_sources_sum_models_functions_and_endpoints(ray_cluster, builtin_
     from rlhf_cluster.lib.config import GroupResources
     from rlhf_cluster.rl.rollout import reward_context
 
-    rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label", require_label=True)
+    rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64, require_label=True)
     rows = rows[:3]
     samples, context = _samples(tokenizer, rows), reward_context(rows)
     res = GroupResources(num_cpus_per_rank=0.25)
@@ -156,7 +156,7 @@ def test_a_failing_function_is_a_clear_error_and_the_actor_lives_on(ray_cluster,
     from rlhf_cluster.lib.reward_functions import RewardFunctionError
     from rlhf_cluster.rl.rollout import reward_context
 
-    rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64, label_key="label")
+    rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64)
     samples, context = _samples(tokenizer, rows[:1]), reward_context(rows[:1])
     sources = [{"name": "f", "fn": f"tests.reward_fns:{fn}", "timeout_s": 1.0}]
     group = ActorGroup(RewardSources, GroupResources(num_cpus_per_rank=0.25), sources, str(builtin_assets.base),
@@ -216,7 +216,7 @@ def test_arithmetic_task_data(tmp_path, tokenizer):
         assert exact_match([p["question"] for p in rows], demos, [str(p["answer"]) for p in rows]) == [1.0] * len(rows)
     assert arithmetic.solution("What is (6+7)*4?", 52) == "6+7 = 13, and 13*4 = 52. The answer is 52."
     rows, report = load_tokenized(tmp_path / "prompts_test.jsonl", tokenizer, "prompts", 64, "error",
-                                  label_key="label", require_label=True)
+                                  require_label=True)
     assert len(rows) == 48 and rows[0]["label"] == str(splits["test"][0]["answer"])
     sft = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
     assert len(sft) + counts["sft_val.jsonl"] == counts["prompts_train.jsonl"]

@@ -71,6 +71,19 @@ class DataConfig(Strict):
     """skip: count bad samples in the load report; error: stop, naming file, record and field"""
     label_key: str = "label"
     """prompt records' label (a reference answer, unit tests: any JSON value), passed to reward functions"""
+    prompt_key: str = "prompt"
+    """the file's field holding the prompt (a string, turns, or absent for HH transcripts)"""
+    chosen_key: str = "chosen"
+    """the file's field holding the preferred response (a string, turns, a whole conversation, an HH transcript)"""
+    rejected_key: str = "rejected"
+    """the file's field holding the other response"""
+    messages_key: str = "messages"
+    """the file's field holding a chat (a list of turns, or an HH transcript string)"""
+
+    def keys(self) -> dict[str, str]:
+        """The key mapping lib/data.py reads files with."""
+        return {"prompt": self.prompt_key, "chosen": self.chosen_key, "rejected": self.rejected_key,
+                "messages": self.messages_key, "label": self.label_key}
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:

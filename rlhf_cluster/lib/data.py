@@ -2,8 +2,13 @@
 
 Record shapes (the same for user data and the built-in task):
     SFT / prompts:  {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}
+                    (prompts also {"prompt": "text" or turns}, with an optional "label"; an HH transcript
+                    string works for either)
     preferences:    {"prompt": [...], "chosen": [assistant turn], "rejected": [assistant turn],
-                     optional "edited": [assistant turn], optional "strength": str}
+                     optional "edited": [assistant turn], optional "strength": str}; prompt / chosen /
+                    rejected may be strings, UltraFeedback's whole conversations, or (no prompt) two
+                    Anthropic HH transcripts
+The file's field names map onto these with `keys` (data.prompt_key, chosen_key, ...).
 
 Tokenisation keeps the prompt/response boundary: every token an assistant wrote is marked
 in `loss_mask`, so SFT trains on responses only (Llama 2) and PPO knows where the
@@ -13,6 +18,7 @@ a file without a required field is an error naming the file and the field.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,10 +149,9 @@ def _encode_sft(tokenizer, rec: dict, max_tokens: int) -> Encoded:
     return Encoded(ids, mask)
 
 
-def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int, label_key: str | None = None,
-                       require_label: bool = False) -> dict:
+def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int, require_label: bool = False) -> dict:
     """A prompt record: `messages` (a chat ending with a user turn) or `prompt` (a string: one user turn, or a
-    chat), and optionally a label under `label_key`, kept as `label`."""
+    chat), and optionally a `label`."""
     turns = rec.get("messages") if rec.get("messages") is not None else rec.get("prompt")
     if isinstance(turns, str):
         turns = [{"role": "user", "content": turns}]
@@ -159,7 +164,7 @@ def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int, label_key: str | N
     if len(ids) > max_tokens:
         raise _BadSample("too_long")
     out = {"messages": messages, "prompt_ids": ids}
-    label = rec.get(label_key) if label_key else None
+    label = rec.get("label")
     if label is not None:
         out["label"] = label
     elif require_label:
@@ -192,22 +197,84 @@ def _encode_pair(tokenizer, rec: dict, max_tokens: int) -> dict:
 _ENCODERS = {
     "sft": (["messages"], _encode_sft),
     "prompts": ([("messages", "prompt")], _encode_prompt_rec),
-    "preferences": (["prompt", "chosen", "rejected"], _encode_pair),
+    "preferences": (["chosen", "rejected"], _encode_pair),
 }
 
+# --------------------------------------------------------------------------- the shapes people's data has
+# Every file is read through a key mapping (data.prompt_key, ...: the file's field for each name below) and
+# brought to this module's shapes first: chat `messages` lists; prompt / chosen / rejected as strings, turn
+# lists, or (UltraFeedback's binarized sets) whole conversations that repeat the prompt; Anthropic HH
+# transcripts ("\n\nHuman: ... \n\nAssistant: ...") with no prompt field.
+CANONICAL_KEYS = ("messages", "prompt", "chosen", "rejected", "label")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
-def load_tokenized(path: str | Path, tokenizer, kind: str, max_tokens: int,
-                   on_bad_sample: str = "skip", **options) -> tuple[list, SkipReport]:
+
+def is_transcript(text: str) -> bool:
+    return "Human: " in text and bool(_HH_TURN.search("\n\n" + text.lstrip("\n")))
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """An Anthropic HH transcript as chat turns (Human -> user, Assistant -> assistant); a transcript ending
+    in "Assistant:" (a prompt) ends with an empty assistant turn."""
+    text = re.sub(r"\n\nAssistant:\s*$", "\n\nAssistant: ", "\n\n" + text.lstrip("\n"))
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise _BadSample("malformed_transcript")
+    return [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+            for who, said in zip(parts[1::2], parts[2::2])]
+
+
+def _turns(value, role: str, what: str) -> list[dict]:
+    """A string (one turn of `role`, or an HH transcript), or a list of turns, as turns."""
+    if isinstance(value, str):
+        return parse_transcript(value) if is_transcript(value) else [{"role": role, "content": value}]
+    return _check_turns(value, what)
+
+
+def _canonical(rec: dict, kind: str) -> dict:
+    """A record (already renamed to CANONICAL_KEYS) in the shapes the encoders read."""
+    out = dict(rec)
+    if kind == "sft" and isinstance(rec.get("messages"), str):
+        out["messages"] = parse_transcript(rec["messages"])
+    if kind == "prompts":
+        source = rec.get("messages") if rec.get("messages") is not None else rec.get("prompt")
+        if isinstance(source, str) and is_transcript(source):
+            turns = parse_transcript(source)
+            out["messages"] = turns[:-1] if turns[-1]["role"] == "assistant" and not turns[-1]["content"] else turns
+    if kind == "preferences":
+        chosen, rejected = _turns(rec.get("chosen"), "assistant", "chosen"), _turns(rec.get("rejected"), "assistant",
+                                                                                    "rejected")
+        prompt = rec.get("prompt")
+        if prompt is None:  # HH: two transcripts that differ in their last assistant turn
+            if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
+                raise _BadSample("transcripts_without_a_shared_prompt")
+            prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        prompt = _turns(prompt, "user", "prompt")
+        strip = len(prompt)  # UltraFeedback: chosen / rejected are whole conversations starting with the prompt
+        chosen = chosen[strip:] if chosen[:strip] == prompt and len(chosen) > strip else chosen
+        rejected = rejected[strip:] if rejected[:strip] == prompt and len(rejected) > strip else rejected
+        out |= {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if isinstance(rec.get("edited"), str):
+            out["edited"] = [{"role": "assistant", "content": rec["edited"]}]
+    return out
+
+
+def load_tokenized(path: str | Path, tokenizer, kind: str, max_tokens: int, on_bad_sample: str = "skip",
+                   keys: dict[str, str] | None = None, **options) -> tuple[list, SkipReport]:
     """Load and tokenise a file of `kind` sft | prompts | preferences; returns (samples, report).
-    `options` go to the record encoder (prompts: label_key, require_label)."""
+    `keys`: the file's field for each of CANONICAL_KEYS it names differently (data.prompt_key, ...);
+    `options` go to the record encoder (prompts: require_label)."""
     columns, encode = _ENCODERS[kind]
+    keys = {k: v for k, v in (keys or {}).items() if v != k}
     ds = load_records(path)
     source = str(path)
-    _require_columns(ds, columns, source)
+    _require_columns(ds, [tuple(keys.get(x, x) for x in c) if isinstance(c, tuple) else keys.get(c, c)
+                          for c in columns], source)
     report = SkipReport(source)
     samples = []
     for i, rec in enumerate(ds):
         try:
+            rec = _canonical({**rec, **{k: rec.get(v) for k, v in keys.items()}}, kind)
             samples.append(encode(tokenizer, rec, max_tokens, **options))
         except _BadSample as bad:
             if on_bad_sample == "error":

@@ -40,7 +40,7 @@ def load_prompt_splits(cfg: PPOConfig, tokenizer, log=print) -> dict[str, list[d
     prompts = {}
     for split, path in files.items():
         prompts[split], report = load_tokenized(path, tokenizer, "prompts", d.max_prompt_tokens, d.on_bad_sample,
-                                                label_key=d.label_key, require_label=cfg.needs_labels())
+                                                keys=d.keys(), require_label=cfg.needs_labels())
         log(f"{split} prompts: {report}")
     return prompts
 
