@@ -354,3 +354,23 @@ def test_lora_policy_syncs_its_adapted_weights_into_vllm(ray_cluster, engine, bu
         assert _max_gap(samples, lora_lps) < 1e-3
     finally:
         lora.shutdown()
+
+
+def test_gradient_checkpointing_gives_the_same_step(ray_cluster, builtin_assets, sft_items):
+    """trainer.gradient_checkpointing recomputes activations in backward: the same loss and the same step
+    (weights after it within 1e-5 in fp32) as keeping them."""
+    groups = {}
+    try:
+        for ckpt in (False, True):
+            cfg = TrainerConfig(num_ranks=1, num_cpus_per_rank=0.5, micro_batch_size=8, zero_stage=3,
+                                gradient_checkpointing=ckpt)
+            groups[ckpt] = ActorGroup(PolicyTrainer, cfg, str(builtin_assets.base), cfg.model_dump(), 100,
+                                      name=f"policy-ckpt-{ckpt}")
+        items = sft_items[:8]
+        steps = {k: ray.get(g.split_call("train_step", items, "sft"))[0] for k, g in groups.items()}
+        assert steps[True]["loss"] == pytest.approx(steps[False]["loss"], abs=1e-6)
+        after = {k: g.map("logprobs", items) for k, g in groups.items()}
+        assert _max_diff(after[True], after[False]) < 1e-5
+    finally:
+        for g in groups.values():
+            g.shutdown()

@@ -21,6 +21,14 @@ def test_trainer_need_by_zero_stage_dtype_and_offload():
     # activations 2 layers x 100 tokens x 64 x (34 + 5 x 4 x 50 / 64) x 4/2 = 2 x 100 x 64 x 49.625 x 2 = 1,270,400
     # logits 3 x 100 x 1000 x 4 = 1,200,000
     assert need.parts["activations"] == 1_270_400 + 1_200_000
+    # gradient checkpointing keeps each layer's input (2 x 100 x 64 x 4 = 51,200) and one layer's worth
+    ckpt = M.trainer_need("trainer", SHAPE, TrainerConfig(num_ranks=2, zero_stage=3, gradient_checkpointing=True),
+                          "float32", tokens=100, seq=50)
+    assert ckpt.parts["activations"] == 51_200 + 635_200 + 1_200_000
+    # on a GPU attention keeps no scores: 100 x 64 x 34 x 2 = 435,200 per layer
+    gpu = M.trainer_need("trainer", SHAPE, TrainerConfig(num_ranks=2, zero_stage=3, num_gpus_per_rank=1), "float32",
+                         100, 50)
+    assert gpu.parts["activations"] == 2 * 435_200 + 1_200_000
     # bf16 with ZeRO-1: weights and gradients whole (2 bytes each), optimizer 12 bytes / 2 ranks
     bf16 = M.trainer_need("trainer", SHAPE, TrainerConfig(num_ranks=2, zero_stage=1), "bfloat16", 100, 50)
     assert (bf16.parts["weights"], bf16.parts["gradients"], bf16.parts["optimizer"]) == (2_000_000, 2_000_000,
@@ -85,3 +93,33 @@ def test_a_layout_that_cannot_fit_is_refused_before_any_actor_starts(ray_cluster
     shown = "\n".join(lines)
     assert "memory plan" in shown and "\n  rollout           1" in shown
     assert "starting actor groups" not in shown and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_8b_gpu_preset_fits_an_80gb_gpu_and_its_fixes_were_needed(tmp_path):
+    """configs/llama-8b-gpu.yaml planned with Llama-3.1-8B's shape (a config.json, no weights): it fits 80 GB
+    GPUs; without its critic offload, gradient checkpointing or small scorer micro-batches it would not, and
+    the plan says where (docs/performance.md, Layout A, reaches the same conclusion by hand)."""
+    from transformers import LlamaConfig
+
+    from rlhf_cluster.lib.config import CONFIG_DIR
+
+    shape = tmp_path / "llama-3.1-8b"
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256).save_pretrained(shape)
+
+    def plan(*overrides):
+        cfg = load_config(PPOConfig, CONFIG_DIR / "llama-8b-gpu.yaml", list(overrides))
+        cfg.resolve_precision(set())
+        return M.plan_ppo(cfg, str(shape), [str(shape)], str(shape), None, int(cfg.ray.gpu_memory_gib * M.GIB))
+
+    preset = plan()
+    assert preset.problems == [], preset.table()
+    assert 7.9e9 < M.model_shape(str(shape), "causal_lm").params < 8.1e9
+    trainer = next(n for n in preset.needs if n.name == "trainer")
+    assert trainer.parts["optimizer"] == pytest.approx(12 * 8.03e9 / 4, rel=0.01)  # fp32 master + Adam, over 4
+    critic = next(n for n in preset.needs if n.name == "critic")
+    assert set(critic.host_parts) == {"optimizer", "weights"}  # offloaded
+    assert any(p.startswith("critic (1 GPU per rank) needs 1") for p in plan("critic.offload=false").problems)
+    no_ckpt = plan("trainer.gradient_checkpointing=false", "trainer.micro_batch_size=8")
+    assert any(p.startswith("trainer (1 GPU per rank)") for p in no_ckpt.problems)
+    assert any(p.startswith("reference (0.5 GPU per rank)") for p in plan("reference.micro_batch_size=16").problems)

@@ -157,6 +157,9 @@ class TrainerConfig(GroupResources):
     """DeepSpeed ZeRO stage: 1 partitions optimizer state, 2 also gradients, 3 also parameters"""
     offload: bool = False
     """ZeRO-Offload: optimizer state (and with stage 3 the parameters) in host memory"""
+    gradient_checkpointing: bool = False
+    """keep only each layer's input for backward and recompute the rest: far less activation memory, ~1/3
+    more compute"""
     micro_batch_size: int = Field(8, ge=1)
     """sequences per forward/backward pass (padded micro-batches)"""
     max_tokens_per_micro_batch: int | None = Field(None, ge=2)

@@ -96,7 +96,8 @@ def make_engine(model: torch.nn.Module, t: TrainerConfig, total_steps: int, dtyp
 
 
 def load_pretrained(cls, path: str, t: TrainerConfig | None, dtype: str = "float32", **kwargs):
-    """`cls.from_pretrained` that partitions at load time under ZeRO-3 (deepspeed.zero.Init)."""
+    """`cls.from_pretrained` that partitions at load time under ZeRO-3 (deepspeed.zero.Init), with
+    gradient checkpointing when `t` asks for it."""
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     if t is not None and t.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -105,8 +106,13 @@ def load_pretrained(cls, path: str, t: TrainerConfig | None, dtype: str = "float
         ds = deepspeed_config(t, dtype)
         ds["train_batch_size"] = t.micro_batch_size * t.grad_accumulation * max(1, _world_size())
         keep = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive during from_pretrained)
-        return cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    return cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        model = cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    else:
+        model = cls.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    if t is not None and t.gradient_checkpointing:  # keep each layer's input, recompute the rest in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
 
 
 def with_lora(model, lora: LoraConfig, task_type: str):

@@ -10,7 +10,10 @@ sequence (prompt + response budget), L layers, h hidden size, a attention heads,
   optimizer    P_t (8 + 4 [b = 2])         Adam's two fp32 moments, + fp32 master weights under bf16
                                            (/N with z >= 1; in host memory with `offload`)
   activations  L T h (34 + 5 a s / h) b/2  kept for backward (Korthikanti et al. 2022, their 16-bit count
-                                           scaled to b); inference keeps one layer's worth
+                                           scaled to b; the 5 a s / h attention-score term only on CPU, where
+                                           attention materialises its scores: GPU kernels do not keep them);
+                                           with gradient checkpointing L T h b (each layer's input) + one
+                                           layer's worth; inference keeps one layer's worth
   logits       3 T V 4                     fp32 logits, log-softmax and its gradient (inference: 2 T V 4;
                                            a reward or value head: none)
   KV cache     rollout.kv_cache_gib on CPU; on a GPU vLLM takes gpu_memory_utilization of the device,
@@ -86,6 +89,12 @@ def _bytes(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else 4
 
 
+def _layer_activations(shape: ModelShape, tokens: int, seq: int, b: int, on_gpu: bool) -> int:
+    """What one layer keeps for backward over `tokens` tokens (Korthikanti et al.'s count, scaled to b bytes)."""
+    scores = 0 if on_gpu else 5 * shape.heads * seq / shape.hidden
+    return int(tokens * shape.hidden * (34 + scores) * b / 2)
+
+
 def trainer_need(name: str, shape: ModelShape, t, dtype: str, tokens: int, seq: int) -> GroupNeed:
     """A DeepSpeed group (policy or critic) under its TrainerConfig `t`."""
     b, n = _bytes(dtype), t.num_ranks
@@ -93,7 +102,8 @@ def trainer_need(name: str, shape: ModelShape, t, dtype: str, tokens: int, seq: 
     weights = shape.params * b // (n if t.zero_stage == 3 else 1)
     grads = trainable * b // (n if t.zero_stage >= 2 else 1)
     optim = trainable * (8 + (4 if b == 2 else 0)) // (n if t.zero_stage >= 1 else 1)
-    act = int(shape.layers * tokens * shape.hidden * (34 + 5 * shape.heads * seq / shape.hidden) * b / 2)
+    layer = _layer_activations(shape, tokens, seq, b, t.num_gpus_per_rank > 0)
+    act = (shape.layers * tokens * shape.hidden * b + layer if t.gradient_checkpointing else shape.layers * layer)
     logits = 3 * tokens * shape.vocab * 4 if shape.lm_head else 0
     need = GroupNeed(name, n, t.num_gpus_per_rank,
                      {"weights": weights, "gradients": grads, "optimizer": optim, "activations": act + logits})
@@ -108,7 +118,7 @@ def scorer_need(name: str, shape: ModelShape, ranks: int, gpus_per_rank: float, 
                 seq: int) -> GroupNeed:
     """A frozen full copy per rank (reference, reward model): weights and one layer's transient activations."""
     b = _bytes(dtype)
-    act = int(tokens * shape.hidden * (34 + 5 * shape.heads * seq / shape.hidden) * b / 2)
+    act = _layer_activations(shape, tokens, seq, b, gpus_per_rank > 0)
     logits = 2 * tokens * shape.vocab * 4 if shape.lm_head else 0
     return GroupNeed(name, ranks, gpus_per_rank, {"weights": shape.params * b, "activations": act + logits})
 
