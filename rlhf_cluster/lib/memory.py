@@ -29,10 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GIB = 1 << 30
-# resident size of an idle actor process on the CPU machines this is developed on (measured with ps while the
-# packing benchmark ran: a ReferenceModel / RewardModel 0.63 GiB, a PolicyTrainer with DeepSpeed 0.81 GiB; a
-# vLLM engine 1.6 GiB without its KV cache)
-PROCESS_BYTES = {"trainer": int(0.81 * GIB), "scorer": int(0.63 * GIB), "engine": int(1.6 * GIB)}
+# resident size of an actor process besides its model (measured with ps during the PPO smoke test on the
+# tiny model, 2026-12-03: RolloutEngine 1.86 GiB with its 1 GiB KV cache, PolicyTrainer 0.69, Critic 0.70,
+# ReferenceModel / RewardModel 0.63 GiB)
+PROCESS_BYTES = {"trainer": int(0.7 * GIB), "scorer": int(0.63 * GIB), "engine": int(0.87 * GIB)}
 
 
 @dataclass(frozen=True)
