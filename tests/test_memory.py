@@ -88,7 +88,7 @@ def test_a_layout_that_cannot_fit_is_refused_before_any_actor_starts(ray_cluster
     cfg = load_config(PPOConfig, None, [f"policy.path={builtin_assets.base}", "rollout.kv_cache_gib=4096",
                                         f"reward.path={builtin_assets.reward_base}", f"output_dir={tmp_path}"])
     lines: list[str] = []
-    with pytest.raises(ConfigError, match=r"host memory: all ranks need 40\d\d\.\d\d GiB but the cluster has"):
+    with pytest.raises(ConfigError, match=r"host memory: all ranks need 4\d\d\d\.\d\d GiB but the cluster has"):
         run(cfg, log=lines.append)
     shown = "\n".join(lines)
     assert "memory plan" in shown and "\n  rollout           1" in shown
