@@ -781,7 +781,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        where = f" in {path}" if path else ""
+        where = (f" in {path}" + (" or the overrides" if overrides else "")) if path else ""
         raise ConfigError(_describe(e, cls).replace("invalid configuration", f"invalid configuration{where}", 1)
                           ) from None
 
