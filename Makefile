@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system run test test-fast bench results results-quick gpu-check lint clean distclean
+.PHONY: install system run test test-fast bench results results-verifiable results-quick gpu-check lint clean distclean
 
 install: $(STAMP) system
 
@@ -47,6 +47,11 @@ test-fast: install
 # writes docs/results/results.json, then docs/results.md and README's results block from it.
 results: install
 	$(PY) -m rlhf_cluster.results results_file=docs/results/results.json
+
+# GRPO and its stabilisers on the built-in arithmetic task over 3 seeds; writes docs/results/verifiable.json and
+# docs/results-verifiable.md.
+results-verifiable: install
+	$(PY) -m rlhf_cluster.results suite=verifiable results_file=docs/results/verifiable.json
 
 results-quick: install
 	$(PY) -m rlhf_cluster.results --quick

@@ -181,11 +181,18 @@ class RewardSources(Worker):
     functions of (prompts, responses, labels), and remote endpoints, all held by each rank.
 
     Functions see the prompt's last user turn, the response without special tokens, and the label
-    the prompt record carried (data.label_key)."""
+    the prompt record carried (data.label_key). combine="llama2" applies Llama 2's rule to the terms named
+    helpfulness and safety instead of the weighted sum. Calls with track=True add each term's scores (and the
+    functions' extra metrics) to sums that `drain_metrics` hands to the coordinator once an iteration."""
 
     def __init__(self, rank, world_size, master_addr, master_port, sources: list[dict], tokenizer_path: str,
-                 dtype: str = "float32", micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None):
+                 dtype: str = "float32", micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None,
+                 combine: str = "weighted_sum", safety_threshold: float = 0.15):
         super().__init__(rank, world_size, master_addr, master_port)
+        import math
+
+        self.combine, self.safety_logit = combine, math.log(safety_threshold / (1 - safety_threshold))
+        self.tracked: dict[str, list[float]] = {}  # metric -> [sum, count] since the last drain
         from transformers import AutoTokenizer
 
         from rlhf_cluster.lib.config import RewardSource
@@ -203,8 +210,8 @@ class RewardSources(Worker):
                 scorer = FunctionReward(src.name, src.fn, src.timeout_s)
             self.terms.append((src, scorer))
 
-    def score_samples(self, samples: list[dict], context: list[dict] | None = None) -> list[float]:
-        total = [0.0] * len(samples)
+    def score_samples(self, samples: list[dict], context: list[dict] | None = None, track: bool = False) -> list[float]:
+        parts = {}
         for src, scorer in self.terms:
             if isinstance(scorer, FunctionReward):
                 if context is None:
@@ -214,7 +221,29 @@ class RewardSources(Worker):
                 labels = [context[s["prompt_index"]].get("label") for s in samples]
                 responses = [self.tokenizer.decode(s["response_ids"], skip_special_tokens=True) for s in samples]
                 values = scorer(prompts, responses, labels)
+                if track:
+                    for name, xs in scorer.last_metrics.items():
+                        self._track(f"reward/{src.name}/{name}", xs)
             else:
                 values = scorer.score_samples(samples, context)
-            total = [t + src.weight * v for t, v in zip(total, values)]
-        return total
+            parts[src.name] = values
+            if track:
+                self._track(f"reward/{src.name}", values)
+        if self.combine == "llama2":  # Llama 2: safety where the prompt is flagged or the response looks unsafe
+            from rlhf_cluster.lib import algorithms as A
+
+            unsafe = torch.tensor([bool(context and context[s["prompt_index"]].get("unsafe")) for s in samples])
+            return A.llama2_combined_reward(torch.tensor(parts["helpfulness"]), torch.tensor(parts["safety"]),
+                                            unsafe, self.safety_logit).tolist()
+        weights = {src.name: src.weight for src, _ in self.terms}
+        return [sum(weights[name] * values[i] for name, values in parts.items()) for i in range(len(samples))]
+
+    def _track(self, key: str, values: list[float]) -> None:
+        acc = self.tracked.setdefault(key, [0.0, 0])
+        acc[0] += sum(values)
+        acc[1] += len(values)
+
+    def drain_metrics(self) -> dict[str, list[float]]:
+        """{metric: [sum, count]} of the tracked calls since the last drain, and start again."""
+        out, self.tracked = self.tracked, {}
+        return out

@@ -299,15 +299,20 @@ class PolicyTrainer(_DeepSpeedRank):
 
     def _loss_ppo(self, ids, att, pos, f, clip_eps: float = 0.2, entropy_coef: float = 0.0,
                   dual_clip: float | None = None, loss_agg: str = "token", clip_eps_high: float | None = None,
-                  norm_length: int | None = None):
+                  norm_length: int | None = None, kl_coef: float = 0.0):
         logp, ent = self._forward(ids, att, pos, with_entropy=True)
         mask = f["loss_mask"]
         pg, clip_frac = A.clipped_policy_loss(logp, f["old_logprobs"], f["advantages"], mask, clip_eps,
                                               dual_clip, loss_agg, f.get("is_weights"), clip_eps_high, norm_length)
         loss = pg + A.entropy_bonus(ent, mask, entropy_coef, loss_agg, norm_length)
+        metrics = {}
+        if "ref_logprobs" in f:  # kl_mode: loss
+            kl = A.kl_loss(logp, f["ref_logprobs"], mask, kl_coef, loss_agg, norm_length)
+            loss = loss + kl
+            metrics["kl_loss"] = kl.item()
         approx_kl = A.masked_mean(f["old_logprobs"] - logp.detach(), mask)
         return loss, {"clip_frac": clip_frac.item(), "entropy": A.masked_mean(ent, mask).item(),
-                      "approx_kl": approx_kl.item()}
+                      "approx_kl": approx_kl.item(), **metrics}
 
     def export_weights(self, bucket_bytes: int = 64 << 20) -> list:
         """Gather the full weights and return them as safetensors-serialised buckets (rank 0).

@@ -148,17 +148,19 @@ class PPORun:
 
         # 3. rewards and advantages (pure functions, on [B, T] response tensors)
         mask, old_lp, raw_scores = s.mask, s.old_logprobs, s.scores
-        scores = raw_scores
+        scores, overlong = raw_scores, None
         if cfg.overlong.buffer:  # DAPO's soft overlong penalty, part of the reward
-            scores = scores + A.overlong_penalty(torch.tensor(s.lengths), cfg.rollout.max_new_tokens,
-                                                 cfg.overlong.buffer, cfg.overlong.penalty)
+            overlong = A.overlong_penalty(torch.tensor(s.lengths), cfg.rollout.max_new_tokens, cfg.overlong.buffer,
+                                          cfg.overlong.penalty)
+            scores = scores + overlong
         if cfg.normalize_rewards:
             self.reward_stats.update(scores)
             scores = self.reward_stats.normalize(scores)
         if cfg.reward_clip:
             scores = A.clip_rewards(scores, cfg.reward_clip)
         kl = A.kl_estimate(old_lp, s.ref_logprobs, cfg.kl_estimator) * mask
-        rewards = A.token_level_rewards(scores, kl, mask, self.kl_ctl.value)
+        # kl_mode reward: -beta KL on every token of the reward; loss: the reward is the score, KL is in the loss
+        rewards = A.token_level_rewards(scores, kl, mask, self.kl_ctl.value if cfg.kl_mode == "reward" else 0.0)
         n = cfg.rollout.samples_per_prompt
         if cfg.estimator == "gae":
             advantages, returns = A.gae(rewards, s.values * mask, mask, cfg.gamma, cfg.lam)
@@ -171,6 +173,9 @@ class PPORun:
         if cfg.whiten_advantages and cfg.estimator == "gae":
             advantages = A.whiten(advantages, mask)
         fields = {"old_logprobs": old_lp, "advantages": advantages}
+        if cfg.kl_mode == "loss":
+            fields["ref_logprobs"] = s.ref_logprobs
+            self.learner.kl_coef = self.kl_ctl.value
         if self.groups.critic:
             fields |= {"old_values": s.values, "returns": returns}
         if self.importance_weights:  # samples of older weights: truncated importance weights (1 when on-policy)
@@ -228,6 +233,17 @@ class PPORun:
             # advantage math): what a data plane between actors would save
             "coordinator/cpu_s": time.process_time() - cpu_started,
         }
+        if cfg.kl_mode == "loss":
+            metrics["policy/kl_loss"] = _weighted(policy, "kl_loss")
+        if cfg.rewards:  # each source's mean score and the functions' extra metrics, over the batches scored
+            sums = {}
+            for part in self.groups.reward.run("drain_metrics"):
+                for key, (total, count) in part.items():
+                    acc = sums.setdefault(key, [0.0, 0])
+                    acc[0], acc[1] = acc[0] + total, acc[1] + count
+            metrics |= {key: total / count for key, (total, count) in sums.items() if count}
+        if overlong is not None:
+            metrics["reward/overlong_penalty"] = overlong.float().mean().item()
         if cfg.old_logprobs == "recompute":  # engine vs trainer on the same tokens
             gap = (old_lp - s.sampler_logprobs).abs() * mask
             metrics["rollout/logprob_gap"] = gap.sum().item() / mask.sum().item()
@@ -424,23 +440,39 @@ class PPORun:
             "staleness_histogram": {str(k): n for k, n in sorted(Counter(
                 h["rollout/staleness"] for h in self.history if "rollout/staleness" in h).items())},
         }
+        verifiable = f"{shown}/pass@1" in last
+        if verifiable:  # a verifiable task: gold is greedy accuracy; pass@k from eval_samples_per_prompt samples
+            k = self.cfg.eval_samples_per_prompt
+            summary |= {"k": k, "pass@1_initial": first[f"{shown}/pass@1"], "pass@1_final": last[f"{shown}/pass@1"],
+                        f"pass@{k}_initial": first[f"{shown}/pass@{k}"], f"pass@{k}_final": last[f"{shown}/pass@{k}"],
+                        "accuracy_by_level_final": {key.rsplit("_", 1)[1]: v for key, v in last.items()
+                                                    if key.startswith(f"{shown}/accuracy/level_")}}
         learning_curves(self.history, self.out / "report.png", title=f"PPO ({self.cfg.estimator})")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.tracker.finish(summary, self.out / "report.png", summary["best_checkpoint"] or summary["checkpoints"])
+        gold_name = f"greedy accuracy ({shown}):" if verifiable else f"gold score ({shown}):"
+        passes = []  # the verifiable task's lines
+        if verifiable:
+            passes = [f"{f'pass@{k} ({shown}):':<24}{summary[f'pass@{k}_initial']:.3f} -> "
+                      f"{summary[f'pass@{k}_final']:.3f}" for k in sorted({1, self.cfg.eval_samples_per_prompt})]
+            if summary["accuracy_by_level_final"]:
+                passes.append("by level (greedy):      " + ", ".join(
+                    f"{level} {acc:.2f}" for level, acc in summary["accuracy_by_level_final"].items()))
         self.log("\n".join([
             "", "=== PPO summary ===",
-            f"{f'gold score ({shown}):':<23}{summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}"
+            f"{gold_name:<24}{summary['gold_initial']:.3f} -> {summary['gold_final']:.3f}"
             f" ± {summary['gold_final_se']:.3f} (s.e.)",
-            f"validation gold:       {summary['val_gold_initial']:.3f} -> {summary['val_gold_final']:.3f}"
+            *passes,
+            f"validation gold:        {summary['val_gold_initial']:.3f} -> {summary['val_gold_final']:.3f}"
             f" (best checkpoint by it: {summary['best_checkpoint']})",
-            f"reward-model score:    {summary['rm_initial']:.3f} -> {summary['rm_final']:.3f}",
-            f"KL to reference:       {summary['kl_final']:.3f} on greedy responses, "
+            f"reward score:           {summary['rm_initial']:.3f} -> {summary['rm_final']:.3f}",
+            f"KL to reference:        {summary['kl_final']:.3f} on greedy responses, "
             f"{summary['kl_final_sampled']:.3f} sampled",
-            f"best by validation:    iteration {summary['best_val_iteration']}, {shown} gold there "
+            f"best by validation:     iteration {summary['best_val_iteration']}, {shown} gold there "
             f"{summary['gold_at_best_val']:.3f}" + (f"; stopped early at iteration {self.stopped_early}"
                                                     if self.stopped_early else ""),
-            f"win-rate vs initial:   {summary['win_rate_vs_initial']:.2f}",
-            "faults ridden out:     " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.faults.items()),
+            f"win-rate vs initial:    {summary['win_rate_vs_initial']:.2f}",
+            "faults ridden out:      " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.faults.items()),
             f"report:      {summary['report']}",
             f"metrics:     {summary['metrics']}",
             f"checkpoints: {summary['checkpoints']}",
@@ -466,6 +498,8 @@ def _progress_line(row: dict) -> str:
     for split in ("val", "test"):
         if f"{split}/gold" in row:
             parts.append(f"{split} gold {row[f'{split}/gold']:.3f}")
+        if f"{split}/pass@1" in row:
+            parts.append(f"{split} pass@1 {row[f'{split}/pass@1']:.3f}")
     parts.append("time " + " ".join(f"{k[5:]}={v:.1f}s" for k, v in row.items() if k.startswith("time/")))
     return " | ".join(parts)
 
@@ -486,10 +520,14 @@ def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str | None]:
     if cfg.policy.path and (cfg.reward.path or cfg.reward_service or cfg.rewards):
         return cfg.policy.path, cfg.reward.path
     from rlhf_cluster.reward import ensure_builtin_sft_and_rm
+    from rlhf_cluster.sft import ensure_builtin_sft
 
+    if cfg.rewards:  # the reward comes from its sources: only the policy may be built in
+        log(f"using the built-in {cfg.builtin.task} SFT policy (trained first if missing)")
+        return cfg.policy.path or str(ensure_builtin_sft(cfg.builtin)), cfg.reward.path
     log("using the built-in SFT policy and reward model (trained first if missing)")
     sft, rm = ensure_builtin_sft_and_rm(cfg.builtin)
-    return cfg.policy.path or str(sft), None if cfg.rewards else cfg.reward.path or str(rm)
+    return cfg.policy.path or str(sft), cfg.reward.path or str(rm)
 
 
 def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:

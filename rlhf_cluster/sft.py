@@ -108,7 +108,8 @@ def run_sft(cfg: SFTConfig, llm=None, fail_at_step: int | None = None) -> Path:
 
 
 def ensure_builtin_sft(builtin_cfg=None) -> Path:
-    """The built-in SFT policy, trained once with configs/sft-tiny.yaml and cached next to the
+    """The built-in SFT policy, trained once with configs/sft-tiny.yaml (sft-arithmetic.yaml for the
+    arithmetic task) and cached next to the
     built-in assets (a second call, from any process, trains nothing)."""
     from rlhf_cluster.lib.builtin import cache_root, locked
     from rlhf_cluster.lib.config import CONFIG_DIR, BuiltinConfig, load_config
@@ -118,7 +119,8 @@ def ensure_builtin_sft(builtin_cfg=None) -> Path:
     with locked(root / "sft.lock"):
         if not (root / "sft" / "model" / "config.json").exists():
             overrides = [f"output_dir={root / 'sft'}", "gold_eval=false"]  # PPO jobs need no vLLM start here
-            cfg = load_config(SFTConfig, CONFIG_DIR / "sft-tiny.yaml", overrides)
+            preset = "sft-arithmetic.yaml" if builtin_cfg.task == "arithmetic" else "sft-tiny.yaml"
+            cfg = load_config(SFTConfig, CONFIG_DIR / preset, overrides)
             cfg.builtin = builtin_cfg
             run_sft(cfg)
     return root / "sft" / "model"

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster import scaffold
-from rlhf_cluster.lib.config import LoraConfig, StageConfig
+from rlhf_cluster.lib.config import ConfigError, LoraConfig, StageConfig
 from rlhf_cluster.lib.data import DataError
 from rlhf_cluster.lib.gold import gold_eval
 from rlhf_cluster.lib.report import loss_curves
@@ -108,8 +108,11 @@ def add_gold_eval(run: dict, cfg, llm=None) -> None:
     the summary: reported only, the stage's model is its last step whatever it scores."""
     paths, summary = run["paths"], run["summary"]
     if cfg.gold_eval and paths["prompts"]:
+        from rlhf_cluster.lib.reward_functions import exact_match
+
         gold = gold_eval({"before": Path(paths["model"]), "after": run["model_dir"]}, Path(paths["prompts"]),
-                         cfg.rollout, cfg.seed, llm=llm)
+                         cfg.rollout, cfg.seed, llm=llm,
+                         verifier=exact_match if cfg.builtin.task == "arithmetic" else None)
         summary.update(gold_before=gold["before"]["gold"], gold_after=gold["after"]["gold"],
                        gold_after_se=gold["after"]["gold_se"],
                        gold_examples=gold["after"]["examples"])
@@ -165,6 +168,9 @@ def resolve_paths(cfg: StageConfig, builtin_data: str, builtin_model: Callable) 
         if cfg.model.path is None:
             paths["model"] = str(builtin_model(assets))
         if cfg.data.train is None:
+            if not assets.file(f"{builtin_data}_train.jsonl").exists():
+                raise ConfigError(f"the built-in {cfg.builtin.task} task has no {builtin_data} data; "
+                                  "set data.train (and data.eval) or another builtin.task")
             paths["train"] = str(assets.file(f"{builtin_data}_train.jsonl"))
             paths["eval"] = paths["eval"] or str(assets.file(f"{builtin_data}_val.jsonl"))
             paths["prompts"] = str(assets.file("prompts_test.jsonl"))

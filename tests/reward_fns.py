@@ -47,3 +47,17 @@ def fails_on_second_batch(prompts, responses, labels):
         if n == 2:
             raise RuntimeError("second batch fails")
     return [1.0 - len(r) / 100.0 for r in responses]
+
+
+def helpfulness(prompts, responses, labels):
+    return [2.0] * len(responses)
+
+
+def safety(prompts, responses, labels):
+    """Unsafe-looking (below Llama 2's threshold, logit 0.15 = -1.73) where the response hedges."""
+    return [-5.0 if r.startswith("I think") else 3.0 for r in responses]
+
+
+def with_metrics(prompts, responses, labels):
+    """OpenRLHF-style: rewards and per-response extra metrics."""
+    return {"rewards": [1.0] * len(responses), "metrics": {"length": [float(len(r)) for r in responses]}}

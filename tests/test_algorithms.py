@@ -350,6 +350,20 @@ def test_clipped_value_loss():
     close(A.clipped_value_loss(values, old, garble(returns, mask), mask), 0.735)
 
 
+def test_kl_loss_is_the_aggregated_k3_times_its_coefficient():
+    # token 1: r = 2 -> k3 0.306853; token 2: r = 1/2 -> k3 0.193147; token 3 identical -> 0; token 4 padding
+    logp, ref = t([[0.0, LN2], [-1.0, 5.0]]), t([[LN2, 0.0], [-1.0, -9.0]])
+    mask = t([[1, 1], [1, 0]])
+    close(A.kl_loss(logp, ref, mask, 0.1), 0.1 * (0.306853 + 0.193147 + 0.0) / 3)  # token mean
+    close(A.kl_loss(logp, ref, mask, 0.1, loss_agg="sequence"), 0.1 * (0.25 + 0.0) / 2)  # mean of sequence means
+    close(A.kl_loss(logp, ref, mask, 0.1, loss_agg="sequence_sum_norm", norm_length=4), 0.1 * (0.5 + 0.0) / 2 / 4)
+    close(A.kl_loss(garble(logp, mask), ref, mask, 0.1), 0.1 * 0.5 / 3)  # padding never counts
+    # the gradient pushes log pi towards log pi_ref: d k3 / d logp = 1 - r
+    lp = t([[0.0]]).requires_grad_()
+    A.kl_loss(lp, t([[LN2]]), t([[1]]), 1.0).backward()
+    close(lp.grad, [[1 - 2.0]])
+
+
 def test_entropy_bonus_and_ptx_loss():
     ent = t([[1.0, 2.0], [3.0, 50.0]])
     mask = t([[1, 1], [1, 0]])

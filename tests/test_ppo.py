@@ -249,16 +249,22 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_bound():
 
 @pytest.mark.ray
 def test_grpo_with_dapo_stabilisers_runs(ray_cluster, builtin_assets, tmp_path):
-    """Clip-higher, Dr. GRPO (no std scaling, constant normaliser), the overlong penalty and filter, and
-    dynamic sampling together through the real groups: every iteration trains, with their metrics; tracked
-    in TensorBoard, MLflow and W&B."""
+    """Clip-higher, Dr. GRPO (no std scaling, constant normaliser), the overlong penalty and filter, dynamic
+    sampling and the KL in the loss together through the real groups: every iteration trains, with their
+    metrics; tracked in TensorBoard, MLflow and W&B."""
     out = tmp_path / "dapo"
     summary = run(_smoke(builtin_assets, out, "estimator=grpo", "ptx_coef=0", "iterations=2", "eval_every=2",
                          "clip_eps_high=0.28", "loss_agg=sequence_sum_norm", "grpo_scale_by_std=false",
                          "overlong.buffer=4", "overlong.mask_truncated=true", "dynamic_sampling.enabled=true",
-                         "tracking.backends=[tensorboard, mlflow, wandb]"))
+                         "kl_mode=loss", "tracking.backends=[tensorboard, mlflow, wandb]"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["iterations"] == 2 and not any(r.get("skipped") for r in rows)
+    # kl_mode=loss: the reference log-probs reach the trainer's k3 term (>= 0; 0 while the policy is the reference:
+    # here the first update has no loss tokens, every response of the random base model being cut off), and the
+    # reward is the score and the overlong penalty alone (the helpful RM's unit tests show the KL math)
+    assert rows[1]["policy/kl_loss"] == pytest.approx(0.0, abs=1e-6) and rows[2]["policy/kl_loss"] >= 0.0
+    assert all(r["reward/total"] == pytest.approx(r["reward/rm_score"] + r["reward/overlong_penalty"], abs=1e-5)
+               for r in rows[1:])
     assert all(0.0 <= r["rollout/filtered_frac"] <= 1.0 and r["rollout/informative_prompts"] == 8 for r in rows[1:])
     # the run went to MLflow (a SQLite store in the run directory) and W&B (offline) as well
     from mlflow import MlflowClient

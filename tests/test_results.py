@@ -88,6 +88,48 @@ def test_committed_report_matches_its_json(tmp_path):
     assert (tmp_path / "README.md").read_text() == R.README.read_text()
 
 
+def _verifiable_synthetic() -> dict:
+    cfg = ResultsConfig(suite="verifiable", seeds=[0, 1]).model_dump(mode="json")
+
+    def point(it, p1, p8, levels):
+        return {"iteration": it, "pass@1": p1, "pass@8": p8, "accuracy": p1 + 0.05, "val_accuracy": p1, "kl": it / 100,
+                "length": 15.0, "by_level": dict(zip("1234", levels))}
+
+    runs = []
+    for variant, seed, end, filtered in [("grpo", 0, 0.45, None), ("grpo", 1, 0.41, None),
+                                         ("dynamic_sampling", 0, 0.50, 0.4)]:
+        curve = [point(0, 0.20, 0.55, [0.5, 0.0, 0.2, 0.6]), point(100, end, 0.60, [0.9, 0.0, 0.4, 0.9])]
+        runs.append({"variant": variant, "seed": seed, "k": 8, "initial": curve[0], "final": curve[-1],
+                     "curve": curve, "best_val_iteration": 100, "filtered_frac": filtered, "skipped": 0,
+                     "seconds": 300.0})
+    variants = {v: R.verifiable_aggregate([r for r in runs if r["variant"] == v]) for v in ("grpo", "dynamic_sampling")}
+    return {"started": "2026-12-03 10:00 UTC", "cpu": "Test CPU", "cores": 2, "quick": False, "config": cfg,
+            "overrides": R.VARIANT_OVERRIDES, "runs": runs, "variants": variants, "duration_s": 900}
+
+
+def test_verifiable_report_is_generated_from_its_results_alone(tmp_path):
+    res = _verifiable_synthetic()
+    g = res["variants"]["grpo"]
+    assert g["gain"]["mean"] == pytest.approx(0.23) and g["gain"]["std"] == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+    assert res["variants"]["dynamic_sampling"]["filtered_frac"]["mean"] == pytest.approx(0.4)
+    R.write_verifiable_report(res, tmp_path)
+    md = (tmp_path / "results-verifiable.md").read_text()
+    assert "| grpo | 2 | 0.200 → 0.430 ± 0.028 | 0.230 ± 0.028 | 0.550 → 0.600 ± 0.000 |" in md
+    assert "| dynamic_sampling | 1 |" in md and "| 0.40 ± 0.00 |" in md  # its filtered fraction; grpo has none: —
+    assert "+0.230 ± 0.028 over 2 seed(s), **not met**" in md  # the target asks for 3 seeds
+    assert "| grpo | 0.90 (0.50) | 0.00 (0.00) | 0.40 (0.20) | 0.90 (0.60) |" in md
+    # the commentary is read off the numbers: level 2 never moves; one seed of dynamic sampling is flagged
+    assert "Level(s) 2 start and end at (almost) zero" in md and "beyond vanilla GRPO's seed spread (one seed)" in md
+    assert (tmp_path / "results" / "verifiable.png").stat().st_size > 10_000
+
+
+def test_committed_verifiable_report_matches_its_json(tmp_path):
+    if not R.RECORDED_VERIFIABLE.exists():
+        pytest.fail(f"{R.RECORDED_VERIFIABLE} is missing: run `make results-verifiable` and commit its output")
+    R.write_verifiable_report(json.loads(R.RECORDED_VERIFIABLE.read_text()), tmp_path)
+    assert (tmp_path / "results-verifiable.md").read_text() == (R.DOCS / "results-verifiable.md").read_text()
+
+
 def test_config_checks_the_budget():
     with pytest.raises(ConfigError, match="multiple of prompts_per_iteration"):
         load_config(ResultsConfig, None, ["samples_per_method=100"])

@@ -143,6 +143,41 @@ def test_reward_sources_sum_models_functions_and_endpoints(ray_cluster, builtin_
 
 
 @pytest.mark.ray
+def test_llama2_rule_over_sources_and_their_tracked_metrics(ray_cluster, builtin_assets, tokenizer):
+    """combine=llama2 takes the safety term where the prompt is flagged or the safety score is below the threshold,
+    else helpfulness; training calls (track=True) leave per-source means and the functions' extra metrics for
+    the coordinator, evaluation calls none."""
+    from actors.group import ActorGroup
+    from actors.scorers import RewardSources
+    from rlhf_cluster.lib.config import GroupResources
+    from rlhf_cluster.rl.rollout import reward_context
+
+    rows, _ = load_tokenized(MATH, tokenizer, "prompts", 64, require_label=True)
+    samples, context = _samples(tokenizer, rows[:3]), reward_context(rows[:3])
+    assert not any(c["unsafe"] for c in context)
+    context[1]["unsafe"] = True  # as a record with "unsafe": true gives
+    sources = [{"name": "helpfulness", "fn": "tests.reward_fns:helpfulness"},
+               {"name": "safety", "fn": "tests.reward_fns:safety"},
+               {"name": "extra", "fn": "tests.reward_fns:with_metrics"}]
+    group = ActorGroup(RewardSources, GroupResources(num_cpus_per_rank=0.25), sources, str(builtin_assets.base),
+                       combine="llama2", safety_threshold=0.15, name="reward-llama2")
+    try:
+        actor = group.actors[0]
+        assert ray.get(actor.score_samples.remote(samples, context)) == [2.0, -5.0, 3.0, -5.0, 2.0, -5.0]
+        assert ray.get(actor.drain_metrics.remote()) == {}  # an untracked (evaluation) call
+        ray.get(actor.score_samples.remote(samples, context, track=True))
+        got = ray.get(actor.drain_metrics.remote())
+        # responses "5" and "I think 17", three times: length mean (1 + 10) / 2
+        assert got == {"reward/helpfulness": [12.0, 6], "reward/safety": [-6.0, 6], "reward/extra": [6.0, 6],
+                       "reward/extra/length": [33.0, 6]}
+        assert ray.get(actor.drain_metrics.remote()) == {}
+    finally:
+        group.shutdown()
+    with pytest.raises(ConfigError, match="combine=llama2 needs rewards named 'helpfulness' and 'safety'"):
+        load_config(PPOConfig, None, ["combine=llama2", "rewards=[{name: h, fn: 'tests.reward_fns:helpfulness'}]"])
+
+
+@pytest.mark.ray
 @pytest.mark.parametrize("fn,message", [
     ("raises", r"reward function 'f' \(tests.reward_fns:raises\) raised ValueError: the verifier is broken"),
     ("nan", r"returned non-finite values at 2 of 2 responses \(first: nan at 0\)"),
@@ -193,6 +228,7 @@ def test_a_run_skips_the_iteration_a_function_fails_and_goes_on(ray_cluster, bui
     assert summary["iterations"] == 3 and summary["faults"]["reward_errors"] == 1
     assert any("7 samples kept, skipped 1 missing_label" in line for line in lines)  # the unlabelled prompt
     assert 0.0 < rows[0]["reward/rm_score"] <= 1.0  # the function's 1 - length / 100
+    assert rows[0]["reward/short"] == pytest.approx(rows[0]["reward/rm_score"])  # the one source, tracked
 
 
 # --------------------------------------------------------------------------- the arithmetic task's data
@@ -221,3 +257,81 @@ def test_arithmetic_task_data(tmp_path, tokenizer):
     sft = [json.loads(x) for x in (tmp_path / "sft_train.jsonl").read_text().splitlines()]
     assert len(sft) + counts["sft_val.jsonl"] == counts["prompts_train.jsonl"]
     assert {m["role"] for m in sft[0]["messages"]} == {"user", "assistant"}
+
+
+def test_pass_at_k_against_hand_computed_values():
+    from rlhf_cluster.lib.gold import pass_at_k
+
+    # n=4 samples, c=1 correct: pass@1 = 1/4; pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6; pass@4 = 1
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(4, 1, 4) == 1.0 and pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    # n=8, c=2, k=3: 1 - C(6,3)/C(8,3) = 1 - 20/56
+    assert pass_at_k(8, 2, 3) == pytest.approx(1 - 20 / 56)
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(4, 1, 5)
+
+
+def test_arithmetic_task_needs_a_verifier_and_gets_exact_match_for_evaluation():
+    with pytest.raises(ConfigError, match="builtin.task=arithmetic has no reward model"):
+        load_config(PPOConfig, None, ["builtin.task=arithmetic"])
+    cfg = load_config(PPOConfig, "configs/verifiable-grpo.yaml", [])
+    assert cfg.verifier() == "rlhf_cluster.lib.reward_functions:exact_match" and cfg.needs_labels()
+    # with a learned reward model only, the built-in task's verifier still judges evaluations
+    cfg = load_config(PPOConfig, None, ["builtin.task=arithmetic", "reward.path=/some/rm"])
+    assert cfg.verifier() == "rlhf_cluster.lib.reward_functions:exact_match" and not cfg.needs_labels()
+    assert load_config(PPOConfig, None, []).verifier() is None  # the helpful task: its gold scorer
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_config(PPOConfig, None, ["eval_verifier=no_such_module:f"])
+
+
+@pytest.fixture(scope="module")
+def arithmetic_assets(builtin_cfg):
+    from rlhf_cluster.lib.builtin import ensure_builtin
+
+    return ensure_builtin(builtin_cfg.model_copy(update={"task": "arithmetic"}))
+
+
+def test_arithmetic_assets_split_digits(arithmetic_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(arithmetic_assets.base)
+    pieces = [tok.decode([i]) for i in tok("What is 58-23?")["input_ids"]]
+    assert pieces[-6:] == ["5", "8", "-", "2", "3", "?"]  # one token per digit
+    assert "arithmetic" in arithmetic_assets.root.name and (arithmetic_assets.data / "prompts_test.jsonl").exists()
+
+
+def test_preference_stages_refuse_the_arithmetic_task(builtin_cfg, arithmetic_assets):
+    from rlhf_cluster import dpo, reward
+    from rlhf_cluster.lib.config import DPOConfig, RewardConfig
+
+    for module, cls in ((reward, RewardConfig), (dpo, DPOConfig)):
+        cfg = load_config(cls, None, ["builtin.task=arithmetic", f"builtin.cache_dir={builtin_cfg.cache_dir}",
+                                      "model.path=/any/model"])
+        with pytest.raises(ConfigError, match="the built-in arithmetic task has no preferences data"):
+            module.resolve(cfg)
+
+
+@pytest.mark.ray
+def test_arithmetic_run_reports_pass_at_k_per_level(ray_cluster, builtin_cfg, arithmetic_assets, tmp_path):
+    """configs/verifiable-grpo.yaml on the built-in arithmetic task, shortened and from the random base model:
+    the evaluation judges with exact_match (greedy accuracy as gold, per level, pass@1 and pass@k), the summary
+    and the report say so. (That GRPO raises pass@1 is a results-run target: docs/results.md.)"""
+    from rlhf_cluster.ppo import run
+
+    out = tmp_path / "arith"
+    cfg = load_config(PPOConfig, "configs/verifiable-grpo.yaml", [
+        f"policy.path={arithmetic_assets.base}", f"output_dir={out}", f"registry={out / 'registry'}",
+        f"builtin.cache_dir={builtin_cfg.cache_dir}", "iterations=1", "eval_every=1", "eval_samples_per_prompt=2",
+        "prompts_per_iteration=4", "rollout.samples_per_prompt=2", "trainer.num_ranks=1"])
+    lines: list[str] = []
+    summary = run(cfg, log=lines.append)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for split in ("val", "test"):
+        assert {f"{split}/pass@1", f"{split}/pass@2", f"{split}/gold", f"{split}/accuracy/level_4"} <= rows[1].keys()
+        assert f"{split}/helpfulness" not in rows[1]  # the helpful task's aspects mean nothing here
+        assert 0.0 <= rows[1][f"{split}/pass@1"] <= rows[1][f"{split}/pass@2"] <= 1.0
+    assert summary["k"] == 2 and set(summary["accuracy_by_level_final"]) == {"1", "2", "3", "4"}
+    assert summary["gold_final"] == rows[1]["test/gold"] and "pass@2_final" in summary
+    text = "\n".join(lines)
+    assert "greedy accuracy (test):" in text and "pass@2 (test):" in text and "by level (greedy):" in text
+    assert (out / "report.png").stat().st_size > 10_000

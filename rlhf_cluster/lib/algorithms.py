@@ -419,6 +419,15 @@ class RunningMeanStd:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, coef: float,
+            loss_agg: str = "token", norm_length: int | None = None) -> torch.Tensor:
+    """GRPO's KL term (Shao et al. 2024): coef x the aggregated k3 estimate of KL(pi || pi_ref), added to the policy
+    loss instead of shaping the reward (`kl_mode: loss`; TRL's beta, veRL's use_kl_loss). Kept out of the reward,
+    the KL cannot become the advantage of a group whose scores are all equal, which group normalisation would
+    scale up to unit size."""
+    return coef * aggregate(kl_estimate(logprobs, ref_logprobs, "k3"), mask, loss_agg, norm_length)
+
+
 def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, coef: float, loss_agg: str = "token",
                   norm_length: int | None = None) -> torch.Tensor:
     """-coef * aggregated entropy: added to the loss, it rewards keeping the policy stochastic (exploration)."""

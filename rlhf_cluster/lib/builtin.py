@@ -37,6 +37,8 @@ class BuiltinAssets:
 
 def cache_root(cfg: BuiltinConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("RLHF_CLUSTER_CACHE") or Path.home() / ".cache" / "rlhf-cluster"
+    if cfg.task == "arithmetic":  # no preference labels, so no label noise in the key
+        return Path(root) / f"builtin-v1-arithmetic-{cfg.size}-seed{cfg.seed}"
     # v2: train/val/test splits, a tokenizer that never saw the test split
     return Path(root) / f"builtin-v2-{cfg.size}-seed{cfg.seed}-noise{cfg.label_noise:g}"
 
@@ -55,14 +57,21 @@ def locked(path: Path):
 
 def ensure_builtin(cfg: BuiltinConfig = BuiltinConfig(), log=print) -> BuiltinAssets:
     """Build the task data and the base models unless they already exist; returns their paths."""
-    from rlhf_cluster.lib import task, tiny_models
+    from rlhf_cluster.lib import arithmetic, task, tiny_models
 
     assets = BuiltinAssets(cache_root(cfg))
+    verifiable = cfg.task == "arithmetic"
     with locked(assets.root.with_name(assets.root.name + ".lock")):
         if not (assets.data / "task.json").exists():
-            log(f"building the built-in task data in {assets.data}")
-            task.build(assets.data, seed=cfg.seed, label_noise=cfg.label_noise)
+            log(f"building the built-in {cfg.task} task data in {assets.data}")
+            if verifiable:
+                arithmetic.build(assets.data, seed=cfg.seed)
+            else:
+                task.build(assets.data, seed=cfg.seed, label_noise=cfg.label_noise)
         if not (assets.base / "config.json").exists() or not (assets.reward_base / "config.json").exists():
             log(f"building {cfg.size} Llama models in {assets.base.parent}")
-            tiny_models.build_tiny(assets.base.parent, size=cfg.size, seed=cfg.seed)
+            # arithmetic: one token per digit, as Llama's tokenizer does, so numbers are learnt digit by digit
+            corpus = arithmetic.corpus(cfg.seed) if verifiable else task.corpus(cfg.seed)
+            tiny_models.build_tiny(assets.base.parent, size=cfg.size, seed=cfg.seed, corpus=corpus,
+                                   split_digits=verifiable)
     return assets

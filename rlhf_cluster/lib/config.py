@@ -40,6 +40,9 @@ class ModelSource(Strict):
 class BuiltinConfig(Strict):
     """The embedded default: built-in task and locally built Llama models."""
 
+    task: Literal["helpful", "arithmetic"] = "helpful"
+    """helpful: preference data with a hidden gold scorer (helpfulness, safety); arithmetic: problems with exact
+    answers as labels, scored by the shipped verifier (pass@k)"""
     size: Literal["tiny", "small"] = "tiny"
     """size of the locally built Llama models: tiny (0.9 M parameters) or small (~24 M)"""
     seed: int = 0
@@ -400,6 +403,9 @@ class RewardServiceConfig(Strict):
         return self
 
 
+EXACT_MATCH = "rlhf_cluster.lib.reward_functions:exact_match"  # the built-in arithmetic task's verifier
+
+
 class RewardSource(Strict):
     """One term of the reward (`rewards:` of a PPO config): a learned reward model, a Python function, or
     a remote endpoint; the reward is the weighted sum of the terms."""
@@ -517,6 +523,12 @@ class PPOConfig(JobConfig):
     """null: the built-in reward model"""
     reward_service: RewardServiceConfig | None = None
     """set: score over HTTP instead of a local reward group"""
+    combine: Literal["weighted_sum", "llama2"] = "weighted_sum"
+    """how several reward terms (`rewards`; rejection sampling: `reward_models`) combine: weighted_sum, or Llama 2's
+    rule: the `safety` term where the prompt is flagged unsafe (its record's `unsafe: true`, or the built-in task's
+    unsafe requests) or the safety term's sigmoid is below safety_threshold, else the `helpfulness` term"""
+    safety_threshold: float = Field(0.15, gt=0.0, lt=1.0)
+    """on the sigmoid of the safety score"""
     rewards: list[RewardSource] = []
     """set: the reward is the weighted sum of these sources (models, functions on labels, endpoints), in place of
     `reward` / `reward_service`
@@ -586,7 +598,11 @@ class PPOConfig(JobConfig):
     kl_coef: float = Field(0.05, ge=0.0)
     """KL penalty coefficient beta (the start value with kl_target)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """per-token KL estimator: k1 (log ratio), k2, k3 (Schulman's)"""
+    """per-token KL estimator: k1 (log ratio), k2, k3 (Schulman's); of the reward penalty and the kl/* metrics"""
+    kl_mode: Literal["reward", "loss"] = "reward"
+    """reward: -kl_coef x KL on every token of the reward (InstructGPT; what GAE needs); loss: the reward is the score
+    alone and kl_coef x k3 KL is a term of the policy loss (GRPO, DeepSeekMath), so no KL noise becomes the
+    advantage of a group whose scores are all equal (a 0/1 verifier's usual case)"""
     kl_target: float | None = Field(None, gt=0.0)
     """set: adaptive KL controller (Ziegler et al.)"""
     kl_horizon: int = Field(10000, ge=1)
@@ -607,7 +623,11 @@ class PPOConfig(JobConfig):
     eval_temperature: float = Field(0.0, ge=0.0)
     """0: greedy, so evaluations are comparable"""
     eval_samples_per_prompt: int = Field(4, ge=1)
-    """sampled responses per prompt for the sampled KL / RM / gold"""
+    """sampled responses per prompt for the sampled KL / RM / gold (and pass@k, k = this, with a verifier)"""
+    eval_verifier: str | None = None
+    """"package.module:function" deciding which held-out responses are correct (score > 0): the evaluation then
+    reports accuracy (greedy, the `gold` that chooses), pass@1 and pass@k; null: the first function of `rewards`
+    that reads labels, else the built-in task's gold scorer"""
     early_stop: Literal["none", "val_gold"] = "none"
     """Reward over-optimisation (Gao et al. 2022): when, over the last `overoptimisation_patience` evaluations,
     the validation RM score rose while validation gold fell, the run warns; with early_stop=val_gold it also
@@ -638,9 +658,38 @@ class PPOConfig(JobConfig):
                 raise ValueError(f"rewards names must be unique, got {names}")
         return self
 
+    def _combined_terms(self) -> tuple[str, list[str]]:
+        """(the key, the names) of what `combine` combines; rejection sampling combines its reward_models."""
+        return "rewards", [r.name for r in self.rewards]
+
+    @model_validator(mode="after")
+    def _llama2_rule_has_its_terms(self) -> PPOConfig:
+        key, names = self._combined_terms()
+        if self.combine == "llama2" and not {"helpfulness", "safety"} <= set(names):
+            raise ValueError(f"combine=llama2 needs {key} named 'helpfulness' and 'safety' (got {names})")
+        return self
+
     def needs_labels(self) -> bool:
         """Some reward function reads labels: prompts without one are bad samples."""
         return any(r.fn and r.needs_label for r in self.rewards)
+
+    def verifier(self) -> str | None:
+        """The function that decides correctness in evaluation (`eval_verifier`), or None: the built-in gold."""
+        builtin = EXACT_MATCH if self.builtin.task == "arithmetic" and not self.data.train else None
+        return self.eval_verifier or next((r.fn for r in self.rewards if r.fn and r.needs_label), builtin)
+
+    @model_validator(mode="after")
+    def _verifiable_task_has_a_verifier(self) -> PPOConfig:
+        if self.eval_verifier:
+            from rlhf_cluster.lib.reward_functions import load_function
+
+            load_function(self.eval_verifier)
+        if (self.builtin.task == "arithmetic" and not self.data.train
+                and not (self.rewards or self.reward_service or self.reward.path)):
+            raise ValueError("builtin.task=arithmetic has no reward model: score it with a function on its labels, "
+                             "rewards: [{name: exact_match, fn: 'rlhf_cluster.lib.reward_functions:exact_match'}] "
+                             "(configs/verifiable-grpo.yaml)")
+        return self
 
     @model_validator(mode="after")
     def _stabilisers_fit(self) -> PPOConfig:
@@ -944,10 +993,8 @@ class RSConfig(PPOConfig):
     """several reward models combined (weighted sum, or Llama 2's safety/helpfulness rule); empty: the single
     `reward` model
     """
-    combine: Literal["weighted_sum", "llama2"] = "weighted_sum"
-    """how several reward models combine: weighted_sum, or Llama 2's rule (safety first on unsafe prompts)"""
-    safety_threshold: float = Field(0.15, gt=0.0, lt=1.0)
-    """on the sigmoid of the safety score"""
+    def _combined_terms(self) -> tuple[str, list[str]]:
+        return "reward_models", [m.name for m in self.reward_models]
 
     @model_validator(mode="after")
     def _rounds_and_models(self) -> RSConfig:
@@ -959,8 +1006,6 @@ class RSConfig(PPOConfig):
         names = [m.name for m in self.reward_models]
         if len(set(names)) != len(names):
             raise ValueError(f"reward_models names must be unique, got {names}")
-        if self.combine == "llama2" and not {"helpfulness", "safety"} <= set(names):
-            raise ValueError("combine=llama2 needs reward_models named 'helpfulness' and 'safety'")
         return self
 
 
@@ -1089,6 +1134,23 @@ class OveroptimisationSweepConfig(Strict):
     """seed of the sweep's runs"""
 
 
+VERIFIABLE_VARIANTS = ("grpo", "clip_higher", "dynamic_sampling", "overlong", "dr_grpo")
+
+
+class VerifiableSuiteConfig(Strict):
+    """GRPO on the built-in arithmetic task (configs/verifiable-grpo.yaml) from its SFT policy: vanilla (`grpo`)
+    and with each DAPO-family stabiliser switched on, evaluated by the exact-match verifier (pass@1, pass@8)."""
+
+    variants: list[Literal[VERIFIABLE_VARIANTS]] = list(VERIFIABLE_VARIANTS)  # type: ignore[valid-type]
+    """grpo (vanilla), clip_higher, dynamic_sampling, overlong (penalty and truncation mask), dr_grpo"""
+    iterations: int = Field(100, ge=1)
+    """iterations per run"""
+    eval_every: int = Field(25, ge=1)
+    """iterations between held-out evaluations"""
+    variant_seeds: list[int] | None = None
+    """seeds of the stabiliser variants; null: every seed (vanilla grpo always runs every seed)"""
+
+
 class ResultsConfig(JobConfig):
     """`python -m rlhf_cluster.results`: every method on the built-in task at one sample budget, over seeds.
 
@@ -1119,7 +1181,12 @@ class ResultsConfig(JobConfig):
     overoptimisation: OveroptimisationSweepConfig | None = OveroptimisationSweepConfig()
     """the over-optimisation sweep; null: none"""
     results_file: str | None = None
-    """where the JSON goes; null: <output_dir>/results.json"""
+    """where the JSON goes; null: <output_dir>/results.json (<output_dir>/verifiable.json for that suite)"""
+    suite: Literal["methods", "verifiable"] = "methods"
+    """methods: every method on the built-in helpful task; verifiable: GRPO and its stabilisers on the
+    arithmetic task (docs/results-verifiable.md)"""
+    verifiable: VerifiableSuiteConfig = VerifiableSuiteConfig()
+    """the verifiable suite's runs"""
 
     @model_validator(mode="after")
     def _budget(self) -> ResultsConfig:

@@ -151,7 +151,7 @@ def _encode_sft(tokenizer, rec: dict, max_tokens: int) -> Encoded:
 
 def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int, require_label: bool = False) -> dict:
     """A prompt record: `messages` (a chat ending with a user turn) or `prompt` (a string: one user turn, or a
-    chat), and optionally a `label`."""
+    chat), and optionally a `label`, a `level` and an `unsafe` flag."""
     turns = rec.get("messages") if rec.get("messages") is not None else rec.get("prompt")
     if isinstance(turns, str):
         turns = [{"role": "user", "content": turns}]
@@ -169,6 +169,10 @@ def _encode_prompt_rec(tokenizer, rec: dict, max_tokens: int, require_label: boo
         out["label"] = label
     elif require_label:
         raise _BadSample("missing_label")
+    if rec.get("level") is not None:  # a difficulty or category (MATH's "level"): evaluations report per value
+        out["level"] = rec["level"]
+    if rec.get("unsafe"):  # a prompt flagged unsafe (Llama 2's rule, combine=llama2)
+        out["unsafe"] = True
     return out
 
 

@@ -6,6 +6,7 @@ The gold scorer (`task.gold_score`) is the task's hidden truth: jobs report it, 
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +17,14 @@ from rlhf_cluster.lib import task
 def standard_error(xs: list[float]) -> float:
     """Standard error of the mean, s / sqrt(n) with the sample standard deviation (0 for n < 2)."""
     return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chance that at least one of k responses drawn without replacement from n samples, c of them correct,
+    is correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021's unbiased estimator of pass@k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def gold_report(prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -33,8 +42,18 @@ def gold_report(prompts: list[str], responses: list[str]) -> dict[str, float]:
     }
 
 
-def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, llm=None) -> dict[str, dict]:
-    """Gold score of each model's sampled responses to the held-out prompts, with one vLLM engine.
+def verifier_report(prompts: list[str], responses: list[str], labels: list, verifier) -> dict[str, float]:
+    """A verifiable task's gold: the share of responses the verifier accepts (pass@1 of these samples)."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError("verifier_report needs as many responses as prompts, at least one")
+    scores = [float(s > 0) for s in verifier(prompts, responses, labels)]
+    return {"gold": statistics.fmean(scores), "gold_se": standard_error(scores), "n": len(scores)}
+
+
+def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, llm=None,
+              verifier=None) -> dict[str, dict]:
+    """Gold score of each model's sampled responses to the held-out prompts, with one vLLM engine; with a
+    `verifier` (a reward function on labels) the gold is the share of responses it accepts.
 
     The engine starts once (about 30 s here) and swaps weights between models of the same
     architecture with `reload_weights`; pass `llm` to reuse an engine you already have.
@@ -59,7 +78,12 @@ def gold_eval(models: dict[str, Path], prompts_file: Path, rollout, seed: int, l
             load_weights(llm, model_dir)
         samples = generate(llm, prompt_ids, sampling_params(rollout, seed=seed))
         texts = [task.prompt_text(records[s.prompt_index]["messages"]) for s in samples]
-        reports[name] = gold_report(texts, [s.text for s in samples])
+        if verifier is None:
+            reports[name] = gold_report(texts, [s.text for s in samples])
+        else:
+            reports[name] = verifier_report([records[s.prompt_index]["messages"][-1]["content"] for s in samples],
+                                            [s.text for s in samples],
+                                            [records[s.prompt_index].get("label") for s in samples], verifier)
         reports[name]["seconds"] = round(time.time() - t0, 1)
         reports[name]["examples"] = [[texts[i], samples[i].text] for i in range(0, len(samples), 37)][:4]
     if own:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = [
     ("gold score (truth): validation, test", ["val/gold", "test/gold"]),
+    ("pass@k (verifier, sampled)", ["val/pass@1", "test/pass@1", "test/pass@*"]),
     ("reward-model score", ["reward/rm_score", "val/rm_score", "test/rm_score"]),
     ("KL to reference", ["kl/mean_sequence_kl", "val/sampled_kl", "test/sampled_kl"]),
     ("policy", ["policy/entropy", "policy/clip_frac"]),
@@ -23,7 +24,11 @@ PANELS = [
 
 def learning_curves(history: list[dict], path: Path, title: str = "") -> Path:
     """One panel per family of metrics, x = iteration; panels without data are left out."""
-    panels = [(name, keys) for name, keys in PANELS if any(k in row for row in history for k in keys)]
+    present = {k for row in history for k in row}
+    # a key ending in * stands for every key with that prefix (pass@k for the run's k)
+    expand = [(name, [m for k in keys for m in (sorted(p for p in present if p.startswith(k[:-1]) and p not in keys)
+                                                 if k.endswith("*") else [k])]) for name, keys in PANELS]
+    panels = [(name, keys) for name, keys in expand if any(k in present for k in keys)]
     cols = 3
     rows = max(1, -(-len(panels) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)

@@ -6,8 +6,10 @@ A reward function takes three lists of one length and returns one float per resp
 
 `prompts` are the last user turns (the problems), `responses` the sampled answers (special tokens
 removed), `labels` the data's label values (any JSON value: a reference answer, unit tests, ...).
-A config names one as `fn: "package.module:function"` in `rewards:`; the reward actors import it and
-call it batched, with a timeout (actors/scorers.py). `exact_match` below is the one the built-in
+It may instead return `{"rewards": [...], "metrics": {"name": [one float per response], ...}}`: the
+metrics are logged as `reward/<source>/<name>` means (OpenRLHF's `extra_logs`). A config names one as
+`fn: "package.module:function"` in `rewards:`; the reward actors import it and call it batched, with a
+timeout (actors/scorers.py). `exact_match` below is the one the built-in
 verifiable task uses.
 """
 
@@ -50,6 +52,7 @@ class FunctionReward:
 
         self.name, self.spec, self.timeout_s = name, spec, timeout_s
         self.fn = load_function(spec)
+        self.last_metrics: dict[str, list[float]] = {}  # the extra metrics of the last call, per response
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}")
 
     def __call__(self, prompts: list[str], responses: list[str], labels: list) -> list[float]:
@@ -67,6 +70,18 @@ class FunctionReward:
             raise RewardFunctionError(f"{who} did not return within {self.timeout_s:g} s") from None
         except Exception as e:
             raise RewardFunctionError(f"{who} raised {type(e).__name__}: {e}") from None
+        metrics = {}
+        if isinstance(out, dict):
+            if "rewards" not in out:
+                raise RewardFunctionError(f"{who} returned a dict without 'rewards' (keys: {sorted(out)})")
+            out, metrics = out["rewards"], out.get("metrics") or {}
+            try:
+                metrics = {str(k): [float(x) for x in v] for k, v in metrics.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise RewardFunctionError(f"{who}: 'metrics' must map names to lists of floats") from None
+            wrong = [k for k, v in metrics.items() if len(v) != len(responses)]
+            if wrong:
+                raise RewardFunctionError(f"{who}: metrics {wrong} do not have one value per response")
         try:
             values = [float(x) for x in out]
         except (TypeError, ValueError):
@@ -77,6 +92,7 @@ class FunctionReward:
         if bad:
             raise RewardFunctionError(f"{who} returned non-finite values at {len(bad)} of {len(values)} "
                                       f"responses (first: {values[bad[0]]} at {bad[0]})")
+        self.last_metrics = metrics
         return values
 
 

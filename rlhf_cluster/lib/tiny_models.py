@@ -45,9 +45,13 @@ VOCAB_SIZE = 512
 MAX_POSITIONS = 256
 
 
-def train_tokenizer(lines: list[str], vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def train_tokenizer(lines: list[str], vocab_size: int = VOCAB_SIZE,
+                    split_digits: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on `lines`; `split_digits`: every digit its own token (Llama's choice for numbers)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -92,11 +96,13 @@ def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path)
     os.replace(tmp, out)
 
 
-def build_tiny(out: Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:
+def build_tiny(out: Path, size: str = "tiny", seed: int = 0, corpus: list[str] | None = None,
+               split_digits: bool = False) -> dict[str, Path]:
+    """Random-weight models and a tokenizer trained on `corpus` (default: the built-in helpful task's text)."""
     if size not in SIZES:
         raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(task.corpus(seed))
+    tokenizer = train_tokenizer(task.corpus(seed) if corpus is None else corpus, split_digits=split_digits)
     base = LlamaForCausalLM(llama_config(size, tokenizer))
     base.generation_config.eos_token_id = tokenizer.eos_token_id
     base.generation_config.pad_token_id = tokenizer.pad_token_id

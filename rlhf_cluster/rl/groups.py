@@ -53,7 +53,8 @@ class RLGroups:
             rg = cfg.reward_group
             self.reward = ActorGroup(RewardSources, rg, [r.model_dump() for r in cfg.rewards], policy_path,
                                      cfg.reward.dtype, rg.micro_batch_size, rg.max_tokens_per_micro_batch,
-                                     name="reward", env=env | tokens, wait=False, pg=pg.get("reward_group"), **replica)
+                                     cfg.combine, cfg.safety_threshold, name="reward", env=env | tokens, wait=False,
+                                     pg=pg.get("reward_group"), **replica)
         elif cfg.reward_service:  # scores over HTTP; the bearer token travels in the actors' environment
             svc = cfg.reward_service
             token = {svc.token_env: os.environ[svc.token_env]} if svc.token_env in os.environ else {}

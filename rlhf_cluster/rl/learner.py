@@ -12,9 +12,10 @@ from rlhf_cluster.lib.config import PPOConfig
 class Learner:
     def __init__(self, groups, cfg: PPOConfig, rng: random.Random, ptx_data: list):
         self.groups, self.cfg, self.rng, self.ptx_data = groups, cfg, rng, ptx_data
+        self.kl_coef = 0.0  # kl_mode loss: the KL term's coefficient this iteration (the coordinator sets it)
 
     def update(self, batch: list[dict], iteration: int) -> dict[str, list[dict]]:
-        """Trainer items with old_logprobs, advantages (and old_values, returns, is_weights) ->
+        """Trainer items with old_logprobs, advantages (and old_values, returns, is_weights, ref_logprobs) ->
         the per-rank metrics of every step: {"policy": [...], "critic": [...], "ptx": [...]}."""
         cfg, policy, critic = self.cfg, self.groups.policy, self.groups.critic
         out = {"policy": [], "critic": [], "ptx": []}
@@ -27,7 +28,7 @@ class Learner:
                 calls = {"policy": policy.split_call(
                     "train_step", mb, "ppo", clip_eps=cfg.clip_eps, entropy_coef=cfg.entropy_coef,
                     dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg, clip_eps_high=cfg.clip_eps_high,
-                    norm_length=cfg.rollout.max_new_tokens)}
+                    norm_length=cfg.rollout.max_new_tokens, kl_coef=self.kl_coef)}
                 if critic:
                     calls["critic"] = critic.split_call("train_step", mb, "value", clip_eps=cfg.value_clip_eps,
                                                         loss_agg=cfg.loss_agg, norm_length=cfg.rollout.max_new_tokens)

@@ -46,8 +46,12 @@ def load_prompt_splits(cfg: PPOConfig, tokenizer, log=print) -> dict[str, list[d
 
 
 def reward_context(prompts: list[dict]) -> list[dict]:
-    """What reward functions see of each prompt besides the response: its last user turn and its label."""
-    return [{"prompt": p["messages"][-1]["content"], "label": p.get("label")} for p in prompts]
+    """What the reward side sees of each prompt besides the response: its last user turn, its label, and whether
+    it is flagged unsafe (Llama 2's rule: the record's `unsafe`, or the built-in task's unsafe requests)."""
+    from rlhf_cluster.lib.task import is_unsafe_prompt
+
+    return [{"prompt": p["messages"][-1]["content"], "label": p.get("label"),
+             "unsafe": bool(p.get("unsafe")) or is_unsafe_prompt(p["messages"][-1]["content"])} for p in prompts]
 
 
 class PromptOrder:
@@ -171,11 +175,12 @@ class RolloutProducer:
         reference, reward = self.groups.reference.actors, self.groups.reward.actors
         engine_results = [ref for ref, _ in batch.calls]
         context, starts = reward_context(batch.prompts), [0]
+        track = {"track": True} if self.cfg.rewards else {}  # per-source metrics of the training batches
         for _, count in batch.calls:
             starts.append(starts[-1] + count)
         batch.score_calls = {
             "ref": [reference[j % len(reference)].logprobs_of_samples.remote(r) for j, r in enumerate(engine_results)],
-            "score": [reward[j % len(reward)].score_samples.remote(r, context[starts[j]:starts[j + 1]])
+            "score": [reward[j % len(reward)].score_samples.remote(r, context[starts[j]:starts[j + 1]], **track)
                       for j, r in enumerate(engine_results)]}
         batch.scores = None
         return batch
