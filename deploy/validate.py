@@ -385,7 +385,19 @@ def check_rayservice(obj: dict) -> dict:
                           "from a Secret (valueFrom.secretKeyRef)")
     if not obj["spec"].get("upgradeStrategy", {}).get("type"):
         raise DeployError(f"{name_of(obj)}: set spec.upgradeStrategy.type")
+    check_serve_apps_fit(obj, cfg)
     return cfg
+
+
+def check_serve_apps_fit(obj: dict, cfg: dict) -> None:
+    """The applications' replicas (num_replicas x num_cpus in their args) fit the worker pods at minReplicas."""
+    pods = [(g, pod_resources(g)) for g in cluster_spec(obj).get("workerGroupSpecs", [])]
+    cpus = sum(c * g.get("minReplicas", g.get("replicas", 0)) for g, (c, _) in pods)
+    need = {a["name"]: float((a.get("args") or {}).get("num_cpus", 1)) * int((a.get("args") or {}).get(
+        "num_replicas", 1)) for a in cfg["applications"]}
+    if sum(need.values()) > cpus + 1e-9:
+        raise DeployError(f"{name_of(obj)}: the Serve applications ask for {sum(need.values()):g} CPUs ({need}), "
+                          f"more than the worker pods' {cpus:g} at minReplicas")
 
 
 # --------------------------------------------------------------------------- env vars, ports, references

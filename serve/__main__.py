@@ -1,4 +1,7 @@
-"""python -m serve [--config configs/serve.yaml] [--port 8000]: run the reward and checkpoints apps.
+"""python -m serve [--config configs/serve.yaml] [--port 8000] [--apps reward policy ...]: run the service.
+
+The apps of configs/serve.yaml: reward (/v1/score, /get_reward), checkpoints (/v1/checkpoints), policy
+(OpenAI-compatible at /policy/v1) and feedback (/v1/feedback); --apps deploys only those named.
 
 Joins the cluster of $RAY_ADDRESS or starts a local one, deploys the config and blocks until Ctrl-C.
 The bearer token comes from $RLHF_SERVE_TOKEN or $RLHF_SERVE_TOKEN_FILE; without either, one is
@@ -34,19 +37,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m serve")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--port", type=int, default=None, help="override http_options.port")
+    ap.add_argument("--apps", nargs="+", default=None, help="deploy only these applications of the config")
     args = ap.parse_args(argv)
     cfg = load_serve_config(args.config)
     ensure_token()
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS"))
-    deploy(cfg, http_port=args.port)
+    deploy(cfg, http_port=args.port, only=args.apps)
     port = args.port or (cfg.http_options.port if cfg.http_options else 8000)
-    print(f"serving on http://127.0.0.1:{port}  (/v1/score, /get_reward, /v1/checkpoints, /docs); Ctrl-C stops")
+    routes = {"reward": "/v1/score, /get_reward", "checkpoints": "/v1/checkpoints", "policy": "/policy/v1 (OpenAI)",
+              "feedback": "/v1/feedback"}
+    shown = [routes.get(a.name, a.route_prefix) for a in cfg.applications if not args.apps or a.name in args.apps]
+    print(f"serving on http://127.0.0.1:{port}  ({'; '.join(shown)}); Ctrl-C stops")
     import httpx
 
     for app in cfg.applications:  # say what each reward app scores with (its /healthz "source")
-        if app.import_path.startswith("serve.reward_app"):
+        if app.import_path.startswith("serve.reward_app") and (not args.apps or app.name in args.apps):
             route = (app.route_prefix or "/").rstrip("/")
             try:
                 health = httpx.get(f"http://127.0.0.1:{port}{route}/healthz", timeout=30).json()

@@ -12,8 +12,9 @@ The app is mounted at route_prefix /v1/checkpoints (configs/serve.yaml), so its 
 written relative to it. Every route but /healthz needs the bearer token: entries name server paths, downloads are
 weights. Registered paths must lie under `checkpoint_roots`, so the token cannot be used to
 publish arbitrary server directories; file paths must resolve inside the checkpoint directory.
-Promoting a reward checkpoint first has the reward app load it (the swap is atomic there), and
-only then moves the registry's serving pointer, so the pointer always names a loadable model.
+Promoting a reward or policy checkpoint first has the reward or policy app load it (the swap is atomic there), and
+only then moves the registry's serving pointer, so the pointer always names a loadable model. Writes (register,
+promote, delete) need a token with the "promote" scope.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from rlhf_cluster.lib.registry import (
     manifest_sha256,
     open_registry,
 )
-from serve.common import TokenAuth, install_guards, load_token, require_token
+from serve.common import TokenAuth, install_guards, load_scoped_tokens, load_token, require_scope, require_token
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,8 +71,11 @@ class CheckpointsAppArgs(BaseModel):
     registry: str | None = None                     # redis://... or a directory; null: $REDIS_URL / default
     checkpoint_roots: list[str] | None = None       # null: ./runs and the default cache directory
     token_file: str | None = None
+    tokens_file: str | None = None                  # named tokens with scopes (serve/common.py); writes need "promote"
     reward_app: str = "reward"                      # application and deployment told to load promoted RMs
     reward_deployment: str = "RewardModel"
+    policy_app: str = "policy"                      # application and deployment told to load promoted policies
+    policy_deployment: str = "Policy"
     max_body_bytes: int = Field(64 << 10, ge=1024)
     num_cpus: float = Field(0.1, gt=0.0)
     graceful_shutdown_timeout_s: float = Field(GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0.0)
@@ -101,6 +105,7 @@ app = FastAPI(title="rlhf-cluster checkpoints", version="1",
 _limits = {"max_body_bytes": 64 << 10}
 install_guards(app, _limits)
 auth = [Depends(require_token)]
+operator = [Depends(require_scope("promote"))]  # writes: register, promote, delete
 
 
 @serve.deployment(name="Checkpoints", max_ongoing_requests=32, graceful_shutdown_wait_loop_s=2,
@@ -111,7 +116,8 @@ class CheckpointsDeployment:
         args = CheckpointsAppArgs.model_validate(args)
         self.args = args
         _limits["max_body_bytes"] = args.max_body_bytes
-        app.state.auth = TokenAuth(load_token(args.token_file), enabled=True)
+        app.state.auth = TokenAuth(load_token(args.token_file), enabled=True,
+                                   scoped=load_scoped_tokens(args.tokens_file))
         self.registry = open_registry(args.registry)
         roots = args.checkpoint_roots
         if roots is None:
@@ -166,7 +172,7 @@ class CheckpointsDeployment:
         return FileResponse(target, media_type="application/octet-stream", filename=target.name)
 
     # ------------------------------------------------------------------ writes
-    @app.post("/", response_model=Entry, status_code=201, dependencies=auth)
+    @app.post("/", response_model=Entry, status_code=201, dependencies=operator)
     async def register(self, body: RegisterRequest, response: Response):
         """Hash the directory (in a thread: large checkpoints take a while) and add it; a repeat is a 200."""
         path = Path(body.path)
@@ -184,25 +190,28 @@ class CheckpointsDeployment:
             response.status_code = 200  # already registered with this content
         return stored
 
-    @app.post("/{id}/promote", dependencies=auth)
+    @app.post("/{id}/promote", dependencies=operator)
     async def promote(self, id: CheckpointId):
-        """Reward checkpoints: the reward app loads it first, then the pointer moves (409 if it cannot load)."""
+        """Reward and policy checkpoints: the serving app loads it first (a policy is probed and swapped in), then
+        the pointer moves (409 if it cannot load). An app that is not running reads the pointer when it starts."""
         entry = await asyncio.to_thread(self._call, self.registry.get, id)
         loaded = None
-        if entry.kind == "reward":
+        target = {"reward": (self.args.reward_app, self.args.reward_deployment),
+                  "policy": (self.args.policy_app, self.args.policy_deployment)}.get(entry.kind)
+        if target is not None:
             self._checkpoint_dir(entry)
             try:
-                handle = serve.get_deployment_handle(self.args.reward_deployment, app_name=self.args.reward_app)
-            except Exception:  # the reward app is not running: it reads the pointer when it starts
+                handle = serve.get_deployment_handle(target[1], app_name=target[0])
+            except Exception:  # the app is not running: it reads the pointer when it starts
                 handle = None
             if handle is not None:
                 loaded = await handle.load_checkpoint.remote(entry.model_dump())
                 if not loaded["ok"]:
-                    raise HTTPException(409, f"the reward app could not load {id!r}: {loaded['error']}")
+                    raise HTTPException(409, f"the {entry.kind} app could not load {id!r}: {loaded['error']}")
         entry = await asyncio.to_thread(self._call, self.registry.promote, id)
-        return {"serving": entry.model_dump(), "reward_app": loaded}
+        return {"serving": entry.model_dump(), f"{entry.kind}_app": loaded}
 
-    @app.delete("/{id}", status_code=204, dependencies=auth)
+    @app.delete("/{id}", status_code=204, dependencies=operator)
     def delete(self, id: CheckpointId):
         self._call(self.registry.delete, id)
         return Response(status_code=204)

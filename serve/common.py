@@ -42,32 +42,76 @@ def load_token(token_file: str | None = None) -> str | None:
     return token
 
 
-class TokenAuth:
-    """`Authorization: Bearer <token>`, compared in constant time; set per replica as app.state.auth."""
+SCOPES = ("generate", "feedback", "promote")
+"""generate: chat/completions (and scoring when it needs a token); feedback: send feedback; promote: the operator's
+register / promote / delete checkpoints and export feedback. The shared token has every scope."""
 
-    def __init__(self, token: str | None, enabled: bool = True):
-        if enabled and token is None:
+
+def load_scoped_tokens(tokens_file: str | None) -> dict[str, set[str]]:
+    """A YAML/JSON file of named tokens with their scopes: {name: {token: "...", scopes: [generate, ...]}}."""
+    if not tokens_file:
+        return {}
+    import yaml
+
+    path = Path(tokens_file).expanduser()
+    if not path.is_file():
+        raise ValueError(f"tokens file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"tokens file {path}: expected a mapping name -> {{token, scopes}}")
+    out = {}
+    for name, spec in data.items():
+        token, scopes = (spec or {}).get("token"), (spec or {}).get("scopes")
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"tokens file {path}: {name}.token must be a string of at least {MIN_TOKEN_CHARS} "
+                             "characters")
+        if not isinstance(scopes, list) or not scopes or set(scopes) - set(SCOPES):
+            raise ValueError(f"tokens file {path}: {name}.scopes must be a non-empty list of {list(SCOPES)}")
+        out[token] = set(scopes)
+    return out
+
+
+class TokenAuth:
+    """`Authorization: Bearer <token>`, compared in constant time; set per replica as app.state.auth.
+    The shared token has every scope; named tokens (load_scoped_tokens) only theirs."""
+
+    def __init__(self, token: str | None, enabled: bool = True, scoped: dict[str, set[str]] | None = None):
+        if enabled and token is None and not scoped:
             raise ValueError(f"authentication is on but no token is configured: set ${TOKEN_ENV}, "
                              f"${TOKEN_FILE_ENV} or the app's token_file")
-        self.token = token.encode() if token else None
+        self.tokens = [(t.encode(), set(s)) for t, s in (scoped or {}).items()]
+        if token:
+            self.tokens.append((token.encode(), set(SCOPES)))
         self.enabled = enabled
 
-    def check(self, creds: HTTPAuthorizationCredentials | None) -> None:
+    def check(self, creds: HTTPAuthorizationCredentials | None, scope: str | None = None) -> None:
         if not self.enabled:
             return
         if creds is None or not creds.credentials:
             raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(creds.credentials.encode(), self.token):
+        given = creds.credentials.encode()
+        scopes = None
+        for token, token_scopes in self.tokens:  # every comparison runs: no early exit on a match
+            if hmac.compare_digest(given, token):
+                scopes = token_scopes
+        if scopes is None:
             raise HTTPException(403, "invalid bearer token")
+        if scope is not None and scope not in scopes:
+            raise HTTPException(403, f"this token lacks the {scope!r} scope")
 
 
-def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    """Route dependency; appears in the OpenAPI spec as HTTP bearer security."""
-    auth = getattr(request.app.state, "auth", None)
-    if auth is None:  # not configured yet: refuse rather than serve unauthenticated
-        raise HTTPException(503, "the service is not configured yet")
-    auth.check(creds)
+def require_scope(scope: str | None):
+    """Route dependency: a valid token (with `scope`, when given); appears in the OpenAPI spec as HTTP bearer."""
+    def dependency(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+        auth = getattr(request.app.state, "auth", None)
+        if auth is None:  # not configured yet: refuse rather than serve unauthenticated
+            raise HTTPException(503, "the service is not configured yet")
+        auth.check(creds, scope)
+    return dependency
+
+
+require_token = require_scope(None)
 
 
 class _TooLarge(HTTPException):

@@ -69,17 +69,24 @@ def run_application(app: serve.Application, name: str, route_prefix: str | None)
 
 
 def deploy(cfg: ServeDeploySchema, arg_overrides: dict[str, dict] | None = None, http_port: int | None = None,
-           ) -> dict[str, serve.handle.DeploymentHandle]:
-    """Start Serve (HTTP options from the file) and run every application; returns their ingress handles.
+           only: list[str] | None = None) -> dict[str, serve.handle.DeploymentHandle]:
+    """Start Serve (HTTP options from the file) and run every application (or those named in `only`); returns
+    their ingress handles.
 
     arg_overrides: {app name: {arg: value}} merged over the file's args (used by tests and the CLI).
     """
+    names = [a.name for a in cfg.applications]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"no application named {unknown} in the serve config (it has {names})")
     http = cfg.http_options.model_dump(exclude_unset=True) if cfg.http_options else {}
     if http_port is not None:
         http["port"] = http_port
     serve.start(http_options=http)
     handles = {}
     for a in cfg.applications:
+        if only is not None and a.name not in only:
+            continue
         args = {**(a.args or {}), **(arg_overrides or {}).get(a.name, {})}
         handles[a.name] = run_application(build_application(a.import_path, args), a.name, a.route_prefix)
     return handles

@@ -36,7 +36,7 @@ from ray import serve
 
 from rlhf_cluster.lib.data import DataError, encode_conversation
 from rlhf_cluster.lib.reward_functions import FunctionReward, RewardFunctionError
-from serve.common import TokenAuth, install_guards, load_token, require_token, unprocessable
+from serve.common import TokenAuth, install_guards, load_scoped_tokens, load_token, require_scope, unprocessable
 
 logger = logging.getLogger("ray.serve")
 
@@ -146,6 +146,7 @@ class RewardAppArgs(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     require_token: bool = False          # bearer token on the scoring routes
     token_file: str | None = None
+    tokens_file: str | None = None       # named tokens with scopes (serve/common.py); scoring needs "generate"
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0.0)
     max_ongoing_requests: int = Field(64, ge=1)
@@ -273,7 +274,8 @@ class RewardDeployment:
         args = RewardAppArgs.model_validate(args)
         self.args = args
         _limits["max_body_bytes"] = args.max_body_bytes
-        app.state.auth = TokenAuth(load_token(args.token_file), enabled=args.require_token)
+        app.state.auth = TokenAuth(load_token(args.token_file), enabled=args.require_token,
+                                   scoped=load_scoped_tokens(args.tokens_file))
         torch.set_num_threads(max(1, int(args.num_cpus)))
         self.registry = None
         if args.follow_registry:
@@ -416,7 +418,7 @@ class RewardDeployment:
 
     # ------------------------------------------------------------------ routes
     @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
-              dependencies=[Depends(require_token)])
+              dependencies=[Depends(require_scope("generate"))])
     async def score(self, body: ScoreRequest):
         if not self.models:
             raise unprocessable("this service hosts reward functions only "
@@ -425,7 +427,7 @@ class RewardDeployment:
         scores = [sum(s) / len(s) for s in zip(*per_model.values())]
         return ScoreResponse(scores=scores, per_model=per_model if len(per_model) > 1 else None)
 
-    @app.post("/get_reward", response_model=GetRewardResponse, dependencies=[Depends(require_token)])
+    @app.post("/get_reward", response_model=GetRewardResponse, dependencies=[Depends(require_scope("generate"))])
     async def get_reward(self, body: GetRewardRequest):
         per_source = {f"rm_{name}": s for name, s in (await self._score(encode_query, body.query, "query")).items()
                       } if self.models else {}

@@ -123,7 +123,7 @@ def service(ray_cluster, builtin_assets, second_rm, tmp_path_factory):
     roots = [str(second_rm.parent), str(builtin_assets.root)]
     common = {"registry": str(tmp / "registry"), "token_file": str(tmp / "token")}
     port = free_port()
-    deploy(load_serve_config(), http_port=port, arg_overrides={
+    deploy(load_serve_config(), http_port=port, only=["reward", "checkpoints"], arg_overrides={
         "reward": {**common, "models": {"rm": str(builtin_assets.reward_base)}, "num_cpus": 1},
         "checkpoints": {**common, "checkpoint_roots": roots},
     })
@@ -153,3 +153,34 @@ def serve_details() -> dict:
 
     controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
     return ray.get(controller.get_serve_instance_details.remote(), timeout=60)
+
+
+def schemathesis_run(base: str, headers: dict, max_examples: int = 15) -> tuple[list, dict]:
+    """Property-based requests generated from the app's own OpenAPI spec at `base`, valid and invalid (schemathesis
+    positive and negative modes). Returns (the 5xx answers as (operation, status, body, text), {operation: reached}),
+    where reached means some call did not get a 404."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    errors, reached = [], {}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=max_examples, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                label = case.operation.label
+                response = case.call(base_url=base, headers=headers, timeout=120)
+                reached[label] = reached.get(label, False) or response.status_code != 404
+                if response.status_code >= 500:
+                    errors.append((label, response.status_code, case.body, response.text[:300]))
+
+            try:
+                check()
+            except Unsatisfiable:  # no invalid input exists for an operation without parameters
+                assert mode is GenerationMode.NEGATIVE, op.label
+    return errors, reached

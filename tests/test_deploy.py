@@ -241,6 +241,19 @@ def test_broken_serve_config_fails_naming_the_problem(overlays, old, new, messag
         V.check_rayservice(svc)
 
 
+def test_rayservice_has_the_policy_and_feedback_apps_and_room_for_them(overlays):
+    """The service loop's apps are in serveConfigV2 (checked equal to configs/serve.yaml above), and the worker pods
+    hold every application's replicas: one fewer worker CPU fails naming the applications' demand."""
+    svc = get(overlays["cpu-dev"], "RayService", "rlhf-serve")
+    cfg = V.check_rayservice(svc)
+    assert {a["name"]: a["route_prefix"] for a in cfg["applications"]} == {
+        "reward": "/", "checkpoints": "/v1/checkpoints", "policy": "/policy", "feedback": "/v1/feedback"}
+    pod = workers(svc)[0]["template"]["spec"]["containers"][0]["resources"]
+    pod["requests"]["cpu"] = pod["limits"]["cpu"] = "2"
+    with pytest.raises(DeployError, match=r"ask for 2\.2 CPUs .*more than the worker pods' 2"):
+        V.check_rayservice(svc)
+
+
 def test_rayservice_needs_redis_fault_tolerance_from_a_secret(overlays):
     svc = get(overlays["cpu-dev"], "RayService", "rlhf-serve")
     svc["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisPassword"] = {"value": "hunter2"}

@@ -81,8 +81,8 @@ def test_test_split_gold_cannot_change_what_is_promoted_or_kept(builtin_cfg, bui
         summary = run(load_config(RSConfig, CONFIG_DIR / "rejection-sampling-tiny.yaml", [
             f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
             f"builtin.cache_dir={builtin_cfg.cache_dir}", "rounds=[rejection_sampling, ppo]", "best_of_k_eval=[]",
-            "rs.prompts_per_round=16", "rs.samples_per_prompt=4", "rs.epochs=1", "estimator=grpo",
-            "rollout.samples_per_prompt=2", "prompts_per_iteration=8", "iterations=3", "eval_every=1",
+            "rs.prompts_per_round=8", "rs.samples_per_prompt=4", "rs.epochs=1", "estimator=grpo",
+            "rollout.samples_per_prompt=2", "prompts_per_iteration=8", "iterations=2", "eval_every=1",
             "checkpoint_every=1", "keep_checkpoints=1"]))
         monkeypatch.setattr(task, "gold_score", true_gold)
         kept = sorted(p.name for p in (out / "round_2" / "checkpoints").iterdir())

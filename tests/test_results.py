@@ -154,7 +154,7 @@ def test_harness_runs_methods_and_reports(builtin_cfg, builtin_sft_rm, tmp_path)
     cfg = load_config(ResultsConfig, None, [
         f"output_dir={out}", f"builtin.cache_dir={builtin_cfg.cache_dir}", "seeds=[0]",
         "methods=[sft,best_of_k,grpo,dpo]", "samples_per_method=128", "best_of_k=4", "eval_points=1",
-        "overoptimisation.kl_coefs=[0.0]", "overoptimisation.iterations=4", "overoptimisation.eval_every=2",
+        "overoptimisation.kl_coefs=[0.0]", "overoptimisation.iterations=2", "overoptimisation.eval_every=1",
         "overoptimisation.reward_sizes=[tiny]"])
     lines = []
     res = R.run(cfg, log=lambda m: (lines.append(str(m)), print(m)))
@@ -169,6 +169,6 @@ def test_harness_runs_methods_and_reports(builtin_cfg, builtin_sft_rm, tmp_path)
         assert 0 <= report["test_gold"] <= 1 and 0 <= report["val_gold"] <= 1 and report["length"] > 0
     assert 0.5 < res["rm_test_accuracy"]["accuracy"] <= 1
     sweep = res["overoptimisation"]["tiny"]["runs"][0]
-    assert [p["iteration"] for p in sweep["points"]] == [0, 2, 4] and sweep["points"][0]["kl"] < 0.05
+    assert [p["iteration"] for p in sweep["points"]] == [0, 1, 2] and sweep["points"][0]["kl"] < 0.05
     assert (out / "report" / "results.md").exists() and (out / "report" / "results" / "results.png").exists()
     assert any(line.startswith("[4/4] dpo seed 0") for line in lines) and "=== results ===" in "\n".join(lines)

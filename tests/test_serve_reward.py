@@ -22,7 +22,17 @@ import torch
 
 from rlhf_cluster.lib.registry import FileRegistry, make_entry
 from tests import serve_fixtures
-from tests.serve_fixtures import BAD_SCORE_BODIES, PAIRS, TOKEN, Direct, auth, items, reward_app, serve_details
+from tests.serve_fixtures import (
+    BAD_SCORE_BODIES,
+    PAIRS,
+    TOKEN,
+    Direct,
+    auth,
+    items,
+    reward_app,
+    schemathesis_run,
+    serve_details,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -153,30 +163,7 @@ def test_reconfigure_can_load_other_models(service, second_rm, builtin_assets, t
 def test_schemathesis_finds_no_server_error(service, app, prefix):
     """Property-based requests generated from each app's own OpenAPI spec, valid and invalid
     (schemathesis positive and negative modes), with the token: never a 5xx."""
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.generation import GenerationMode
-
-    base = str(service["client"].base_url).rstrip("/") + prefix
-    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
-    errors, reached = [], {}
-    for result in schema.get_all_operations():
-        op = result.ok()
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-            @given(case=op.as_strategy(generation_mode=mode))
-            def check(case):
-                label = case.operation.label
-                response = case.call(base_url=base, headers=auth(), timeout=60)
-                reached[label] = reached.get(label, False) or response.status_code != 404
-                if response.status_code >= 500:
-                    errors.append((label, response.status_code, case.body, response.text[:200]))
-
-            try:
-                check()
-            except Unsatisfiable:  # no invalid input exists for an operation without parameters
-                assert mode is GenerationMode.NEGATIVE, op.label
+    errors, reached = schemathesis_run(str(service["client"].base_url).rstrip("/") + prefix, auth())
     assert not errors, errors[:5]
     assert reached and sum(reached.values()) >= len(reached) // 2, reached  # the calls reach the routes
 

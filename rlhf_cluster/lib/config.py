@@ -1112,6 +1112,45 @@ class PipelineConfig(JobConfig):
         return self
 
 
+# --------------------------------------------------------------------------- a feedback round
+class FeedbackRoundConfig(JobConfig):
+    """One round of the service loop: the preferences collected since the last round -> the reward model continued
+    on them (with a replay share of earlier pairs), measured on held-out feedback -> rejection-sampling / PPO
+    rounds from the served policy -> the best promoted, which the policy service then serves.
+    seed, output_dir, ray, builtin, precision (and registry) are shared: `reward` and `rl` leave them out."""
+
+    output_dir: str = "runs/feedback-rounds"
+    """round_<n>/ per round; rounds.json: the rounds so far and the feedback cursor the next one starts from"""
+    registry: str | None = None
+    """redis://... or a directory; null: $REDIS_URL or the embedded default (the policy service's registry)"""
+    feedback: str | None = None
+    """the feedback store: redis://..., a SQLite file; null: $RLHF_FEEDBACK, $REDIS_URL or the default file"""
+    min_pairs: int = Field(8, ge=1)
+    """fewer new preference pairs than this: no round (the cursor stays, the feedback waits for the next)"""
+    heldout_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    """share of the new feedback's prompts kept out of training: the new reward model's accuracy is measured
+    there (the old model's too, for comparison)"""
+    replay: str | None = None
+    """earlier preference pairs mixed into the reward model's training; null: the built-in task's training pairs"""
+    replay_ratio: float = Field(1.0, ge=0.0)
+    """earlier pairs per new pair"""
+    reward: RewardConfig = RewardConfig(epochs=2, loss="margin")
+    """how the reward model is continued: RewardConfig's keys; `model.path` null = the registry's served reward
+    model (else the built-in one); `data.train` / `data.eval` are the round's"""
+    rl: PipelineFinalConfig = PipelineFinalConfig(rounds=["rejection_sampling"])
+    """the policy rounds: RSConfig's keys; they start from the registry's served policy (else the built-in SFT
+    policy) and promote their best by validation"""
+
+    @model_validator(mode="after")
+    def _owned(self) -> FeedbackRoundConfig:
+        _owned_by_pipeline(self.reward, "reward")
+        _owned_by_pipeline(self.rl, "rl", ("registry", "policy", "reward", "reward_models"))
+        if self.reward.data.train or self.reward.data.eval:
+            raise ValueError("reward.data.train / reward.data.eval are the round's (new feedback + replay, "
+                             "held-out feedback); remove them")
+        return self
+
+
 # --------------------------------------------------------------------------- the results harness
 RESULT_METHODS = ("sft", "best_of_k", "rejection_sampling", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "ipo",
                   "rs_ppo", "ppo_async", "grpo_async")

@@ -265,6 +265,22 @@ class FileRegistry(Registry):
 
 
 # --------------------------------------------------------------------------- Redis
+def retry_redis(fn, where: str, retries: int, backoff_s: float, max_backoff_s: float, unavailable: type[Exception]):
+    """fn(), retried on Redis connection errors and timeouts with exponential backoff (redis-py reconnects on the
+    next command); after `retries` retries raises `unavailable` naming the server."""
+    import redis
+
+    delay = backoff_s
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if attempt == retries:
+                raise unavailable(f"redis at {where} unreachable after {retries + 1} attempts: {e}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, max_backoff_s)
+
+
 class RedisRegistry(Registry):
     """Entries as JSON strings under {prefix}ckpt:{id}, ids in the set {prefix}ids, pointers in the hash
     {prefix}serving. Multi-key changes are WATCH/MULTI transactions; connection errors are retried with
@@ -287,16 +303,7 @@ class RedisRegistry(Registry):
         return f"{self.prefix}ckpt:{id}"
 
     def _retry(self, fn):
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
-            try:
-                return fn()
-            except (self._redis.ConnectionError, self._redis.TimeoutError) as e:
-                if attempt == self.retries:
-                    raise RegistryUnavailable(f"redis at {self.describe()} unreachable after "
-                                              f"{self.retries + 1} attempts: {e}") from None
-                time.sleep(delay)
-                delay = min(delay * 2, self.max_backoff_s)
+        return retry_redis(fn, self.describe(), self.retries, self.backoff_s, self.max_backoff_s, RegistryUnavailable)
 
     def register(self, entry: Entry) -> Entry:
         def attempt():

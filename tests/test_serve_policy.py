@@ -1,0 +1,392 @@
+"""The service loop on a real local Ray Serve (configs/serve.yaml through serve.launch), called over HTTP, the policy
+through the official OpenAI client: answers kept for feedback, feedback validated and stored, scoped tokens,
+generated requests (schemathesis), a kill -9 of redis-server while feedback is coming in, two feedback rounds
+driven by simulated annotators, and a promotion under concurrent chat load.
+
+The module's service serves the built-in SFT policy as "pol-v1" and the built-in reward model as "rm" (promoted in
+the registry before the apps start); the feedback rounds promote what they train; "pol-v2", a perturbed copy of the
+SFT policy, is what the promotion test swaps in, last in the module.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from rlhf_cluster.lib import feedback as F
+from rlhf_cluster.lib import task
+from rlhf_cluster.lib.config import CONFIG_DIR, FeedbackRoundConfig, load_config
+from rlhf_cluster.lib.registry import FileRegistry, make_entry
+from tests.conftest import free_port, start_redis
+from tests.serve_fixtures import TOKEN, auth, schemathesis_run
+
+pytestmark = pytest.mark.ray
+
+GEN, ANNOTATOR, OPS = ("gen-token-" + "g" * 20), ("annotator-" + "a" * 20), ("ops-token-" + "o" * 20)
+PROMPT = [{"role": "user", "content": "List 3 fruits."}]
+
+
+@pytest.fixture(scope="module")
+def loop(ray_cluster, builtin_assets, builtin_sft_rm, tmp_path_factory):
+    """Policy, feedback and checkpoints apps behind the shared TOKEN and three scoped tokens; a SQLite store."""
+    import yaml
+    from ray import serve
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serve.launch import deploy, load_serve_config
+
+    tmp = tmp_path_factory.mktemp("policy")
+    (tmp / "token").write_text(TOKEN + "\n")
+    (tmp / "tokens.yaml").write_text(yaml.safe_dump({
+        "app": {"token": GEN, "scopes": ["generate"]}, "annotator": {"token": ANNOTATOR, "scopes": ["feedback"]},
+        "ops": {"token": OPS, "scopes": ["promote"]}}))
+    sft, rm = builtin_sft_rm
+    v2 = tmp / "pol_v2"  # the SFT policy with perturbed weights: another policy of the same architecture
+    model = AutoModelForCausalLM.from_pretrained(sft)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(v2)
+    AutoTokenizer.from_pretrained(sft).save_pretrained(v2)
+    registry = FileRegistry(tmp / "registry")
+    registry.register(make_entry(sft, run="t", kind="policy", stage="sft", id="pol-v1"))
+    registry.register(make_entry(v2, run="t", kind="policy", stage="ppo", step=5, id="pol-v2"))
+    registry.register(make_entry(rm, run="t", kind="reward", stage="reward", id="rm"))
+    registry.promote("pol-v1")
+    registry.promote("rm")
+    store_path = tmp / "feedback.sqlite3"
+    common = {"registry": str(tmp / "registry"), "token_file": str(tmp / "token"),
+              "tokens_file": str(tmp / "tokens.yaml")}
+    port = free_port()
+    deploy(load_serve_config(), http_port=port, only=["policy", "feedback", "checkpoints"], arg_overrides={
+        "policy": {**common, "feedback": str(store_path), "max_model_len": 256},
+        "feedback": {"feedback": str(store_path), "token_file": common["token_file"],
+                     "tokens_file": common["tokens_file"]},
+        "checkpoints": {**common, "checkpoint_roots": [str(tmp), str(builtin_assets.root.parent)]},
+    })
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=base, timeout=120) as client:
+        yield {"client": client, "base": base, "store": F.open_feedback_store(store_path), "registry": registry,
+               "tmp": tmp, "store_path": store_path}
+    serve.shutdown()
+
+
+def openai_client(loop, token=GEN):
+    from openai import OpenAI
+
+    return OpenAI(base_url=loop["base"] + "/policy/v1", api_key=token, max_retries=0, timeout=120)
+
+
+def chat(loop, **kw) -> dict:
+    r = loop["client"].post("/policy/v1/chat/completions", headers=auth(GEN), json={
+        "model": "policy", "messages": PROMPT, "max_tokens": 12, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_openai_client_chats_and_every_answer_is_kept(loop):
+    import openai
+
+    client, store = openai_client(loop), loop["store"]
+    raw = client.chat.completions.with_raw_response.create(model="policy", messages=PROMPT, n=2, max_tokens=12,
+                                                           temperature=1.0, seed=3)
+    r = raw.parse()
+    assert raw.headers["x-answer-id"] == r.id and raw.headers["x-policy-version"] == "pol-v1"
+    kept = store.get_answer(r.id)
+    assert kept["prompt"] == PROMPT and kept["kind"] == "chat"
+    assert kept["responses"] == [c.message.content for c in r.choices] and len(kept["responses"]) == 2
+    assert kept["sampling"] == {"n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 3}
+    assert kept["policy"]["id"] == "pol-v1" and kept["policy"]["path"] == str(loop["registry"].get("pol-v1").path)
+
+    # streaming: the deltas put together are the response kept
+    chunks = list(client.chat.completions.create(model="policy", messages=PROMPT, max_tokens=12, stream=True,
+                                                 temperature=1.0, seed=4))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert store.get_answer(chunks[0].id)["responses"] == [text]
+
+    comp = client.completions.create(model="policy", prompt="Hello", max_tokens=8, temperature=0.0)
+    kept = store.get_answer(comp.id)
+    assert kept["kind"] == "completion" and kept["responses"] == [comp.choices[0].text]
+    assert [m.id for m in client.models.list().data] == ["policy"]
+
+    with pytest.raises(openai.NotFoundError):   # another model name: vLLM's 404
+        client.chat.completions.create(model="gpt-4", messages=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model="policy", messages=[{"role": "user", "content": "fruit " * 400}],
+                                       max_tokens=4)
+    with pytest.raises(openai.PermissionDeniedError):  # a token without the "generate" scope
+        openai_client(loop, ANNOTATOR).chat.completions.create(model="policy", messages=PROMPT, max_tokens=4)
+    assert loop["client"].post("/policy/v1/chat/completions", json={"model": "policy", "messages": PROMPT}
+                               ).status_code == 401
+    r = loop["client"].post("/policy/v1/chat/completions", headers=auth(GEN), json={"model": "policy", "messages": 3})
+    assert r.status_code == 422 and "cannot read the request" in r.text
+
+
+def test_feedback_is_validated_stored_once_and_exported(loop):
+    c = loop["client"]
+    answer = chat(loop, n=2, temperature=1.0, seed=5)
+    ref = {"answer_id": answer["id"]}
+    body = {"type": "comparison", "chosen": {**ref, "choice": 0}, "rejected": {**ref, "choice": 1},
+            "strength": "better", "annotator": "t1"}
+    if answer["choices"][0]["message"]["content"] == answer["choices"][1]["message"]["content"]:
+        body["rejected"] = {"response": "no."}
+        body["prompt"] = PROMPT
+    key = {"Idempotency-Key": f"k-{answer['id']}"}
+    first = c.post("/v1/feedback", json=body, headers={**auth(ANNOTATOR), **key})
+    assert first.status_code == 201, first.text
+    record = first.json()
+    assert record["chosen"]["answer_id"] == answer["id"] and record["chosen"]["policy"]["id"] == "pol-v1"
+    again = c.post("/v1/feedback", json=body, headers={**auth(ANNOTATOR), **key})
+    assert again.status_code == 200 and again.json()["id"] == record["id"]  # a retry stores nothing twice
+    conflict = c.post("/v1/feedback", json={**body, "strength": "slightly_better"}, headers={**auth(ANNOTATOR), **key})
+    assert conflict.status_code == 409 and "idempotency key" in conflict.json()["error"]
+
+    bad = {
+        "unknown answer": ({**body, "chosen": {"answer_id": "chatcmpl-nope"}}, 422, "no served answer"),
+        "self-comparison": ({**body, "rejected": {**ref, "choice": 0}}, 422, "same response"),
+        "choice out of range": ({**body, "chosen": {**ref, "choice": 7}}, 422, "choice"),
+        "another prompt": ({**body, "prompt": "Count to 3.", "rejected": {"response": "1 2 3"}}, 422,
+                           "another prompt"),
+        "unknown type": ({"type": "vote"}, 422, "invalid request"),
+        "rating out of range": ({"type": "rating", "response": ref, "rating": 0}, 422, "invalid request"),
+        "oversized": ({**body, "edited": "x" * (300 << 10)}, 413, "limit"),
+    }
+    for name, (payload, status, match) in bad.items():
+        r = c.post("/v1/feedback", json=payload, headers=auth(ANNOTATOR))
+        assert r.status_code == status and match in r.text, (name, r.status_code, r.text[:300])
+    assert c.post("/v1/feedback", json=body).status_code == 401
+    assert c.post("/v1/feedback", json=body, headers=auth(GEN)).status_code == 403  # generate scope only
+    assert c.post("/v1/feedback", content=b'{"type": "compar', headers={**auth(ANNOTATOR),
+                                                                         "Content-Type": "application/json"}
+                  ).status_code == 422
+    r = c.post("/v1/feedback", json={"type": "safety", "response": {**ref, "choice": 1}, "safe": False},
+               headers=auth(ANNOTATOR))
+    assert r.status_code == 201
+
+    # export: the operator's; preference rows in the reward stage's format, then nothing new after the cursor
+    assert c.get("/v1/feedback/export", headers=auth(ANNOTATOR)).status_code == 403
+    r = c.get("/v1/feedback/export", headers=auth(OPS))
+    rows = [__import__("json").loads(line) for line in r.text.splitlines()]
+    mine = [row for row in rows if row["feedback_id"] == record["id"]]
+    assert mine and mine[0]["chosen"] == [{"role": "assistant", "content": record["chosen"]["response"]}]
+    assert mine[0]["prompt"] == PROMPT and mine[0]["strength"] == "better"
+    cursor = r.headers["x-next-cursor"]
+    assert c.get("/v1/feedback/export", params={"since": cursor}, headers=auth(OPS)).text == ""
+    records = c.get("/v1/feedback/export", params={"format": "records"}, headers=auth(OPS)).text.splitlines()
+    assert len(records) == loop["store"].count()
+    import io
+
+    import pyarrow.parquet as pq
+
+    r = c.get("/v1/feedback/export.parquet", headers=auth(OPS))
+    assert pq.read_table(io.BytesIO(r.content)).num_rows == len(rows)
+    assert c.get("/v1/feedback/healthz").json()["records"] == loop["store"].count()
+
+
+@pytest.mark.parametrize("prefix", ["/policy", "/v1/feedback"])
+def test_schemathesis_finds_no_server_error(loop, prefix):
+    """Requests generated from each app's own OpenAPI spec (vLLM's request models for the policy), valid and
+    invalid, with the shared token: never a 5xx."""
+    errors, reached = schemathesis_run(loop["base"] + prefix, auth(), max_examples=10)
+    assert not errors, errors[:5]
+    assert reached and sum(reached.values()) >= len(reached) // 2, reached
+
+
+def test_redis_kill_during_feedback_ingestion_loses_no_acknowledged_record(loop, tmp_path):
+    """A feedback app of its own on a real redis-server (AOF on, as deployed); four clients send comparisons while
+    redis-server is killed with SIGKILL and restarted 1.5 s later. Every comparison answered 201 is in the export
+    afterwards; during the outage the answer is a 503 naming the store (or the retry succeeds), never another 5xx."""
+    from ray import serve
+
+    from serve.launch import build_application, run_application
+
+    port = free_port()
+    redis = {"proc": start_redis(port, tmp_path)}
+    url = f"redis://127.0.0.1:{port}/0"
+    run_application(build_application("serve.feedback_app:app_builder", {
+        "feedback": url, "token_file": str(loop["tmp"] / "token")}), "feedback_redis", "/fbredis")
+    acked, others, stop = [], [], threading.Event()
+
+    def client(worker: int):
+        with httpx.Client(base_url=loop["base"], timeout=60) as c:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                r = c.post("/fbredis", headers=auth(), json={
+                    "type": "comparison", "prompt": f"prompt {worker}-{i}", "chosen": {"response": "yes"},
+                    "rejected": {"response": "no"}})
+                (acked if r.status_code == 201 else others).append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2.0)
+        before = len(acked)
+        redis["proc"].kill()  # SIGKILL: no shutdown, no final AOF rewrite
+        redis["proc"].wait(10)
+        time.sleep(1.5)
+        redis["proc"] = start_redis(port, tmp_path)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    try:
+        stored = {r["id"] for r in F.read_all(F.open_feedback_store(url))}
+        ids = [body["id"] for _, body in acked]
+        assert before > 10 and len(acked) > before, (before, len(acked))  # ingestion went on after the restart
+        assert set(ids) <= stored, f"{len(set(ids) - stored)} acknowledged records lost"
+        assert all(status == 503 and "redis" in body["error"] for status, body in others), others[:3]
+        print(f"\nredis kill: {len(acked)} acknowledged ({before} before the kill), {len(others)} answered 503")
+    finally:
+        serve.delete("feedback_redis")
+        redis["proc"].kill()
+
+
+def ask(client: httpx.Client, prompt: str, **kw) -> dict:
+    r = client.post("/policy/v1/chat/completions", headers=auth(GEN), json={
+        "model": "policy", "messages": [{"role": "user", "content": prompt}], "max_tokens": 32, **kw})
+    assert r.status_code == 200, r.text
+    return {**r.json(), "version": r.headers["x-policy-version"]}
+
+
+def served_gold(client: httpx.Client, prompts: list[str]) -> tuple[float, float, set]:
+    """Mean gold (and its standard error) of the served policy's greedy answers; the versions that answered."""
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: ask(client, p, temperature=0.0), prompts))
+    gold = [task.gold_score(p, a["choices"][0]["message"]["content"]).total for p, a in zip(prompts, answers)]
+    return statistics.fmean(gold), statistics.stdev(gold) / len(gold) ** 0.5, {a["version"] for a in answers}
+
+
+def annotate(client: httpx.Client, prompts: list[str], rng: random.Random, noise: float = 0.1) -> dict:
+    """Simulated annotators: for each prompt two sampled answers of the served policy, judged by the built-in task's
+    hidden gold scorer (the decision flipped with probability `noise`), sent as a comparison with Llama 2's strength
+    of the gold gap. Answers the scorer cannot tell apart are not sent."""
+    sent = ties = 0
+    for prompt in prompts:
+        a = ask(client, prompt, n=2, temperature=1.0, seed=rng.randrange(1 << 30))
+        texts = [c["message"]["content"] for c in a["choices"]]
+        g = [task.gold_score(prompt, t).total for t in texts]
+        if texts[0] == texts[1] or g[0] == g[1]:
+            ties += 1
+            continue
+        best = int(g[1] > g[0])
+        if rng.random() < noise:
+            best = 1 - best
+        r = client.post("/v1/feedback", headers={**auth(ANNOTATOR), "Idempotency-Key": f"{a['id']}-judged"}, json={
+            "type": "comparison", "chosen": {"answer_id": a["id"], "choice": best},
+            "rejected": {"answer_id": a["id"], "choice": 1 - best},
+            "strength": task.preference_strength(abs(g[0] - g[1])), "annotator": "gold-with-noise"})
+        assert r.status_code == 201, r.text
+        sent += 1
+    return {"sent": sent, "ties": ties}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_two_feedback_rounds_over_http_raise_the_served_policys_gold(loop, builtin_cfg, tmp_path):
+    """The loop: simulated annotators compare answers of the served policy over HTTP; a feedback round
+    (rlhf_cluster/feedback_round.py, run here as a job) continues the reward model on them, runs a rejection-sampling
+    round from the served policy and promotes; the policy app swaps the result in; the served policy's test gold is
+    measured over HTTP (greedy answers of the 46 test prompts). Twice."""
+    from rlhf_cluster import feedback_round
+
+    client, splits, rng = loop["client"], task.split_prompts(builtin_cfg.seed), random.Random(0)
+    out = tmp_path / "rounds"
+    out.mkdir()
+    # the rounds start from now: the earlier tests' feedback in this store is not theirs
+    earlier = F.read_all(loop["store"])
+    (out / "rounds.json").write_text(json.dumps({"cursor": earlier[-1]["cursor"] if earlier else None, "rounds": []}))
+    cfg = load_config(FeedbackRoundConfig, CONFIG_DIR / "feedback-round-tiny.yaml", [
+        f"output_dir={out}", f"registry={loop['tmp'] / 'registry'}", f"feedback={loop['store_path']}",
+        f"builtin.cache_dir={builtin_cfg.cache_dir}"])
+    gold = [served_gold(client, splits["test"])]
+    assert gold[0][2] == {"pol-v1"}
+    summaries = []
+    for number in (1, 2):
+        counts = annotate(client, rng.sample(splits["train"], 80), rng)
+        summary = feedback_round.run(cfg)
+        summaries.append(summary)
+        assert summary["ran"] and summary["round"] == number and summary["pairs"] == counts["sent"]
+        assert summary["pairs_heldout"] > 0 and 0 <= summary["heldout_feedback_accuracy"]["after"] <= 1
+        deadline = time.monotonic() + 300  # the policy app follows the promotion (load, probe, swap)
+        while client.get("/policy/healthz").json()["version"]["id"] != summary["policy_entry"]:
+            assert time.monotonic() < deadline, client.get("/policy/healthz").json()
+            time.sleep(2)
+        gold.append(served_gold(client, splits["test"]))
+        assert gold[-1][2] == {summary["policy_entry"]}
+        assert loop["registry"].serving("reward").id == summary["reward_entry"]
+        print(f"\nround {number}: {counts}, held-out feedback accuracy {summary['heldout_feedback_accuracy']}, "
+              f"served test gold {gold[-2][0]:.3f} -> {gold[-1][0]:.3f}")
+    assert not feedback_round.run(cfg)["ran"]  # nothing new since round 2: no round
+    # over two rounds the served policy's test gold rises by more than 0.08: above two standard errors of the
+    # 46-prompt mean (~0.04-0.06) and the seed-to-seed std of one rejection-sampling round's gold (0.054, 3 seeds:
+    # docs/results.md); measured here, seed 0: 0.669 -> 0.832 -> 0.826
+    assert gold[2][0] > gold[0][0] + 0.08, gold
+
+
+def test_a_promotion_under_concurrent_chats_fails_none(loop):
+    """Six clients chat without pause while the operator promotes pol-v2 through the checkpoints app: the policy app
+    loads it in a second engine, probes it and swaps it in. No request fails; every answer names the version that
+    gave it, the one served before (the last feedback round's) until the swap and pol-v2 after the promotion
+    returned. A broken policy is refused (409) and the pointer stays. Bounded: at most 6 requests in flight,
+    loopback only."""
+    c = loop["client"]
+    before = c.get("/policy/healthz").json()["version"]["id"]
+    assert before != "pol-v2"
+    swaps = c.get("/policy/healthz").json()["swaps"]
+    r = c.post("/v1/checkpoints/pol-v2/promote", headers=auth(GEN))  # reading needs any token, promoting "promote"
+    assert r.status_code == 403 and "promote" in r.json()["error"]
+    assert c.get("/v1/checkpoints/pol-v2", headers=auth(GEN)).status_code == 200
+    results, stop = [], threading.Event()
+
+    def client():
+        with httpx.Client(base_url=loop["base"], timeout=120) as http:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                r = http.post("/policy/v1/chat/completions", headers=auth(GEN), json={
+                    "model": "policy", "messages": PROMPT, "max_tokens": 8})
+                results.append((t0, r.status_code, r.headers.get("x-policy-version"), r.text[:200]))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2.0)
+        r = c.post("/v1/checkpoints/pol-v2/promote", headers=auth(OPS))
+        promoted_at = time.monotonic()
+        assert r.status_code == 200, r.text
+        assert r.json()["policy_app"]["ok"] and r.json()["policy_app"]["version"]["id"] == "pol-v2"
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(180)
+    failed = [x for x in results if x[1] != 200]
+    assert not failed, failed[:3]
+    assert {v for _, _, v, _ in results} == {before, "pol-v2"}
+    assert all(v == "pol-v2" for t0, _, v, _ in results if t0 > promoted_at)
+    assert sum(t0 > promoted_at for t0, *_ in results) > 5
+    health = c.get("/policy/healthz").json()
+    assert health["version"]["id"] == "pol-v2" and health["swaps"] == swaps + 1
+    assert loop["registry"].serving("policy").id == "pol-v2"
+
+    broken = loop["tmp"] / "pol_broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": 0}')
+    loop["registry"].register(make_entry(broken, run="t", kind="policy", stage="ppo", id="pol-broken"))
+    r = c.post("/v1/checkpoints/pol-broken/promote", headers=auth(OPS))
+    assert r.status_code == 409 and "could not load" in r.json()["error"], r.text
+    assert loop["registry"].serving("policy").id == "pol-v2" and chat(loop)["model"] == "policy"
+    assert c.get("/policy/healthz").json()["version"]["id"] == "pol-v2"
