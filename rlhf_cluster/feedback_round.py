@@ -114,7 +114,7 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
     train, heldout = split_by_prompt(rows, cfg.heldout_fraction, cfg.seed)
     replay = replay_rows(cfg, round(cfg.replay_ratio * len(train)))
     data = {"train": write_jsonl(where / "data" / "train.jsonl", train + replay),
-            "heldout": write_jsonl(where / "data" / "heldout_feedback.jsonl", heldout)}
+            "heldout": write_jsonl(where / "data" / "heldout_feedback.jsonl", heldout) if heldout else None}
     log(f"pairs: {len(train)} new to train on + {len(replay)} replayed, {len(heldout)} held out")
 
     registry = open_registry(cfg.registry)
@@ -126,11 +126,14 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
     rm_cfg = RewardConfig.model_validate({
         **rm_fields, **shared, "output_dir": str(where / "reward"),
         "model": {**rm_fields["model"], "path": reward_path},
-        "data": {**rm_fields["data"], "train": str(data["train"]), "eval": str(data["heldout"])}})
+        # no held-out feedback (feedback on one prompt): the reward stage measures on its default validation pairs
+        "data": {**rm_fields["data"], "train": str(data["train"]),
+                 "eval": str(data["heldout"]) if heldout else None}})
     log(f"reward model: continuing {reward_from or reward_path} on the round's pairs")
     rm_dir = run_reward(rm_cfg)
     rm_summary = json.loads((rm_dir.parent / "summary.json").read_text())
-    accuracy = {"before": rm_summary.get("eval_accuracy_before"), "after": rm_summary.get("eval_accuracy_after")}
+    accuracy = {"before": rm_summary.get("eval_accuracy_before"), "after": rm_summary.get("eval_accuracy_after")} \
+        if heldout else {"before": None, "after": None}
     run_name = f"feedback-round-{number}"
     rm_entry = registry.register(make_entry(rm_dir, run=run_name, kind="reward", stage="reward", step=number,
                                             metrics={f"heldout_feedback_accuracy_{k}": v

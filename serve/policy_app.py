@@ -262,7 +262,7 @@ class PolicyDeployment:
     def _record(self, kind: str, body, answer_id: str, responses: list[str], version: dict) -> bool:
         if self.store is None:
             return False
-        prompt = body.messages if kind == "chat" else body.prompt
+        prompt = body.model_dump(mode="json", include={"messages"})["messages"] if kind == "chat" else body.prompt
         if kind == "completion":
             if not isinstance(prompt, str):
                 return False  # batched or token-id prompts: not kept (feedback refers to one prompt)

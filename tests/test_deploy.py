@@ -446,3 +446,10 @@ def test_ppo_rayjob_runs_unchanged_on_a_local_ray_cluster(overlays, builtin_asse
     assert (out / "metrics.jsonl").read_text().strip()
     assert (out / "report.png").stat().st_size > 0
     assert volume_existed or not volume.exists()
+
+
+def test_deploying_an_application_the_config_lacks_fails_before_serve_starts():
+    from serve.launch import deploy, load_serve_config
+
+    with pytest.raises(ValueError, match=r"no application named \['polcy'\].*'policy', 'feedback'"):
+        deploy(load_serve_config(), only=["reward", "polcy"])
