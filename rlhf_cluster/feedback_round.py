@@ -6,7 +6,8 @@
                   (rlhf_cluster/lib/feedback.py: comparisons, edits, ratings, safety flags); too few: no round
     2. split      by prompt: heldout_fraction of the prompts measure the reward models, the rest train
     3. reward     the served reward model (registry; else the built-in one) continued on the new pairs plus
-                  replay_ratio x as many earlier pairs; accuracy on the held-out feedback before and after;
+                  replay_ratio x as many earlier pairs (at least a global batch in all); accuracy on the held-out
+                  feedback before and after;
                   registered and promoted (the reward app follows)
     4. policy     `rl.rounds` (rejection sampling / PPO) from the served policy, scored by the new reward model;
                   the best by validation is registered and promoted (the policy app loads, probes, swaps it in)
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib.config import CONFIG_DIR, FeedbackRoundConfig, RewardConfig, RSConfig
+from rlhf_cluster.stages import global_batch
 
 DEFAULT_CONFIG = CONFIG_DIR / "feedback-round-tiny.yaml"
 
@@ -112,7 +114,8 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
 
     where = out / f"round_{number}"
     train, heldout = split_by_prompt(rows, cfg.heldout_fraction, cfg.seed)
-    replay = replay_rows(cfg, round(cfg.replay_ratio * len(train)))
+    # replay_ratio x as many earlier pairs, and at least enough to fill one of the reward trainer's global batches
+    replay = replay_rows(cfg, max(round(cfg.replay_ratio * len(train)), global_batch(cfg.reward) - len(train)))
     data = {"train": write_jsonl(where / "data" / "train.jsonl", train + replay),
             "heldout": write_jsonl(where / "data" / "heldout_feedback.jsonl", heldout) if heldout else None}
     log(f"pairs: {len(train)} new to train on + {len(replay)} replayed, {len(heldout)} held out")

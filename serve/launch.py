@@ -58,7 +58,8 @@ def run_application(app: serve.Application, name: str, route_prefix: str | None)
         causes = []
         try:
             for dep_name, dep in serve.status().applications[name].deployments.items():
-                lines = [ln.strip() for ln in (dep.message or "").splitlines() if ln.strip()]
+                lines = [ln.strip() for ln in (dep.message or "").splitlines()
+                         if ln.strip() and not ln.strip().startswith("For further information visit")]
                 if lines and dep.status != "HEALTHY":
                     causes.append(f"{dep_name}: {lines[-1]}")
         except Exception:  # no status to add: the original error is all there is

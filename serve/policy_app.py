@@ -79,7 +79,7 @@ class PolicyAppArgs(BaseModel):
     token_file: str | None = None
     tokens_file: str | None = None
     dtype: str = "float32"
-    max_model_len: int = Field(512, ge=16)
+    max_model_len: int | None = Field(None, ge=16)  # null: the model's own (max_position_embeddings)
     kv_cache_gib: float = Field(1.0, gt=0.0)  # CPU: VLLM_CPU_KVCACHE_SPACE
     seed: int = 0
     max_body_bytes: int = Field(1 << 20, ge=1024)
@@ -110,9 +110,9 @@ class Engine:
             raise FileNotFoundError(f"policy {self.path}: no config.json (not a model directory)")
         a = self.args
         ns = make_arg_parser(FlexibleArgumentParser()).parse_args([
-            "--model", self.path, "--served-model-name", a.model_name, "--dtype", a.dtype,
-            "--max-model-len", str(a.max_model_len), "--seed", str(a.seed), "--enforce-eager",
-            "--disable-log-stats"])
+            "--model", self.path, "--served-model-name", a.model_name, "--dtype", a.dtype, "--seed", str(a.seed),
+            "--enforce-eager", "--disable-log-stats",
+            *(["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])])
         vllm_config = AsyncEngineArgs.from_cli_args(ns).create_engine_config(
             usage_context=UsageContext.OPENAI_API_SERVER)
         self.engine = AsyncLLM.from_vllm_config(vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
