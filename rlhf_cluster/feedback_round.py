@@ -96,6 +96,7 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
     from rlhf_cluster import rejection_sampling
     from rlhf_cluster.lib.feedback import open_feedback_store, preference_rows, read_all
     from rlhf_cluster.lib.registry import make_entry, open_registry
+    from rlhf_cluster.pipeline import shared
     from rlhf_cluster.reward import run_reward
 
     t0 = time.time()
@@ -121,13 +122,11 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
     log(f"pairs: {len(train)} new to train on + {len(replay)} replayed, {len(heldout)} held out")
 
     registry = open_registry(cfg.registry)
-    shared = {"seed": cfg.seed, "ray": cfg.ray.model_dump(), "builtin": cfg.builtin.model_dump(),
-              "precision": cfg.precision, "tracking": cfg.tracking.model_dump()}
     reward_path, reward_from = (cfg.reward.model.path, None) if cfg.reward.model.path else \
         served(registry, "reward", cfg.builtin)
     rm_fields = cfg.reward.model_dump()
     rm_cfg = RewardConfig.model_validate({
-        **rm_fields, **shared, "output_dir": str(where / "reward"),
+        **rm_fields, **shared(cfg, f"{where.name}/reward"),
         "model": {**rm_fields["model"], "path": reward_path},
         # no held-out feedback (feedback on one prompt): the reward stage measures on its default validation pairs
         "data": {**rm_fields["data"], "train": str(data["train"]),
@@ -147,7 +146,7 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
 
     policy_path, policy_from = served(registry, "policy", cfg.builtin)
     rl_fields = cfg.rl.model_dump()
-    rs_cfg = RSConfig.model_validate({**rl_fields, **shared, "output_dir": str(where / "rl"), "registry": cfg.registry,
+    rs_cfg = RSConfig.model_validate({**rl_fields, **shared(cfg, f"{where.name}/rl"), "registry": cfg.registry,
                                       "policy": {**rl_fields["policy"], "path": policy_path},
                                       "reward": {**rl_fields["reward"], "path": str(rm_dir)}})
     log(f"policy: rounds {cfg.rl.rounds} from {policy_from or policy_path}")

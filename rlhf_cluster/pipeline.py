@@ -34,6 +34,7 @@ from rlhf_cluster import scaffold
 from rlhf_cluster.lib.config import (
     CONFIG_DIR,
     ConfigError,
+    FeedbackRoundConfig,
     PipelineConfig,
     PipelineRewardConfig,
     RewardConfig,
@@ -47,9 +48,9 @@ DEFAULT_CONFIG = CONFIG_DIR / "pipeline-tiny.yaml"
 
 
 # --------------------------------------------------------------------------- each stage's own config
-def shared(cfg: PipelineConfig, stage: str) -> dict:
+def shared(cfg: PipelineConfig | FeedbackRoundConfig, stage: str) -> dict:
     """What every stage takes from the top level: seed, cluster, built-in task, precision, tracking,
-    output_dir/<stage>."""
+    output_dir/<stage> (also a feedback round's stages)."""
     return {"seed": cfg.seed, "output_dir": str(Path(cfg.output_dir).resolve() / stage),
             "ray": cfg.ray.model_dump(), "builtin": cfg.builtin.model_dump(), "precision": cfg.precision,
             "tracking": cfg.tracking.model_dump()}

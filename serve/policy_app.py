@@ -203,9 +203,8 @@ class PolicyDeployment:
         logger.info("policy service: serving %s", version)
 
     def __del__(self):
-        for engine in (getattr(self, "engine", None),):
-            if engine is not None:
-                engine.shutdown()
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
 
     @staticmethod
     def _version(entry: dict) -> dict:

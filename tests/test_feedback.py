@@ -188,7 +188,8 @@ def test_feedback_round_splits_whole_prompts_and_owns_its_data():
 
     cfg = load_config(FeedbackRoundConfig, CONFIG_DIR / "feedback-round-tiny.yaml")
     assert cfg.reward.loss == "margin" and cfg.rl.rounds == ["rejection_sampling"]
-    for override, match in [("reward.data.train=/x.jsonl", "the round's"), ("rl.seed=3", "rl.seed"),
+    for override, match in [("reward.data.train=/x.jsonl", "the round's"),
+                            ("rl.seed=3", "rl.seed is set by the feedback round"),
                             ("rl.policy.path=/x", "rl.policy"), ("heldout_fraction=0", "heldout_fraction")]:
         with pytest.raises(ConfigError, match=match):
             load_config(FeedbackRoundConfig, CONFIG_DIR / "feedback-round-tiny.yaml", [override])

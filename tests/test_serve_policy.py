@@ -175,7 +175,7 @@ def test_feedback_is_validated_stored_once_and_exported(loop):
     # export: the operator's; preference rows in the reward stage's format, then nothing new after the cursor
     assert c.get("/v1/feedback/export", headers=auth(ANNOTATOR)).status_code == 403
     r = c.get("/v1/feedback/export", headers=auth(OPS))
-    rows = [__import__("json").loads(line) for line in r.text.splitlines()]
+    rows = [json.loads(line) for line in r.text.splitlines()]
     mine = [row for row in rows if row["feedback_id"] == record["id"]]
     assert mine and mine[0]["chosen"] == [{"role": "assistant", "content": record["chosen"]["response"]}]
     assert mine[0]["prompt"] == PROMPT and mine[0]["strength"] == "better"

@@ -1014,13 +1014,14 @@ class RSConfig(PPOConfig):
 SHARED_KEYS = ("seed", "output_dir", "ray", "builtin", "precision", "tracking")
 
 
-def _owned_by_pipeline(stage: BaseModel, where: str, keys: tuple[str, ...] = ()) -> None:
-    """A stage section must not set what the pipeline sets for every stage (or fills from the registry)."""
+def _owned_by_pipeline(stage: BaseModel, where: str, keys: tuple[str, ...] = (), job: str = "the pipeline") -> None:
+    """A stage section must not set what the pipeline (or a feedback round) sets for every stage (or fills from the
+    registry)."""
     default = type(stage)()
     for key in SHARED_KEYS + keys:
         if getattr(stage, key) != getattr(default, key):
             top = f"the top-level `{key}`" if key in SHARED_KEYS + ("registry",) else "the registry"
-            raise ValueError(f"{where}.{key} is set by the pipeline (from {top}); remove it from {where}")
+            raise ValueError(f"{where}.{key} is set by {job} (from {top}); remove it from {where}")
 
 
 class PipelineSFTConfig(SFTConfig):
@@ -1143,8 +1144,8 @@ class FeedbackRoundConfig(JobConfig):
 
     @model_validator(mode="after")
     def _owned(self) -> FeedbackRoundConfig:
-        _owned_by_pipeline(self.reward, "reward")
-        _owned_by_pipeline(self.rl, "rl", ("registry", "policy", "reward", "reward_models"))
+        _owned_by_pipeline(self.reward, "reward", job="the feedback round")
+        _owned_by_pipeline(self.rl, "rl", ("registry", "policy", "reward", "reward_models"), job="the feedback round")
         if self.reward.data.train or self.reward.data.eval:
             raise ValueError("reward.data.train / reward.data.eval are the round's (new feedback + replay, "
                              "held-out feedback); remove them")
