@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system run test test-fast bench results results-verifiable results-quick gpu-check lint clean distclean
+.PHONY: install system run test test-long test-fast bench results results-verifiable results-quick gpu-check lint clean distclean
 
 install: $(STAMP) system
 
@@ -32,8 +32,14 @@ system:
 run: install
 	$(PY) -m rlhf_cluster.ppo
 
+# Everything but the `long` tests (learning experiments that assert gains over many iterations, multi-run
+# comparisons, the serve soak): under 40 minutes on a 2-core machine. `make test-long` runs those (~30 minutes);
+# CI (.ci/run) runs both.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not long"
+
+test-long: install
+	$(PY) -m pytest -m long
 
 # The prepared GPU check (scripts/gpu_check.py) with the Python environment at hand (a GPU machine needs
 # torch with CUDA, vllm, deepspeed, ray installed: `pip install -e '.[gpu]'`); writes bench/results/gpu_check.json.

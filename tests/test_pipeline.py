@@ -140,6 +140,7 @@ def tiny_pipeline(tmp_path: Path, builtin_cfg, sft_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, RSConfig, load_conf
 from rlhf_cluster.rejection_sampling import run
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.slow
 def test_rounds_improve_gold_promote_the_best_and_best_of_k_grows(builtin_cfg, builtin_sft_rm, tmp_path):
@@ -58,6 +59,7 @@ def test_bad_rounds_config_fails_early():
         load_config(RSConfig, None, ["combine=llama2"])
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.slow
 def test_test_split_gold_cannot_change_what_is_promoted_or_kept(builtin_cfg, builtin_sft_rm, tmp_path, monkeypatch):

@@ -145,6 +145,7 @@ def test_quick_budgets_yield_to_the_command_line():
     assert "samples_per_method=128" in argv
 
 
+@pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow

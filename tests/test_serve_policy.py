@@ -1,10 +1,10 @@
 """The service loop on a real local Ray Serve (configs/serve.yaml through serve.launch), called over HTTP, the policy
 through the official OpenAI client: answers kept for feedback, feedback validated and stored, scoped tokens,
-generated requests (schemathesis), a kill -9 of redis-server while feedback is coming in, two feedback rounds
-driven by simulated annotators, and a promotion under concurrent chat load.
+generated requests (schemathesis), a kill -9 of redis-server while feedback is coming in, a feedback round
+driven by simulated annotators (`long`: make test-long), and a promotion under concurrent chat load.
 
 The module's service serves the built-in SFT policy as "pol-v1" and the built-in reward model as "rm" (promoted in
-the registry before the apps start); the feedback rounds promote what they train; "pol-v2", a perturbed copy of the
+the registry before the apps start); the feedback round promotes what it trains; "pol-v2", a perturbed copy of the
 SFT policy, is what the promotion test swaps in, last in the module.
 """
 
@@ -294,52 +294,50 @@ def annotate(client: httpx.Client, prompts: list[str], rng: random.Random, noise
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.timeout(2400)
-def test_two_feedback_rounds_over_http_raise_the_served_policys_gold(loop, builtin_cfg, tmp_path):
+@pytest.mark.long
+@pytest.mark.timeout(1800)
+def test_a_feedback_round_over_http_raises_the_served_policys_gold(loop, builtin_cfg, tmp_path):
     """The loop: simulated annotators compare answers of the served policy over HTTP; a feedback round
     (rlhf_cluster/feedback_round.py, run here as a job) continues the reward model on them, runs a rejection-sampling
     round from the served policy and promotes; the policy app swaps the result in; the served policy's test gold is
-    measured over HTTP (greedy answers of the 46 test prompts). Twice."""
+    measured over HTTP (greedy answers of the 46 test prompts). A second call finds nothing new and runs no round."""
     from rlhf_cluster import feedback_round
 
     client, splits, rng = loop["client"], task.split_prompts(builtin_cfg.seed), random.Random(0)
     out = tmp_path / "rounds"
     out.mkdir()
-    # the rounds start from now: the earlier tests' feedback in this store is not theirs
+    # the round starts from now: the earlier tests' feedback in this store is not its own
     earlier = F.read_all(loop["store"])
     (out / "rounds.json").write_text(json.dumps({"cursor": earlier[-1]["cursor"] if earlier else None, "rounds": []}))
     cfg = load_config(FeedbackRoundConfig, CONFIG_DIR / "feedback-round-tiny.yaml", [
         f"output_dir={out}", f"registry={loop['tmp'] / 'registry'}", f"feedback={loop['store_path']}",
         f"builtin.cache_dir={builtin_cfg.cache_dir}"])
-    gold = [served_gold(client, splits["test"])]
-    assert gold[0][2] == {"pol-v1"}
-    summaries = []
-    for number in (1, 2):
-        counts = annotate(client, rng.sample(splits["train"], 80), rng)
-        summary = feedback_round.run(cfg)
-        summaries.append(summary)
-        assert summary["ran"] and summary["round"] == number and summary["pairs"] == counts["sent"]
-        assert summary["pairs_heldout"] > 0 and 0 <= summary["heldout_feedback_accuracy"]["after"] <= 1
-        deadline = time.monotonic() + 300  # the policy app follows the promotion (load, probe, swap)
-        while client.get("/policy/healthz").json()["version"]["id"] != summary["policy_entry"]:
-            assert time.monotonic() < deadline, client.get("/policy/healthz").json()
-            time.sleep(2)
-        gold.append(served_gold(client, splits["test"]))
-        assert gold[-1][2] == {summary["policy_entry"]}
-        assert loop["registry"].serving("reward").id == summary["reward_entry"]
-        print(f"\nround {number}: {counts}, held-out feedback accuracy {summary['heldout_feedback_accuracy']}, "
-              f"served test gold {gold[-2][0]:.3f} -> {gold[-1][0]:.3f}")
-    assert not feedback_round.run(cfg)["ran"]  # nothing new since round 2: no round
-    # over two rounds the served policy's test gold rises by more than 0.08: above two standard errors of the
-    # 46-prompt mean (~0.04-0.06) and the seed-to-seed std of one rejection-sampling round's gold (0.054, 3 seeds:
-    # docs/results.md); measured here, seed 0: 0.669 -> 0.832 -> 0.826
-    assert gold[2][0] > gold[0][0] + 0.08, gold
+    before = served_gold(client, splits["test"])
+    assert before[2] == {"pol-v1"}
+    counts = annotate(client, rng.sample(splits["train"], 80), rng)
+    summary = feedback_round.run(cfg)
+    assert summary["ran"] and summary["round"] == 1 and summary["pairs"] == counts["sent"]
+    assert summary["pairs_heldout"] > 0 and 0 <= summary["heldout_feedback_accuracy"]["after"] <= 1
+    deadline = time.monotonic() + 300  # the policy app follows the promotion (load, probe, swap)
+    while client.get("/policy/healthz").json()["version"]["id"] != summary["policy_entry"]:
+        assert time.monotonic() < deadline, client.get("/policy/healthz").json()
+        time.sleep(2)
+    after = served_gold(client, splits["test"])
+    assert after[2] == {summary["policy_entry"]}
+    assert loop["registry"].serving("reward").id == summary["reward_entry"]
+    print(f"\nround 1: {counts}, held-out feedback accuracy {summary['heldout_feedback_accuracy']}, "
+          f"served test gold {before[0]:.3f} -> {after[0]:.3f}")
+    assert not feedback_round.run(cfg)["ran"]  # nothing new since the round: no round
+    # the round raises the served policy's test gold by more than 0.08: above two standard errors of the 46-prompt
+    # mean (~0.04-0.06) and the seed-to-seed std of one rejection-sampling round's gold (0.054, 3 seeds:
+    # docs/results.md); measured here, seed 0: 0.669 -> 0.807 from 41 comparisons (a second round: 0.828)
+    assert after[0] > before[0] + 0.08, (before, after)
 
 
 def test_a_promotion_under_concurrent_chats_fails_none(loop):
     """Six clients chat without pause while the operator promotes pol-v2 through the checkpoints app: the policy app
     loads it in a second engine, probes it and swaps it in. No request fails; every answer names the version that
-    gave it, the one served before (the last feedback round's) until the swap and pol-v2 after the promotion
+    gave it, the one served before (the feedback round's, or pol-v1 without it) until the swap and pol-v2 after the promotion
     returned. A broken policy is refused (409) and the pointer stays. Bounded: at most 6 requests in flight,
     loopback only."""
     c = loop["client"]

@@ -327,6 +327,7 @@ def cpu_s(pids: dict[str, int]) -> dict[str, float]:
     return {name: sum(psutil.Process(pid).cpu_times()[:2]) for name, pid in pids.items()}
 
 
+@pytest.mark.long
 def test_soak_mixed_traffic_no_5xx_bounded_memory(service, builtin_assets):
     """5,000 requests over loopback from 24 concurrent clients: valid scoring (both protocols), health checks,
     checkpoint reads and downloads, and hostile input (malformed JSON, wrong types, oversized and chunked
