@@ -15,7 +15,9 @@
                   from, so a round that fails takes the same feedback again
 
 Every round writes output_dir/round_<n>/: data/ (the pairs it trained and measured on), reward/, rl/ (with its
-report.png), summary.json.
+report.png), summary.json. One round at a time per output_dir (a file lock). The last line printed is the summary
+as JSON after ROUND_SUMMARY_LINE: the feedback app, which submits rounds as Ray jobs (POST /v1/feedback/rounds), reads
+it from the job's logs, and $RLHF_FEEDBACK_ROUND_ID (the job's id) is recorded in it and in rounds.json.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib.config import CONFIG_DIR, FeedbackRoundConfig, RewardConfig, RSConfig
+from rlhf_cluster.lib.feedback import ROUND_ID_ENV, ROUND_SUMMARY_LINE
 from rlhf_cluster.stages import global_batch
 
 DEFAULT_CONFIG = CONFIG_DIR / "feedback-round-tiny.yaml"
@@ -93,6 +96,17 @@ def served(registry, kind: str, builtin_cfg) -> tuple[str, str | None]:
 
 
 def run(cfg: FeedbackRoundConfig, log=print) -> dict:
+    from rlhf_cluster.lib.builtin import locked
+
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with locked(out / "rounds.lock"):  # two rounds at once would train on the same feedback
+        summary = _round(cfg, out, log)
+    log(ROUND_SUMMARY_LINE + json.dumps(summary))
+    return summary
+
+
+def _round(cfg: FeedbackRoundConfig, out: Path, log) -> dict:
     from rlhf_cluster import rejection_sampling
     from rlhf_cluster.lib.feedback import open_feedback_store, preference_rows, read_all
     from rlhf_cluster.lib.registry import make_entry, open_registry
@@ -100,8 +114,6 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
     from rlhf_cluster.reward import run_reward
 
     t0 = time.time()
-    out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     book_path = out / "rounds.json"
     book = json.loads(book_path.read_text()) if book_path.exists() else {"cursor": None, "rounds": []}
     store = open_feedback_store(cfg.feedback)
@@ -111,7 +123,8 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
     log(f"feedback round {number}: {len(records)} new records in {store.describe()} -> {len(rows)} preference pairs")
     if len(rows) < cfg.min_pairs:
         log(f"fewer than min_pairs={cfg.min_pairs} new pairs: no round (the feedback waits for the next one)")
-        return {"ran": False, "round": number, "records": len(records), "pairs": len(rows)}
+        return {"id": os.environ.get(ROUND_ID_ENV), "ran": False, "round": number, "records": len(records),
+                "pairs": len(rows)}
 
     where = out / f"round_{number}"
     train, heldout = split_by_prompt(rows, cfg.heldout_fraction, cfg.seed)
@@ -152,8 +165,9 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
     log(f"policy: rounds {cfg.rl.rounds} from {policy_from or policy_path}")
     rl = rejection_sampling.run(rs_cfg, log=log, run_name=run_name)
 
-    summary = {"ran": True, "round": number, "records": len(records), "pairs": len(rows),
-               "pairs_train": len(train), "pairs_replayed": len(replay), "pairs_heldout": len(heldout),
+    summary = {"id": os.environ.get(ROUND_ID_ENV), "ran": True, "round": number, "records": len(records),
+               "pairs": len(rows), "pairs_train": len(train), "pairs_replayed": len(replay),
+               "pairs_heldout": len(heldout),
                "reward_from": reward_from or reward_path, "reward_entry": rm_entry.id,
                "heldout_feedback_accuracy": accuracy, "policy_from": policy_from or policy_path,
                "policy_entry": rl["best_entry"], "best_round": rl["best_round"],
@@ -161,7 +175,7 @@ def run(cfg: FeedbackRoundConfig, log=print) -> dict:
                "val_gold_per_round": rl["val_gold_per_round"], "report": rl["report"],
                "cursor": records[-1]["cursor"], "seconds": round(time.time() - t0, 1)}
     write_atomic(where / "summary.json", summary)
-    book["rounds"].append({k: summary[k] for k in ("round", "records", "pairs", "reward_entry", "policy_entry",
+    book["rounds"].append({k: summary[k] for k in ("id", "round", "records", "pairs", "reward_entry", "policy_entry",
                                                     "heldout_feedback_accuracy", "cursor")})
     book["cursor"] = summary["cursor"]
     write_atomic(book_path, book)  # last: a round that failed before here takes the same feedback again

@@ -38,12 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--port", type=int, default=None, help="override http_options.port")
     ap.add_argument("--apps", nargs="+", default=None, help="deploy only these applications of the config")
+    ap.add_argument("--num-cpus", type=float, default=4,
+                    help="logical CPUs of the local cluster this starts (as the jobs' ray.num_cpus): the apps and a "
+                         "feedback round started over HTTP share it (ignored when joining $RAY_ADDRESS's cluster)")
     args = ap.parse_args(argv)
     cfg = load_serve_config(args.config)
     ensure_token()
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"))
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address) if address else ray.init(num_cpus=args.num_cpus)
     deploy(cfg, http_port=args.port, only=args.apps)
     port = args.port or (cfg.http_options.port if cfg.http_options else 8000)
     routes = {"reward": "/v1/score, /get_reward", "checkpoints": "/v1/checkpoints", "policy": "/policy/v1 (OpenAI)",

@@ -8,8 +8,17 @@
                                       records; the `x-next-cursor` header is where the next export starts
     GET  /v1/feedback/export.parquet  the same as Parquet
     GET  /v1/feedback/healthz         the store and how many records it holds
+    POST /v1/feedback/rounds          start a feedback round (rlhf_cluster/feedback_round.py) on what was sent
+                                      since the last one: a Ray job (the cluster's Jobs API), one at a time.
+                                      Optional body {"min_pairs": n} (this round only). 202 with its id; 409
+                                      while another round runs
+    GET  /v1/feedback/rounds          the rounds started here, newest first
+    GET  /v1/feedback/rounds/{id}     its state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED), the round's summary
+                                      once it ended (what it trained, what it promoted), the tail of its log
+    DELETE /v1/feedback/rounds/{id}   stop a round that has not ended (202; 409 if it has). The feedback it
+                                      would have taken waits for the next round
 
-Sending feedback needs a token with the "feedback" scope; exporting needs "promote" (serve/common.py). Unknown
+Sending feedback needs a token with the "feedback" scope; exporting and rounds need "promote" (serve/common.py). Unknown
 answer ids, self-comparisons, a prompt that is not the answers' own, oversized bodies: 4xx naming the problem.
 The store is the one the policy app keeps its answers in (SQLite by default, Redis in a cluster).
 """
@@ -20,19 +29,28 @@ import asyncio
 import io
 import json
 import logging
+import secrets
+import shlex
+import sys
+import time
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Response
+from fastapi import Path as FPath
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from rlhf_cluster.lib.feedback import (
     KEY_PATTERN,
+    ROUND_ID_ENV,
+    ROUND_SUMMARY_LINE,
     Feedback,
     FeedbackError,
     KeyConflict,
     StoreUnavailable,
     body_hash,
+    feedback_location,
     new_record_id,
     open_feedback_store,
     preference_rows,
@@ -43,9 +61,20 @@ from serve.common import TokenAuth, install_guards, load_scoped_tokens, load_tok
 logger = logging.getLogger("ray.serve")
 
 
+class RoundArgs(BaseModel):
+    """How POST /v1/feedback/rounds runs a round: `python -m rlhf_cluster.feedback_round --config CONFIG OVERRIDES`
+    submitted as a Ray job, with this app's feedback store."""
+    model_config = ConfigDict(extra="forbid")
+    config: str | None = None          # the round's config file; null: configs/feedback-round-tiny.yaml
+    overrides: list[str] = []          # key=value, as on the command line (registry=..., output_dir=..., ...)
+    jobs_address: str | None = None    # the Ray Jobs API, e.g. http://HEAD:8265; null: this cluster's (from the GCS)
+    runtime_env: dict = {}             # the job's runtime_env (env_vars, ...)
+
+
 class FeedbackAppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     feedback: str | None = None        # redis://..., a SQLite file; null: $RLHF_FEEDBACK / $REDIS_URL / default
+    rounds: RoundArgs | None = RoundArgs()  # null: no rounds over HTTP (POST /v1/feedback/rounds answers 404)
     token_file: str | None = None
     tokens_file: str | None = None
     max_body_bytes: int = Field(256 << 10, ge=1024)
@@ -70,6 +99,99 @@ def _error(e: Exception) -> HTTPException:
     return HTTPException(422, str(e))  # UnknownAnswer, self-comparisons, ...: the request names what is wrong
 
 
+class RoundRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_pairs: int | None = Field(None, ge=1)  # this round only: run with fewer new pairs than the config asks
+
+
+class RoundBusy(Exception):
+    pass
+
+
+class JobsUnavailable(Exception):
+    pass
+
+
+class Rounds:
+    """Feedback rounds as Ray jobs, tagged in their metadata; their state is the Jobs API's, their summary the
+    line the round prints last (ROUND_SUMMARY_LINE), read from the job's logs (any node)."""
+
+    TAG = {"rlhf_cluster": "feedback_round"}
+
+    def __init__(self, args: RoundArgs, feedback: str):
+        from rlhf_cluster.lib.config import CONFIG_DIR, FeedbackRoundConfig, load_config
+
+        config = Path(args.config).resolve() if args.config else CONFIG_DIR / "feedback-round-tiny.yaml"
+        overrides = [*args.overrides, f"feedback={feedback}"]  # the store this app writes, whatever the file says
+        # a bad round config fails the deployment (the error names the key), not the first round a user starts
+        cfg = load_config(FeedbackRoundConfig, config, overrides)
+        self.output_dir = Path(cfg.output_dir).resolve()
+        self.entrypoint = shlex.join([sys.executable, "-m", "rlhf_cluster.feedback_round", "--config", str(config),
+                                      *overrides, f"output_dir={self.output_dir}"])
+        self.args = args
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            import ray
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.args.jobs_address or ray.get_runtime_context().gcs_address)
+            except Exception as e:
+                raise JobsUnavailable(f"the Ray Jobs API is not reachable ({e}); a round needs the cluster's "
+                                      "dashboard (rounds.jobs_address)") from None
+        return self._client
+
+    def list(self) -> list[dict]:
+        jobs = [j for j in self.client().list_jobs() if (j.metadata or {}).get("rlhf_cluster") == "feedback_round"]
+        return [self._state(j) for j in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)]
+
+    def start(self, min_pairs: int | None = None) -> dict:
+        busy = [j for j in self.list() if j["status"] in ("PENDING", "RUNNING")]
+        if busy:
+            raise RoundBusy(f"round {busy[0]['id']} is {busy[0]['status']}; one round at a time")
+        rid = f"feedback-round-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+        env = dict(self.args.runtime_env)
+        env["env_vars"] = {**env.get("env_vars", {}), ROUND_ID_ENV: rid}
+        entrypoint = self.entrypoint + (f" min_pairs={min_pairs}" if min_pairs else "")
+        self.client().submit_job(entrypoint=entrypoint, submission_id=rid, runtime_env=env, metadata=self.TAG)
+        return {"id": rid, "status": "PENDING", "url": f"/v1/feedback/rounds/{rid}"}
+
+    def get(self, rid: str) -> dict | None:
+        try:
+            job = self.client().get_job_info(rid)
+        except RuntimeError:  # the Jobs API: "Job ... does not exist"
+            return None
+        if (job.metadata or {}).get("rlhf_cluster") != "feedback_round":
+            return None
+        state = self._state(job)
+        logs = self.client().get_job_logs(rid)
+        summary = [line[len(ROUND_SUMMARY_LINE):] for line in logs.splitlines() if line.startswith(ROUND_SUMMARY_LINE)]
+        return {**state, "summary": json.loads(summary[-1]) if summary else None, "log_tail": logs[-4000:]}
+
+    def stop(self, rid: str) -> dict | None:
+        state = self.get(rid)
+        if state is None:
+            return None
+        if state["status"] not in ("PENDING", "RUNNING"):
+            raise RoundBusy(f"round {rid} already ended ({state['status']})")
+        self.client().stop_job(rid)  # SIGTERM to the round's driver; its actors go with it
+        return {"id": rid, "status": "STOPPING"}
+
+    @staticmethod
+    def _state(job) -> dict:
+        def iso(ms):
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000)) if ms else None
+
+        return {"id": job.submission_id, "status": str(job.status.value if hasattr(job.status, "value")
+                                                        else job.status),
+                "message": job.message, "started": iso(job.start_time), "ended": iso(job.end_time)}
+
+
+RoundId = Annotated[str, FPath(max_length=80, pattern=r"^feedback-round-[0-9a-z-]+$")]
+
+
 @serve.deployment(name="Feedback", max_ongoing_requests=64, graceful_shutdown_wait_loop_s=2,
                   graceful_shutdown_timeout_s=60)
 @serve.ingress(app)
@@ -81,7 +203,10 @@ class FeedbackDeployment:
         app.state.auth = TokenAuth(load_token(args.token_file), enabled=True,
                                    scoped=load_scoped_tokens(args.tokens_file))
         self.store = open_feedback_store(args.feedback)
-        logger.info("feedback app: store %s", self.store.describe())
+        self.rounds = Rounds(args.rounds, feedback_location(args.feedback)) if args.rounds else None
+        self._starting = asyncio.Lock()  # two POSTs at once start one round
+        logger.info("feedback app: store %s; rounds %s", self.store.describe(),
+                    self.rounds.entrypoint if self.rounds else "off")
 
     def _add(self, feedback, key: str | None) -> tuple[dict, bool]:
         record = resolve(feedback, self.store.get_answer)
@@ -130,6 +255,51 @@ class FeedbackDeployment:
         pq.write_table(table, buf)
         return Response(buf.getvalue(), media_type="application/vnd.apache.parquet",
                         headers={"x-next-cursor": cursor or ""})
+
+    def _rounds(self) -> Rounds:
+        if self.rounds is None:
+            raise HTTPException(404, "this feedback app starts no rounds (its args set rounds: null)")
+        return self.rounds
+
+    @app.post("/rounds", status_code=202, dependencies=operator)
+    async def start_round(self, request: Annotated[RoundRequest | None, Body()] = None):
+        rounds = self._rounds()
+        async with self._starting:
+            try:
+                return await asyncio.to_thread(rounds.start, request.min_pairs if request else None)
+            except RoundBusy as e:
+                raise HTTPException(409, str(e)) from None
+            except JobsUnavailable as e:
+                raise HTTPException(503, str(e)) from None
+
+    @app.get("/rounds", dependencies=operator)
+    async def list_rounds(self):
+        try:
+            return {"rounds": await asyncio.to_thread(self._rounds().list)}
+        except JobsUnavailable as e:
+            raise HTTPException(503, str(e)) from None
+
+    @app.get("/rounds/{rid}", dependencies=operator)
+    async def get_round(self, rid: RoundId):
+        try:
+            state = await asyncio.to_thread(self._rounds().get, rid)
+        except JobsUnavailable as e:
+            raise HTTPException(503, str(e)) from None
+        if state is None:
+            raise HTTPException(404, f"no feedback round {rid!r}")
+        return state
+
+    @app.delete("/rounds/{rid}", status_code=202, dependencies=operator)
+    async def stop_round(self, rid: RoundId):
+        try:
+            state = await asyncio.to_thread(self._rounds().stop, rid)
+        except RoundBusy as e:
+            raise HTTPException(409, str(e)) from None
+        except JobsUnavailable as e:
+            raise HTTPException(503, str(e)) from None
+        if state is None:
+            raise HTTPException(404, f"no feedback round {rid!r}")
+        return state
 
     @app.get("/healthz")
     async def healthz(self):

@@ -62,8 +62,9 @@ def vllm_engine(builtin_assets):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
+    # the dashboard: the Jobs API the feedback app submits rounds to (tests/test_serve_policy.py)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+             log_to_driver=False, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
     yield ray
     ray.shutdown()
 

@@ -193,3 +193,23 @@ def test_feedback_round_splits_whole_prompts_and_owns_its_data():
                             ("rl.policy.path=/x", "rl.policy"), ("heldout_fraction=0", "heldout_fraction")]:
         with pytest.raises(ConfigError, match=match):
             load_config(FeedbackRoundConfig, CONFIG_DIR / "feedback-round-tiny.yaml", [override])
+
+
+def test_the_feedback_apps_round_config_is_checked_when_it_starts(tmp_path):
+    """The app's round (args.rounds) is loaded when the app starts: a bad key fails the deployment, naming it; a
+    good one becomes the job's entrypoint with the app's own store and an absolute output directory."""
+    from rlhf_cluster.lib.config import ConfigError
+    from serve.feedback_app import FeedbackAppArgs, RoundArgs, Rounds
+
+    with pytest.raises(ConfigError, match="min_pairs"):
+        Rounds(RoundArgs(overrides=["min_pairs=0"]), str(tmp_path / "f.sqlite3"))
+    with pytest.raises(ConfigError, match="not_a_key"):
+        Rounds(RoundArgs(overrides=["not_a_key=1"]), str(tmp_path / "f.sqlite3"))
+    rounds = Rounds(RoundArgs(overrides=["output_dir=rel/rounds"]), str(tmp_path / "f.sqlite3"))
+    argv = rounds.entrypoint.split()
+    assert argv[:3] == [sys.executable, "-m", "rlhf_cluster.feedback_round"] and argv[3] == "--config"
+    assert f"feedback={tmp_path / 'f.sqlite3'}" in argv and argv[-1] == f"output_dir={rounds.output_dir}"
+    assert rounds.output_dir.is_absolute() and rounds.output_dir.parts[-2:] == ("rel", "rounds")
+    assert FeedbackAppArgs.model_validate({"rounds": None}).rounds is None  # off: the routes answer 404
+    with pytest.raises(ValidationError, match="jobs_adress"):
+        FeedbackAppArgs.model_validate({"rounds": {"jobs_adress": "http://x"}})

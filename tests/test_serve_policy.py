@@ -1,10 +1,11 @@
 """The service loop on a real local Ray Serve (configs/serve.yaml through serve.launch), called over HTTP, the policy
 through the official OpenAI client: answers kept for feedback, feedback validated and stored, scoped tokens,
-generated requests (schemathesis), a kill -9 of redis-server while feedback is coming in, a feedback round
-driven by simulated annotators (`long`: make test-long), and a promotion under concurrent chat load.
+generated requests (schemathesis), a kill -9 of redis-server while feedback is coming in, rounds started over HTTP
+as Ray jobs, two feedback rounds driven by simulated annotators (`long`: make test-long), and a promotion under
+concurrent chat load.
 
 The module's service serves the built-in SFT policy as "pol-v1" and the built-in reward model as "rm" (promoted in
-the registry before the apps start); the feedback round promotes what it trains; "pol-v2", a perturbed copy of the
+the registry before the apps start); the feedback rounds promote what they train; "pol-v2", a perturbed copy of the
 SFT policy, is what the promotion test swaps in, last in the module.
 """
 
@@ -23,7 +24,6 @@ import torch
 
 from rlhf_cluster.lib import feedback as F
 from rlhf_cluster.lib import task
-from rlhf_cluster.lib.config import CONFIG_DIR, FeedbackRoundConfig, load_config
 from rlhf_cluster.lib.registry import FileRegistry, make_entry
 from tests.conftest import free_port, start_redis
 from tests.serve_fixtures import TOKEN, auth, schemathesis_run
@@ -70,7 +70,9 @@ def loop(ray_cluster, builtin_assets, builtin_sft_rm, tmp_path_factory):
     deploy(load_serve_config(), http_port=port, only=["policy", "feedback", "checkpoints"], arg_overrides={
         "policy": {**common, "feedback": str(store_path), "max_model_len": 256},
         "feedback": {"feedback": str(store_path), "token_file": common["token_file"],
-                     "tokens_file": common["tokens_file"]},
+                     "tokens_file": common["tokens_file"], "rounds": {"overrides": [
+                         f"registry={tmp / 'registry'}", f"output_dir={tmp / 'rounds'}",
+                         f"builtin.cache_dir={builtin_assets.root.parent}"]}},
         "checkpoints": {**common, "checkpoint_roots": [str(tmp), str(builtin_assets.root.parent)]},
     })
     base = f"http://127.0.0.1:{port}"
@@ -196,7 +198,9 @@ def test_feedback_is_validated_stored_once_and_exported(loop):
 def test_schemathesis_finds_no_server_error(loop, prefix):
     """Requests generated from each app's own OpenAPI spec (vLLM's request models for the policy), valid and
     invalid, with the shared token: never a 5xx."""
-    errors, reached = schemathesis_run(loop["base"] + prefix, auth(), max_examples=10)
+    # POST /rounds would start a real round (minutes of training) in the background: its 4xx answers are tested
+    # by hand (test_rounds_start_as_ray_jobs_one_at_a_time)
+    errors, reached = schemathesis_run(loop["base"] + prefix, auth(), max_examples=10, skip=("POST /rounds",))
     assert not errors, errors[:5]
     assert reached and sum(reached.values()) >= len(reached) // 2, reached
 
@@ -292,54 +296,118 @@ def annotate(client: httpx.Client, prompts: list[str], rng: random.Random, noise
     return {"sent": sent, "ties": ties}
 
 
+def start_round(c) -> str:
+    r = c.post("/v1/feedback/rounds", headers=auth(OPS))
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def wait_round(c, rid: str, timeout: float) -> dict:
+    """The round's state once its job ended (GET /v1/feedback/rounds/{id}, every 2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = c.get(f"/v1/feedback/rounds/{rid}", headers=auth(OPS))
+        assert r.status_code == 200, r.text
+        if r.json()["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return r.json()
+        assert time.monotonic() < deadline, r.json()
+        time.sleep(2)
+
+
+def test_rounds_start_as_ray_jobs_one_at_a_time(loop):
+    """POST /v1/feedback/rounds submits `python -m rlhf_cluster.feedback_round` (the app's round config, its
+    feedback store) to the cluster's Jobs API and answers 202 with the job's id; a second start while it runs is a
+    409; GET .../rounds/{id} follows it to its end and gives the round's summary and the tail of its log; DELETE
+    stops one that has not ended. Here nothing was sent since the book's cursor: the job ends without training,
+    saying so. Starting and stopping a round need the "promote" scope."""
+    c = loop["client"]
+    book = loop["tmp"] / "rounds"
+    book.mkdir(exist_ok=True)
+    records = F.read_all(loop["store"])
+    (book / "rounds.json").write_text(json.dumps({"cursor": records[-1]["cursor"] if records else None,
+                                                  "rounds": []}))
+    assert c.post("/v1/feedback/rounds").status_code == 401
+    denied = c.post("/v1/feedback/rounds", headers=auth(ANNOTATOR))
+    assert denied.status_code == 403 and "promote" in denied.json()["error"]
+    for body in ({"min_pairs": 0}, {"min_pairs": "many"}, {"min_pair": 1}, [1]):  # (schemathesis skips this route)
+        bad = c.post("/v1/feedback/rounds", headers=auth(OPS), json=body)
+        assert bad.status_code == 422, (body, bad.text)
+        assert isinstance(body, list) or next(iter(body)) in bad.text, (body, bad.text)  # names the field
+    assert c.post("/v1/feedback/rounds", headers={**auth(OPS), "Content-Type": "application/json"},
+                  content=b"{not json").status_code in (400, 422)
+    assert c.get("/v1/feedback/rounds", headers=auth(OPS)).json()["rounds"] == []  # none of those started one
+    rid = start_round(c)
+    busy = c.post("/v1/feedback/rounds", headers=auth(OPS))
+    assert busy.status_code == 409 and rid in busy.json()["error"], busy.text
+    state = wait_round(c, rid, 300)
+    assert state["status"] == "SUCCEEDED", state["log_tail"]
+    assert state["summary"] == {"id": rid, "ran": False, "round": 1, "records": 0, "pairs": 0}
+    assert "fewer than min_pairs=8 new pairs: no round" in state["log_tail"]
+    listed = c.get("/v1/feedback/rounds", headers=auth(OPS)).json()["rounds"]
+    assert listed[0]["id"] == rid and listed[0]["status"] == "SUCCEEDED" and listed[0]["ended"]
+    missing = c.get("/v1/feedback/rounds/feedback-round-20260101-000000-abcdef", headers=auth(OPS))
+    assert missing.status_code == 404 and "no feedback round" in missing.json()["error"]
+    assert c.get("/v1/feedback/rounds/not-a-round", headers=auth(OPS)).status_code == 422
+    # DELETE stops a round that has not ended: the job is STOPPED, nothing was booked
+    ended = c.delete(f"/v1/feedback/rounds/{rid}", headers=auth(OPS))
+    assert ended.status_code == 409 and "already ended" in ended.json()["error"]
+    assert c.delete("/v1/feedback/rounds/feedback-round-20260101-000000-abcdef", headers=auth(OPS)).status_code == 404
+    assert c.delete(f"/v1/feedback/rounds/{rid}", headers=auth(ANNOTATOR)).status_code == 403
+    second = start_round(c)
+    stopping = c.delete(f"/v1/feedback/rounds/{second}", headers=auth(OPS))
+    assert stopping.status_code == 202 and stopping.json() == {"id": second, "status": "STOPPING"}
+    assert wait_round(c, second, 120)["status"] == "STOPPED"
+    assert json.loads((book / "rounds.json").read_text())["rounds"] == []
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.long
-@pytest.mark.timeout(1800)
-def test_a_feedback_round_over_http_raises_the_served_policys_gold(loop, builtin_cfg, tmp_path):
-    """The loop: simulated annotators compare answers of the served policy over HTTP; a feedback round
-    (rlhf_cluster/feedback_round.py, run here as a job) continues the reward model on them, runs a rejection-sampling
-    round from the served policy and promotes; the policy app swaps the result in; the served policy's test gold is
-    measured over HTTP (greedy answers of the 46 test prompts). A second call finds nothing new and runs no round."""
-    from rlhf_cluster import feedback_round
-
+@pytest.mark.timeout(2400)
+def test_two_feedback_rounds_over_http_raise_the_served_policys_gold(loop, builtin_cfg):
+    """The loop, only over HTTP: simulated annotators compare answers of the served policy (POST /v1/feedback); the
+    operator starts a feedback round (POST /v1/feedback/rounds: a Ray job that continues the reward model on the
+    comparisons, runs a rejection-sampling round from the served policy and promotes) and follows it to its end; the
+    policy app swaps the result in; the served policy's test gold is measured over HTTP (greedy answers of the 46
+    test prompts). Twice; then a round with nothing new trains nothing."""
     client, splits, rng = loop["client"], task.split_prompts(builtin_cfg.seed), random.Random(0)
-    out = tmp_path / "rounds"
-    out.mkdir()
-    # the round starts from now: the earlier tests' feedback in this store is not its own
+    # the rounds start from now: the earlier tests' feedback in this store is not theirs
     earlier = F.read_all(loop["store"])
-    (out / "rounds.json").write_text(json.dumps({"cursor": earlier[-1]["cursor"] if earlier else None, "rounds": []}))
-    cfg = load_config(FeedbackRoundConfig, CONFIG_DIR / "feedback-round-tiny.yaml", [
-        f"output_dir={out}", f"registry={loop['tmp'] / 'registry'}", f"feedback={loop['store_path']}",
-        f"builtin.cache_dir={builtin_cfg.cache_dir}"])
-    before = served_gold(client, splits["test"])
-    assert before[2] == {"pol-v1"}
-    counts = annotate(client, rng.sample(splits["train"], 80), rng)
-    summary = feedback_round.run(cfg)
-    assert summary["ran"] and summary["round"] == 1 and summary["pairs"] == counts["sent"]
-    assert summary["pairs_heldout"] > 0 and 0 <= summary["heldout_feedback_accuracy"]["after"] <= 1
-    deadline = time.monotonic() + 300  # the policy app follows the promotion (load, probe, swap)
-    while client.get("/policy/healthz").json()["version"]["id"] != summary["policy_entry"]:
-        assert time.monotonic() < deadline, client.get("/policy/healthz").json()
-        time.sleep(2)
-    after = served_gold(client, splits["test"])
-    assert after[2] == {summary["policy_entry"]}
-    assert loop["registry"].serving("reward").id == summary["reward_entry"]
-    print(f"\nround 1: {counts}, held-out feedback accuracy {summary['heldout_feedback_accuracy']}, "
-          f"served test gold {before[0]:.3f} -> {after[0]:.3f}")
-    assert not feedback_round.run(cfg)["ran"]  # nothing new since the round: no round
-    # the round raises the served policy's test gold by more than 0.08: above two standard errors of the 46-prompt
-    # mean (~0.04-0.06) and the seed-to-seed std of one rejection-sampling round's gold (0.054, 3 seeds:
-    # docs/results.md); measured here, seed 0: 0.669 -> 0.807 from 41 comparisons (a second round: 0.828)
-    assert after[0] > before[0] + 0.08, (before, after)
+    (loop["tmp"] / "rounds").mkdir(exist_ok=True)
+    (loop["tmp"] / "rounds" / "rounds.json").write_text(json.dumps({
+        "cursor": earlier[-1]["cursor"] if earlier else None, "rounds": []}))
+    gold = [served_gold(client, splits["test"])]
+    assert gold[0][2] == {"pol-v1"}
+    for number in (1, 2):
+        counts = annotate(client, rng.sample(splits["train"], 80), rng)
+        state = wait_round(client, start_round(client), 1500)
+        assert state["status"] == "SUCCEEDED", state["log_tail"]
+        summary = state["summary"]
+        assert summary["ran"] and summary["round"] == number and summary["pairs"] == counts["sent"]
+        assert summary["pairs_heldout"] > 0 and 0 <= summary["heldout_feedback_accuracy"]["after"] <= 1
+        deadline = time.monotonic() + 300  # the policy app follows the promotion (load, probe, swap)
+        while client.get("/policy/healthz").json()["version"]["id"] != summary["policy_entry"]:
+            assert time.monotonic() < deadline, client.get("/policy/healthz").json()
+            time.sleep(2)
+        gold.append(served_gold(client, splits["test"]))
+        assert gold[-1][2] == {summary["policy_entry"]}
+        assert loop["registry"].serving("reward").id == summary["reward_entry"]
+        print(f"\nround {number}: {counts}, held-out feedback accuracy {summary['heldout_feedback_accuracy']}, "
+              f"served test gold {gold[-2][0]:.3f} -> {gold[-1][0]:.3f}, {summary['seconds']} s")
+    idle = wait_round(client, start_round(client), 300)
+    assert idle["status"] == "SUCCEEDED" and not idle["summary"]["ran"]  # nothing new since round 2: no round
+    # over two rounds the served policy's test gold rises by more than 0.08: above two standard errors of the
+    # 46-prompt mean (~0.04-0.06) and the seed-to-seed std of one rejection-sampling round's gold (0.054, 3 seeds:
+    # docs/results.md); measured with the rounds run in-process, seed 0: 0.669 -> 0.807 -> 0.828
+    assert gold[2][0] > gold[0][0] + 0.08, gold
 
 
 def test_a_promotion_under_concurrent_chats_fails_none(loop):
     """Six clients chat without pause while the operator promotes pol-v2 through the checkpoints app: the policy app
     loads it in a second engine, probes it and swaps it in. No request fails; every answer names the version that
-    gave it, the one served before (the feedback round's, or pol-v1 without it) until the swap and pol-v2 after the promotion
-    returned. A broken policy is refused (409) and the pointer stays. Bounded: at most 6 requests in flight,
-    loopback only."""
+    gave it, the one served before (the last feedback round's, or pol-v1 without them) until the swap and pol-v2
+    after the promotion returned. A broken policy is refused (409) and the pointer stays. Bounded: at most 6
+    requests in flight, loopback only."""
     c = loop["client"]
     before = c.get("/policy/healthz").json()["version"]["id"]
     assert before != "pol-v2"

@@ -376,12 +376,24 @@ def default_feedback_path() -> Path:
     return default_registry_dir().parent / "feedback.sqlite3"
 
 
-def open_feedback_store(location: str | Path | None = None) -> SQLiteStore | RedisStore:
-    """redis://... -> Redis; a file path -> SQLite. None: $RLHF_FEEDBACK, else $REDIS_URL, else
-    ~/.cache/rlhf-cluster/feedback.sqlite3."""
+# feedback rounds (rlhf_cluster/feedback_round.py), as the feedback app starts and reads them (serve/feedback_app.py)
+ROUND_SUMMARY_LINE = "feedback round summary: "  # the round's last line: its summary as JSON
+ROUND_ID_ENV = "RLHF_FEEDBACK_ROUND_ID"            # the Ray job's id, recorded in the summary and rounds.json
+
+
+def feedback_location(location: str | Path | None = None) -> str:
+    """Where the store is: `location`, else $RLHF_FEEDBACK, else $REDIS_URL, else the default file; a file path
+    made absolute (a round started elsewhere must open the same file)."""
     if location is None:
         location = os.environ.get("RLHF_FEEDBACK") or os.environ.get("REDIS_URL") or default_feedback_path()
     location = str(location)
+    return location if "://" in location else str(Path(location).resolve())
+
+
+def open_feedback_store(location: str | Path | None = None) -> SQLiteStore | RedisStore:
+    """redis://... -> Redis; a file path -> SQLite. None: $RLHF_FEEDBACK, else $REDIS_URL, else
+    ~/.cache/rlhf-cluster/feedback.sqlite3."""
+    location = feedback_location(location)
     if location.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(location)
     if "://" in location:
