@@ -491,11 +491,15 @@ def check_references(objs: list[dict]) -> None:
 
 
 def check_redis(obj: dict) -> None:
-    """The Redis StatefulSet persists with AOF on a volume claim and takes its password from a Secret."""
+    """The Redis StatefulSet persists with AOF (fsync before every answer) on a volume claim and takes its password
+    from a Secret."""
     c = obj["spec"]["template"]["spec"]["containers"][0]
     command = " ".join(c.get("command", []) + c.get("args", []))
     if "--appendonly yes" not in command:
         raise DeployError(f"{name_of(obj)}: redis-server must run with --appendonly yes")
+    if "--appendfsync always" not in command:
+        raise DeployError(f"{name_of(obj)}: redis-server must run with --appendfsync always (with everysec it may "
+                          "answer before it writes, and a crash loses acknowledged records)")
     data = [m["mountPath"] for m in c.get("volumeMounts", [])
             if m["name"] in {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}]
     if not data or f"--dir {data[0]}" not in command:

@@ -82,7 +82,7 @@ def start_redis(port: int, workdir) -> subprocess.Popen:
     if exe is None:
         pytest.fail("redis-server is not installed (make test installs it)")
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
                             stdout=subprocess.DEVNULL)
     import redis
 

@@ -331,6 +331,9 @@ def test_redis_persists_with_aof_on_a_claim(overlays):
     args[0] = args[0].replace("--appendonly yes", "--appendonly no")
     with pytest.raises(DeployError, match="--appendonly yes"):
         V.check_redis(sts)
+    args[0] = args[0].replace("--appendonly no", "--appendonly yes").replace("always", "everysec")
+    with pytest.raises(DeployError, match="--appendfsync always"):
+        V.check_redis(sts)
 
 
 # --------------------------------------------------------------------------- Dockerfiles
