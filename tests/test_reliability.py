@@ -192,3 +192,50 @@ def test_engine_killed_under_async_rollout_is_restarted_and_its_batch_sampled_ag
     assert all(0 <= r["rollout/staleness"] <= 1 for r in rows[1:]), [r["rollout/staleness"] for r in rows[1:]]
     assert summary["faults"]["engine_failures"] >= 1 and summary["faults"]["rollbacks"] == 0, lines
     assert any("rollout engine failed" in x and "sampling again" in x for x in lines), lines
+
+
+def test_a_lost_policy_rank_rolls_back_and_repeated_losses_give_up(ray_cluster, builtin_assets, tmp_path):
+    """SIGKILL a policy trainer rank (a DeepSpeed ZeRO-3 rank: its peer cannot go on) right after checkpoint 1:
+    the coordinator rebuilds the policy group, rolls back to checkpoint 1 and redoes iteration 2. Kill a rank again
+    after checkpoint 2, with fault_tolerance.max_rollbacks=1: the run gives up with the documented message (exit
+    status 1 from the job), leaving checkpoint 2 complete and every iteration before it logged once."""
+    from rlhf_cluster.ppo import RunHalted
+    from rlhf_cluster.scaffold import EXIT_RUN_FAILED, RunFailed
+
+    out = tmp_path / "run"
+    lines: list[str] = []
+
+    def log(msg):
+        lines.append(str(msg))
+        print(msg, flush=True)
+
+    def ckpt(i):
+        return lambda: (out / "checkpoints" / f"iter_{i:06d}").exists()
+
+    chaos = Chaos([
+        ("policy rank", ckpt(1), lambda: (time.sleep(0.5), kill_actor("PolicyTrainer"))[1]),
+        ("policy rank again", lambda: ckpt(2)() and any("resumed from" in x for x in lines),
+         lambda: (time.sleep(0.5), kill_actor("PolicyTrainer"))[1]),
+    ])
+    # the HF engine (starts in seconds) and no critic: this test is about the policy group
+    cfg = _smoke(builtin_assets, out, "estimator=grpo", "ptx_coef=0", "rollout.engine=hf", "iterations=5",
+                 "eval_every=5", "checkpoint_every=1", "keep_checkpoints=5", "fault_tolerance.max_rollbacks=1")
+    chaos.start()
+    try:
+        with pytest.raises(RunHalted) as halted:
+            run(cfg, log=log)
+    finally:
+        chaos.join(timeout=60)
+    assert chaos.error is None, chaos.error
+    assert [name for name, _ in chaos.done] == ["policy rank", "policy rank again"]
+    assert isinstance(halted.value, RunFailed) and EXIT_RUN_FAILED == 1  # what the job exits with
+    message = str(halted.value)
+    assert message.startswith("giving up: iteration 3 failed after 1 rollbacks (fault_tolerance.max_rollbacks)")
+    # the first loss: rebuilt and rolled back to checkpoint 1, iteration 2 redone
+    assert any(x.startswith("iteration 2 failed:") and x.endswith("rollback 1/1") for x in lines), lines
+    assert "rebuilding the policy group (2 ranks)" in lines
+    assert any("resumed from" in x and "iter_000001" in x for x in lines), lines
+    # what is left: checkpoint 2 complete (its manifest verified), iterations 0..2 logged once each
+    assert latest_checkpoint(out).name == "iter_000002"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
