@@ -3,6 +3,9 @@ them from the repository root, their working directory, as a user's module is im
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -61,3 +64,19 @@ def safety(prompts, responses, labels):
 def with_metrics(prompts, responses, labels):
     """OpenRLHF-style: rewards and per-response extra metrics."""
     return {"rewards": [1.0] * len(responses), "metrics": {"length": [float(len(r)) for r in responses]}}
+
+
+SLOW_CALLS = Path(tempfile.gettempdir()) / "rlhf-cluster-tests-slow-reward-calls"  # removed by the test
+
+
+def slow_logged(prompts, responses, labels):
+    """1 - length / 100, after 1.5 s, with "start PID KEY" and "end PID KEY" lines in SLOW_CALLS around it (KEY: a
+    hash of the responses): a test sees a call in flight, kills its process, and sees the same call again in the
+    restarted actor."""
+    key = hashlib.sha256(json.dumps(responses).encode()).hexdigest()[:12]
+    with SLOW_CALLS.open("a") as fh:
+        fh.write(f"start {os.getpid()} {key}\n")
+    time.sleep(1.5)
+    with SLOW_CALLS.open("a") as fh:
+        fh.write(f"end {os.getpid()} {key}\n")
+    return [1.0 - len(r) / 100.0 for r in responses]

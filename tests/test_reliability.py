@@ -239,3 +239,56 @@ def test_a_lost_policy_rank_rolls_back_and_repeated_losses_give_up(ray_cluster, 
     assert latest_checkpoint(out).name == "iter_000002"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+
+def test_a_reward_actor_killed_mid_call_is_restarted_and_the_call_sent_again(ray_cluster, builtin_assets, tmp_path):
+    """Provably in flight: a reward source that takes 1.5 s per call and logs its start and end
+    (tests.reward_fns:slow_logged). After checkpoint 1 the chaos step waits for a call that started and has not
+    ended, and SIGKILLs the process making it; Ray restarts the reward actor and re-sends the call
+    (max_task_retries): the log shows that call started in the killed process, never ended there, and ran to its end
+    in the new one, once. The run loses no iteration and skips none."""
+    from tests.reward_fns import SLOW_CALLS
+
+    SLOW_CALLS.unlink(missing_ok=True)
+    out = tmp_path / "run"
+    victim: dict = {}
+
+    def calls() -> list[tuple[str, int, str]]:
+        text = SLOW_CALLS.read_text() if SLOW_CALLS.exists() else ""
+        return [(kind, int(pid), key) for kind, pid, key in (line.split() for line in text.splitlines())]
+
+    def call_in_flight() -> bool:
+        if not (out / "checkpoints" / "iter_000001").exists():
+            return False
+        log = calls()
+        ended = {(pid, key) for kind, pid, key in log if kind == "end"}
+        open_calls = [(pid, key) for kind, pid, key in log if kind == "start" and (pid, key) not in ended]
+        if open_calls:
+            victim["pid"], victim["key"] = open_calls[-1]
+        return bool(open_calls)
+
+    def kill():
+        os.kill(victim["pid"], signal.SIGKILL)
+        return victim["pid"]
+
+    chaos = Chaos([("reward call in flight", call_in_flight, kill)])
+    cfg = _smoke(builtin_assets, out, "estimator=grpo", "ptx_coef=0", "rollout.engine=hf", "iterations=3",
+                 "eval_every=3", "reward.path=null",
+                 "rewards=[{name: slow, fn: 'tests.reward_fns:slow_logged', needs_label: false}]")
+    chaos.start()
+    try:
+        summary = run(cfg)
+    finally:
+        chaos.join(timeout=60)
+    assert chaos.error is None, chaos.error
+    assert [name for name, _ in chaos.done] == ["reward call in flight"]
+    pid, key = victim["pid"], victim["key"]
+    log = calls()
+    assert ("start", pid, key) in log and ("end", pid, key) not in log  # killed mid-call
+    again = [p for kind, p, k in log if kind == "end" and k == key]
+    assert len(again) == 1 and again[0] != pid, log  # the same call, run to its end once, in the restarted actor
+    assert not any(kind == "start" and p == pid for kind, p, _ in log[log.index(("start", pid, key)) + 1:])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3] and not any(r.get("skipped") for r in rows)
+    assert summary["faults"]["rollbacks"] == 0 and summary["faults"]["reward_errors"] == 0
+    SLOW_CALLS.unlink(missing_ok=True)
