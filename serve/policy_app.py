@@ -315,7 +315,8 @@ class PolicyDeployment:
                 engine.in_flight -= 1
 
     async def _stream(self, kind: str, body, chunks, engine: Engine):
-        """Pass vLLM's SSE chunks through, gathering each choice's text; keep the answer when the stream ends."""
+        """Pass vLLM's SSE chunks through, gathering each choice's text; keep the answer before the stream's
+        `[DONE]` goes out, so feedback sent as soon as the stream ends finds it."""
         texts: dict[int, str] = {}
         answer_id, done = None, False
         try:
@@ -325,13 +326,13 @@ class PolicyDeployment:
                     for c in event.get("choices") or []:
                         piece = (c.get("delta") or {}).get("content") if kind == "chat" else c.get("text")
                         texts[c.get("index", 0)] = texts.get(c.get("index", 0), "") + (piece or "")
-                done = done or "[DONE]" in chunk
+                if "[DONE]" in chunk and answer_id and not done:
+                    done = True
+                    await asyncio.to_thread(self._record, kind, body, answer_id,
+                                            [texts[i] for i in sorted(texts)], engine.version)
                 yield chunk
         finally:
             engine.in_flight -= 1
-        if done and answer_id:
-            await asyncio.to_thread(self._record, kind, body, answer_id,
-                                    [texts[i] for i in sorted(texts)], engine.version)
 
     # ------------------------------------------------------------------ routes
     @app.post("/v1/chat/completions", dependencies=generate)

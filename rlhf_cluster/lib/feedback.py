@@ -347,7 +347,9 @@ class RedisStore:
         return json.loads(body) if body else None
 
     def add(self, record: dict, request_hash: str, key: str | None = None) -> tuple[dict, bool]:
-        key = key or record["id"]
+        # without a client key the record's fresh id is the key: finding it stored means our own retry after a lost
+        # reply wrote it, so it was created by this request
+        own, key = key is None, key or record["id"]
         created, ref = self._retry(lambda: self._add(keys=[f"{self.prefix}keys", f"{self.prefix}stream"],
                                                      args=[key, request_hash, json.dumps(record)]))
         if int(created):
@@ -356,7 +358,7 @@ class RedisStore:
         if prev["hash"] != request_hash:
             raise KeyConflict(f"idempotency key {key!r} was used before with another request body")
         rows = self._retry(lambda: self.client.xrange(f"{self.prefix}stream", prev["sid"], prev["sid"]))
-        return {**json.loads(rows[0][1]["record"]), "cursor": prev["sid"]}, False
+        return {**json.loads(rows[0][1]["record"]), "cursor": prev["sid"]}, own
 
     def since(self, cursor: str | None = None, limit: int = 1000) -> list[dict]:
         start = f"({cursor}" if cursor else "-"
