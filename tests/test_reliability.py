@@ -36,6 +36,19 @@ def kill_actor(class_name: str) -> int:
     return pid
 
 
+def logger(lines: list[str]):
+    """The job's log: kept in `lines` (what the chaos steps and assertions read) and printed."""
+    def log(msg):
+        lines.append(str(msg))
+        print(msg, flush=True)
+    return log
+
+
+def checkpoint_written(out):
+    """ckpt(i): a chaos step's condition, true once checkpoint i of the run in `out` is complete."""
+    return lambda i: lambda: (out / "checkpoints" / f"iter_{i:06d}").exists()
+
+
 class Chaos(threading.Thread):
     """Runs (wait-for, action) steps in order beside the job; records what it did and any error."""
 
@@ -72,13 +85,7 @@ def test_killed_actors_and_redis_lose_no_iteration(ray_cluster, builtin_assets, 
     redis = {"proc": start_redis(port, redis_dir)}
     url = f"redis://127.0.0.1:{port}/0"
     lines: list[str] = []
-
-    def log(msg):
-        lines.append(str(msg))
-        print(msg, flush=True)
-
-    def ckpt(i):
-        return lambda: (out / "checkpoints" / f"iter_{i:06d}").exists()
+    log, ckpt = logger(lines), checkpoint_written(out)
 
     def kill_redis():
         redis["proc"].kill()
@@ -200,17 +207,11 @@ def test_a_lost_policy_rank_rolls_back_and_repeated_losses_give_up(ray_cluster, 
     after checkpoint 2, with fault_tolerance.max_rollbacks=1: the run gives up with the documented message (exit
     status 1 from the job), leaving checkpoint 2 complete and every iteration before it logged once."""
     from rlhf_cluster.ppo import RunHalted
-    from rlhf_cluster.scaffold import EXIT_RUN_FAILED, RunFailed
+    from rlhf_cluster.scaffold import RunFailed
 
     out = tmp_path / "run"
     lines: list[str] = []
-
-    def log(msg):
-        lines.append(str(msg))
-        print(msg, flush=True)
-
-    def ckpt(i):
-        return lambda: (out / "checkpoints" / f"iter_{i:06d}").exists()
+    log, ckpt = logger(lines), checkpoint_written(out)
 
     chaos = Chaos([
         ("policy rank", ckpt(1), lambda: (time.sleep(0.5), kill_actor("PolicyTrainer"))[1]),
@@ -228,7 +229,7 @@ def test_a_lost_policy_rank_rolls_back_and_repeated_losses_give_up(ray_cluster, 
         chaos.join(timeout=60)
     assert chaos.error is None, chaos.error
     assert [name for name, _ in chaos.done] == ["policy rank", "policy rank again"]
-    assert isinstance(halted.value, RunFailed) and EXIT_RUN_FAILED == 1  # what the job exits with
+    assert isinstance(halted.value, RunFailed)  # the job exits EXIT_RUN_FAILED (1)
     message = str(halted.value)
     assert message.startswith("giving up: iteration 3 failed after 1 rollbacks (fault_tolerance.max_rollbacks)")
     # the first loss: rebuilt and rolled back to checkpoint 1, iteration 2 redone
