@@ -143,8 +143,20 @@ class Rounds:
                                       "dashboard (rounds.jobs_address)") from None
         return self._client
 
+    def _jobs(self, call: str, *args, **kwargs):
+        """One call to the Jobs API. Not reaching it, or an error it answers, is JobsUnavailable (503): the
+        request was fine, the cluster's dashboard was not. A job that does not exist is None (404)."""
+        try:
+            return getattr(self.client(), call)(*args, **kwargs)
+        except JobsUnavailable:
+            raise
+        except Exception as e:
+            if call != "submit_job" and "status code 404" in str(e):  # "Job ... does not exist"
+                return None
+            raise JobsUnavailable(f"the Ray Jobs API failed ({call}: {type(e).__name__}: {e})") from None
+
     def list(self) -> list[dict]:
-        jobs = [j for j in self.client().list_jobs() if (j.metadata or {}).get("rlhf_cluster") == "feedback_round"]
+        jobs = [j for j in self._jobs("list_jobs") if (j.metadata or {}).get("rlhf_cluster") == "feedback_round"]
         return [self._state(j) for j in sorted(jobs, key=lambda j: j.start_time or 0, reverse=True)]
 
     def start(self, min_pairs: int | None = None) -> dict:
@@ -155,18 +167,15 @@ class Rounds:
         env = dict(self.args.runtime_env)
         env["env_vars"] = {**env.get("env_vars", {}), ROUND_ID_ENV: rid}
         entrypoint = self.entrypoint + (f" min_pairs={min_pairs}" if min_pairs else "")
-        self.client().submit_job(entrypoint=entrypoint, submission_id=rid, runtime_env=env, metadata=self.TAG)
+        self._jobs("submit_job", entrypoint=entrypoint, submission_id=rid, runtime_env=env, metadata=self.TAG)
         return {"id": rid, "status": "PENDING", "url": f"/v1/feedback/rounds/{rid}"}
 
     def get(self, rid: str) -> dict | None:
-        try:
-            job = self.client().get_job_info(rid)
-        except RuntimeError:  # the Jobs API: "Job ... does not exist"
-            return None
-        if (job.metadata or {}).get("rlhf_cluster") != "feedback_round":
+        job = self._jobs("get_job_info", rid)
+        if job is None or (job.metadata or {}).get("rlhf_cluster") != "feedback_round":
             return None
         state = self._state(job)
-        logs = self.client().get_job_logs(rid)
+        logs = self._jobs("get_job_logs", rid) or ""
         summary = [line[len(ROUND_SUMMARY_LINE):] for line in logs.splitlines() if line.startswith(ROUND_SUMMARY_LINE)]
         return {**state, "summary": json.loads(summary[-1]) if summary else None, "log_tail": logs[-4000:]}
 
@@ -176,7 +185,7 @@ class Rounds:
             return None
         if state["status"] not in ("PENDING", "RUNNING"):
             raise RoundBusy(f"round {rid} already ended ({state['status']})")
-        self.client().stop_job(rid)  # SIGTERM to the round's driver; its actors go with it
+        self._jobs("stop_job", rid)  # SIGTERM to the round's driver; its actors go with it
         return {"id": rid, "status": "STOPPING"}
 
     @staticmethod
@@ -261,45 +270,35 @@ class FeedbackDeployment:
             raise HTTPException(404, "this feedback app starts no rounds (its args set rounds: null)")
         return self.rounds
 
-    @app.post("/rounds", status_code=202, dependencies=operator)
-    async def start_round(self, request: Annotated[RoundRequest | None, Body()] = None):
-        rounds = self._rounds()
-        async with self._starting:
-            try:
-                return await asyncio.to_thread(rounds.start, request.min_pairs if request else None)
-            except RoundBusy as e:
-                raise HTTPException(409, str(e)) from None
-            except JobsUnavailable as e:
-                raise HTTPException(503, str(e)) from None
-
-    @app.get("/rounds", dependencies=operator)
-    async def list_rounds(self):
+    async def _round_call(self, fn, *args):
+        """A Rounds call off the event loop, its errors as HTTP answers: busy 409, Jobs API down 503, unknown 404."""
         try:
-            return {"rounds": await asyncio.to_thread(self._rounds().list)}
-        except JobsUnavailable as e:
-            raise HTTPException(503, str(e)) from None
-
-    @app.get("/rounds/{rid}", dependencies=operator)
-    async def get_round(self, rid: RoundId):
-        try:
-            state = await asyncio.to_thread(self._rounds().get, rid)
-        except JobsUnavailable as e:
-            raise HTTPException(503, str(e)) from None
-        if state is None:
-            raise HTTPException(404, f"no feedback round {rid!r}")
-        return state
-
-    @app.delete("/rounds/{rid}", status_code=202, dependencies=operator)
-    async def stop_round(self, rid: RoundId):
-        try:
-            state = await asyncio.to_thread(self._rounds().stop, rid)
+            result = await asyncio.to_thread(fn, *args)
         except RoundBusy as e:
             raise HTTPException(409, str(e)) from None
         except JobsUnavailable as e:
             raise HTTPException(503, str(e)) from None
-        if state is None:
-            raise HTTPException(404, f"no feedback round {rid!r}")
-        return state
+        if result is None:
+            raise HTTPException(404, f"no feedback round {args[0]!r}")
+        return result
+
+    @app.post("/rounds", status_code=202, dependencies=operator)
+    async def start_round(self, request: Annotated[RoundRequest | None, Body()] = None):
+        rounds = self._rounds()
+        async with self._starting:
+            return await self._round_call(rounds.start, request.min_pairs if request else None)
+
+    @app.get("/rounds", dependencies=operator)
+    async def list_rounds(self):
+        return {"rounds": await self._round_call(self._rounds().list)}
+
+    @app.get("/rounds/{rid}", dependencies=operator)
+    async def get_round(self, rid: RoundId):
+        return await self._round_call(self._rounds().get, rid)
+
+    @app.delete("/rounds/{rid}", status_code=202, dependencies=operator)
+    async def stop_round(self, rid: RoundId):
+        return await self._round_call(self._rounds().stop, rid)
 
     @app.get("/healthz")
     async def healthz(self):

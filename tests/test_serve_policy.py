@@ -360,6 +360,21 @@ def test_rounds_start_as_ray_jobs_one_at_a_time(loop):
     assert json.loads((book / "rounds.json").read_text())["rounds"] == []
 
 
+def test_every_rounds_call_is_503_when_the_jobs_api_stops_answering(loop):
+    """A failing Jobs API is the cluster's fault, not the request's: once the app has reached the dashboard and it
+    stops answering, each Rounds call (list, start, get, stop: the four routes) raises JobsUnavailable naming the
+    call, which the routes answer as 503 (never 500); on a live API an unknown id is None (404)."""
+    from serve.feedback_app import JobsUnavailable, RoundArgs, Rounds
+
+    rounds = Rounds(RoundArgs(), str(loop["store_path"]))
+    assert rounds.list() is not None and rounds.get("feedback-round-20260101-000000-abcdef") is None
+    rounds.client()._address = f"http://127.0.0.1:{free_port()}"  # the real client; nothing listens there now
+    for call, args in (("list", ()), ("start", ()), ("get", ("feedback-round-20260101-000000-abcdef",)),
+                       ("stop", ("feedback-round-20260101-000000-abcdef",))):
+        with pytest.raises(JobsUnavailable, match=r"the Ray Jobs API failed \((list_jobs|get_job_info): "):
+            getattr(rounds, call)(*args)
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.long
