@@ -291,16 +291,17 @@ class PPORun:
         self.log(f"resumed from {path} (iteration {self.iteration})")
 
     # ---------------------------------------------------------------- faults
-    def recover(self, error: Exception) -> None:
+    def recover(self, error: Exception, failed: str | None = None) -> None:
         """Rebuild what died and roll back to the last complete checkpoint (or the start): the
-        iterations since are redone, so none is lost or counted twice. Bounded by max_rollbacks."""
+        iterations since are redone, so none is lost or counted twice. Bounded by max_rollbacks.
+        `failed`: what failed, for the log (default: the next iteration)."""
         ft = self.cfg.fault_tolerance
+        failed = failed or f"iteration {self.iteration + 1}"
         self.faults["rollbacks"] += 1
         if self.faults["rollbacks"] > ft.max_rollbacks:
-            raise RunHalted(f"giving up: iteration {self.iteration + 1} failed after {ft.max_rollbacks} "
+            raise RunHalted(f"giving up: {failed} failed after {ft.max_rollbacks} "
                             f"rollbacks (fault_tolerance.max_rollbacks); last failure: {short(error)}") from error
-        self.log(f"iteration {self.iteration + 1} failed: {short(error)}; "
-                 f"rollback {self.faults['rollbacks']}/{ft.max_rollbacks}")
+        self.log(f"{failed} failed: {short(error)}; rollback {self.faults['rollbacks']}/{ft.max_rollbacks}")
         rebuilt = []
         for group in self.groups.trainers():  # a lost rank breaks the process group: rebuild all ranks
             if not group.responsive(ft.ping_timeout_s):
@@ -333,7 +334,7 @@ class PPORun:
     def train(self) -> dict:
         from tqdm import tqdm
 
-        cfg, ft = self.cfg, self.cfg.fault_tolerance
+        cfg = self.cfg
         metrics_file = (self.out / "metrics.jsonl").open("a")
         tracker = self.tracker = Tracker(cfg, self.out, "ppo")
         if self.iteration == 0 and not self.history:
@@ -348,48 +349,55 @@ class PPORun:
                    disable=not sys.stdout.isatty() and not os.environ.get("RLHF_PROGRESS"))
         stop_at = min(cfg.iterations, cfg.stop_after_iterations or cfg.iterations)
         while self.iteration < stop_at and self.stopped_early is None:
+            # a dead rank or a poisoned state, met by the step or by the checkpoint after it, rolls back
+            failed = None  # the next iteration
             try:
                 row = self.iterate(metrics_file, tracker)
+                failed = f"checkpoint {self.iteration}"
+                self.conclude(row, bar, stop_at)
             except (RayActorError, PoisonedState) as e:
-                self.recover(e)
+                self.recover(e, failed)
                 bar.n = self.iteration
-                continue
             except RayTaskError as e:  # a rank's error may only be the echo of a peer that died
                 if not self.groups.rank_lost():
                     raise
-                self.recover(e)
+                self.recover(e, failed)
                 bar.n = self.iteration
-                continue
-            bar.update(1)
-            if row.get("skipped"):
-                self.faults["skipped_iterations"] += 1
-                self.consecutive_skips += 1
-                self.log(f"iter {row['iteration']} skipped: {row['skip_reason']} "
-                         f"({self.consecutive_skips} in a row, at most {ft.max_consecutive_skips})")
-                if self.consecutive_skips >= ft.max_consecutive_skips:
-                    raise RunHalted(f"halting: {self.consecutive_skips} iterations in a row skipped "
-                                       f"({row['skip_reason']}); no checkpoint was written from them. "
-                                       "Check the reward model and the learning rate.")
-            else:
-                self.consecutive_skips = 0
-                bar.set_postfix(rm=f"{row['reward/rm_score']:.2f}", kl=f"{row['kl/mean_sequence_kl']:.2f}")
-                self.log(_progress_line(row))
-            if row.get("val/overoptimising"):
-                stop = cfg.early_stop == "val_gold"
-                self.log(f"warning: reward over-optimisation: over the last {cfg.overoptimisation_patience} "
-                         "evaluations the validation RM score rose while validation gold fell"
-                         + ("; stopping (early_stop=val_gold)" if stop else ""))
-                if stop:
-                    self.stopped_early = self.iteration
-            best = self.store.best
-            new_best = "val/gold" in row and (best is None or row["val/gold"] > best[0])
-            if (self.iteration % cfg.checkpoint_every == 0 or self.iteration in (cfg.iterations, stop_at)
-                    or self.stopped_early or (new_best and cfg.early_stop != "none")):
-                path = self.store.save(self.iteration, self.state_dict(), row)
-                self.log(f"checkpoint {path}")
         bar.close()
         metrics_file.close()
         return self.finish()
+
+    def conclude(self, row: dict, bar, stop_at: int) -> None:
+        """After an iteration: count a skip (halting after too many in a row), flag over-optimisation, and
+        write the checkpoint when one is due."""
+        cfg, ft = self.cfg, self.cfg.fault_tolerance
+        bar.update(1)
+        if row.get("skipped"):
+            self.faults["skipped_iterations"] += 1
+            self.consecutive_skips += 1
+            self.log(f"iter {row['iteration']} skipped: {row['skip_reason']} "
+                     f"({self.consecutive_skips} in a row, at most {ft.max_consecutive_skips})")
+            if self.consecutive_skips >= ft.max_consecutive_skips:
+                raise RunHalted(f"halting: {self.consecutive_skips} iterations in a row skipped "
+                                f"({row['skip_reason']}); no checkpoint was written from them. "
+                                "Check the reward model and the learning rate.")
+        else:
+            self.consecutive_skips = 0
+            bar.set_postfix(rm=f"{row['reward/rm_score']:.2f}", kl=f"{row['kl/mean_sequence_kl']:.2f}")
+            self.log(_progress_line(row))
+        if row.get("val/overoptimising"):
+            stop = cfg.early_stop == "val_gold"
+            self.log(f"warning: reward over-optimisation: over the last {cfg.overoptimisation_patience} "
+                     "evaluations the validation RM score rose while validation gold fell"
+                     + ("; stopping (early_stop=val_gold)" if stop else ""))
+            if stop:
+                self.stopped_early = self.iteration
+        best = self.store.best
+        new_best = "val/gold" in row and (best is None or row["val/gold"] > best[0])
+        if (self.iteration % cfg.checkpoint_every == 0 or self.iteration in (cfg.iterations, stop_at)
+                or self.stopped_early or (new_best and cfg.early_stop != "none")):
+            path = self.store.save(self.iteration, self.state_dict(), row)
+            self.log(f"checkpoint {path}")
 
     def iterate(self, metrics_file, tracker) -> dict:
         """One iteration: step, evaluation when due, the metrics row."""

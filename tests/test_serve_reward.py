@@ -2,8 +2,8 @@
 
 Scoring: scores compared with the reward model run directly in this process, the OpenRLHF protocol, batching,
 input validation (4xx), the token, reconfiguring the models. Life: generated requests to both apps
-(schemathesis), the configured timeouts, a timed-out request, health checks, an app that cannot deploy, a
-redeploy under load, and a soak of mixed traffic with bounded memory.
+(schemathesis), the configured timeouts, a timed-out request, health checks, a replica whose model goes bad
+(503, replaced), an app that cannot deploy, a redeploy under load, and a soak of mixed traffic with bounded memory.
 
 No test here changes what the module's shared reward app serves (batching is put back in a `finally`): a test
 that changes a reward app for good (more models, a token, a redeploy) or breaks one deploys its own next to it,
@@ -221,6 +221,41 @@ def test_health_check_fails_when_a_served_model_stops_scoring(builtin_assets, na
         assert replica.unready is None
 
     asyncio.run(run())
+
+
+def test_a_replica_whose_model_goes_bad_answers_503_and_is_replaced(service, builtin_assets):
+    """On a running Serve: a replica's model is poisoned in place (its score head NaN, as a diverged in-place
+    update or corrupted memory would leave it). The next request gets a 503 with Retry-After (never a NaN, never
+    a 500): the probe item scores non-finite too, so the model itself is broken, and the replica ends its process;
+    Serve starts a new one at once, which loads the model again and scores correctly."""
+    import ray
+
+    args = {**service["common"], "models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False,
+            "num_cpus": 0.25}
+    c, want = service["client"], Direct(builtin_assets.reward_base)(PAIRS)
+    with reward_app("poisoned", args):
+        first = c.get("/poisoned/healthz").json()["replica"]
+        actor = next(r["actor_name"] for d in serve_details()["applications"]["poisoned"]["deployments"].values()
+                     for r in d["replicas"] if r["state"] == "RUNNING")
+
+        def poison(replica):  # inside the replica process
+            rm = replica._replica_impl._user_callable_wrapper._callable.models["rm"]
+            with torch.no_grad():
+                rm.model.score.weight.fill_(float("nan"))
+
+        ray.get(ray.get_actor(actor, namespace="serve").__ray_call__.remote(poison), timeout=60)
+        r = c.post("/poisoned/v1/score", json=items(PAIRS))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.text)
+        assert "non-finite score" in r.json()["error"] and "being replaced" in r.json()["error"]
+        deadline = time.monotonic() + 180
+        while True:  # the replica left; Serve starts another (the proxy answers 503 meanwhile)
+            h = c.get("/poisoned/healthz")
+            if h.status_code == 200 and h.json().get("replica") != first:
+                break
+            assert time.monotonic() < deadline, h.text
+            time.sleep(0.5)
+        r = c.post("/poisoned/v1/score", json=items(PAIRS))
+        assert r.status_code == 200 and torch.allclose(torch.tensor(r.json()["scores"]), want, atol=1e-4), r.text
 
 
 def test_a_reward_app_whose_model_cannot_load_fails_clearly(service):
