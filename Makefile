@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install system run test test-long chaos test-fast bench results results-verifiable results-quick gpu-check lint clean distclean
+.PHONY: install system run test test-long chaos test-archs test-fast bench results results-verifiable results-quick gpu-check lint clean distclean
 
 install: $(STAMP) system
 
@@ -36,15 +36,20 @@ run: install
 # comparisons, the serve soak): under 40 minutes on a 2-core machine. `make test-long` runs those (~30 minutes);
 # CI (.ci/run) runs both.
 test: install
-	$(PY) -m pytest -m "not long and not chaos"
+	$(PY) -m pytest -m "not long and not chaos and not archs"
 
 test-long: install
-	$(PY) -m pytest -m "long and not chaos"
+	$(PY) -m pytest -m "long and not chaos and not archs"
 
 # Seeded fault schedules against whole PPO runs (tests/test_chaos.py) and the Serve apps under faults and load:
 # about 20 minutes here, not in CI; docs/reliability.md records the last result.
 chaos: install
 	$(PY) -m pytest -m chaos -s
+
+# Qwen2 (tied embeddings), Qwen3, Mistral, Gemma 2 and Gemma 3, built tiny, each through SFT, RM, DPO and PPO with
+# vLLM weight sync (tests/test_architectures.py): about 5 minutes a family here, not in CI.
+test-archs: install
+	$(PY) -m pytest -m archs -s
 
 # The prepared GPU check (scripts/gpu_check.py) with the Python environment at hand (a GPU machine needs
 # torch with CUDA, vllm, deepspeed, ray installed: `pip install -e '.[gpu]'`); writes bench/results/gpu_check.json.
@@ -52,7 +57,7 @@ gpu-check:
 	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py --out bench/results/gpu_check.json
 
 test-fast: install
-	$(PY) -m pytest -m "not ray and not vllm and not slow and not chaos"
+	$(PY) -m pytest -m "not ray and not vllm and not slow and not chaos and not archs"
 
 # The learning results: every method over 3 seeds and the over-optimisation sweep (under an hour on 2 cores);
 # writes docs/results/results.json, then docs/results.md and README's results block from it.

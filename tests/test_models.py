@@ -32,6 +32,25 @@ def test_unknown_size_is_rejected(tmp_path):
         models.build_tiny(tmp_path, size="huge")
 
 
+def test_unknown_family_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="--family must be one of"):
+        models.build_tiny(tmp_path, family="gpt5")
+
+
+@pytest.mark.parametrize("family", sorted(set(models.FAMILIES) - {"llama"}))
+def test_every_family_is_its_own_hf_architecture(family, tokenizer):
+    """The configs are the families' own (what tests/test_architectures.py trains through every stage)."""
+    cfg = models.model_config("tiny", tokenizer, family)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+        reward = AutoModelForSequenceClassification.from_config(models.model_config("tiny", tokenizer, family,
+                                                                                    num_labels=1))
+    assert cfg.model_type == family and type(model).__name__.lower().startswith(family.split("_")[0])
+    assert reward.config.num_labels == 1 and reward.score.out_features == 1
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == cfg.tie_word_embeddings
+    assert models.count_parameters(model) < 1_000_000
+
+
 def test_transformers_round_trip(builtin_assets):
     tok = AutoTokenizer.from_pretrained(builtin_assets.base)
     text = "List 3 fruits. apple, pear, plum."

@@ -130,18 +130,35 @@ def _world_size() -> int:
         os.environ.get("WORLD_SIZE", "1"))
 
 
+def tied_names(module) -> set[str]:
+    """State-dict names that repeat an earlier name's tensor (a tied lm_head.weight is the embedding): HF
+    checkpoints and vLLM's loaders take each tied weight once, under its first name."""
+    seen, tied = set(), set()
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            tied.add(name)
+        seen.add(id(t))
+    return tied
+
+
 def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The full (unpartitioned) weights on every rank, for export and weight sync."""
+    """The full (unpartitioned) weights on every rank, for export and weight sync: each tensor once (tied_names
+    left out) and the persistent buffers."""
     import deepspeed
 
     module = engine.module
+    tied = tied_names(module)
     if engine.zero_optimization_stage() == 3:
         out = {}
         for name, p in module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                 out[name] = p.detach().clone().cpu()
+        kept = module.state_dict(keep_vars=True).keys()
+        for name, b in module.named_buffers():  # never partitioned; the persistent ones (in the state dict)
+            if name in kept:
+                out[name] = b.detach().clone().cpu()
         return out
-    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items() if k not in tied}
 
 
 def merged_lora_state_dict(state: dict[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
