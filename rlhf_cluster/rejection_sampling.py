@@ -31,7 +31,7 @@ from rlhf_cluster.ppo import resolve_models
 from rlhf_cluster.rl.batch import trainer_item
 from rlhf_cluster.rl.evaluation import HeldOutEval
 from rlhf_cluster.rl.groups import RLGroups, plan_memory
-from rlhf_cluster.rl.rollout import PromptOrder, RolloutProducer, load_prompt_splits
+from rlhf_cluster.rl.rollout import PromptOrder, RolloutProducer, load_prompt_splits, reward_context
 from rlhf_cluster.rl.weights import WeightSync
 
 DEFAULT_CONFIG = CONFIG_DIR / "rejection-sampling-tiny.yaml"
@@ -77,6 +77,9 @@ class RejectionSamplingRun:
         """Reward of every sample: {"reward": combined, name: per-model scores...}."""
         from rlhf_cluster.lib import task
 
+        if self.cfg.rewards:  # models, functions and endpoints, combined in the reward actors with each prompt's label
+            return {"reward": torch.tensor(self.reward.map("score_samples", samples,
+                                                           reward_context(self.round_prompts)))}
         seqs = [trainer_item(s)["input_ids"] for s in samples]
         if not self.extra_rewards:
             return {"reward": torch.tensor(self.reward.map("score", seqs))}

@@ -52,6 +52,11 @@ def fails_on_second_batch(prompts, responses, labels):
     return [1.0 - len(r) / 100.0 for r in responses]
 
 
+def short(prompts, responses, labels):
+    """Shorter is better: 1 - characters / 100."""
+    return [1.0 - len(r) / 100.0 for r in responses]
+
+
 def helpfulness(prompts, responses, labels):
     return [2.0] * len(responses)
 

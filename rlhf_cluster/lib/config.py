@@ -991,18 +991,19 @@ class RSConfig(PPOConfig):
     """seeds of the best-of-K evaluation"""
     reward_models: list[RewardModelSpec] = []
     """several reward models combined (weighted sum, or Llama 2's safety/helpfulness rule); empty: the single
-    `reward` model
+    `reward` model, or `rewards` (models, functions, endpoints, as in PPO)
     """
     def _combined_terms(self) -> tuple[str, list[str]]:
+        if self.rewards:
+            return super()._combined_terms()
         return "reward_models", [m.name for m in self.reward_models]
 
     @model_validator(mode="after")
     def _rounds_and_models(self) -> RSConfig:
         if not self.rounds:
             raise ValueError("rounds must name at least one round")
-        if self.rewards:
-            raise ValueError("rewards (functions, endpoints) is not available to rejection sampling yet; "
-                             "combine reward models with reward_models")
+        if self.rewards and self.reward_models:
+            raise ValueError("rewards replaces reward_models (both combine reward sources): set one of them")
         names = [m.name for m in self.reward_models]
         if len(set(names)) != len(names):
             raise ValueError(f"reward_models names must be unique, got {names}")
