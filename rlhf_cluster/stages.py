@@ -291,7 +291,8 @@ def export_model(engine, out: Path, cls, init_dir: str, lora: LoraConfig | None,
     if lora is not None and lora.enabled:
         model = with_lora(model, lora, task_type)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if "rotary" not in k and k not in tied_names(model)]:
+    tied = tied_names(model)  # sent once, under the first name
+    if unexpected or [k for k in missing if "rotary" not in k and k not in tied]:
         raise RuntimeError(f"exported weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if lora is not None and lora.enabled:
         model = model.merge_and_unload()

@@ -155,6 +155,25 @@ def serve_details() -> dict:
     return ray.get(controller.get_serve_instance_details.remote(), timeout=60)
 
 
+def running_replicas(app: str) -> dict[str, dict]:
+    """The app's RUNNING replicas: actor name -> replica details (pid, replica_id, ...)."""
+    deps = serve_details()["applications"][app]["deployments"].values()
+    return {r["actor_name"]: r for d in deps for r in d["replicas"] if r["state"] == "RUNNING"}
+
+
+def poison_replica(actor_name: str, model: str = "rm") -> None:
+    """Inside a running reward replica: the served model's score head becomes NaN in place (a model gone bad at run
+    time: a diverged in-place update, corrupted memory), through Ray's __ray_call__ on the replica actor."""
+    import ray
+
+    def poison(replica):  # nested: pickled by value, the replica does not import this module
+        rm = replica._replica_impl._user_callable_wrapper._callable.models[model]
+        with torch.no_grad():
+            rm.model.score.weight.fill_(float("nan"))
+
+    ray.get(ray.get_actor(actor_name, namespace="serve").__ray_call__.remote(poison), timeout=60)
+
+
 def schemathesis_run(base: str, headers: dict, max_examples: int = 15, skip: tuple[str, ...] = ()) -> tuple[list, dict]:
     """Property-based requests generated from the app's own OpenAPI spec at `base`, valid and invalid (schemathesis
     positive and negative modes). Returns (the 5xx answers as (operation, status, body, text), {operation: reached}),

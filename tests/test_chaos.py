@@ -12,6 +12,7 @@ seeded, the machine's speed is not), and what landed where is printed too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -85,8 +86,7 @@ def clean_run(ray_cluster, builtin_assets, tmp_path_factory):
 class Injector:
     """Wraps the coordinator's own calls (in this process: the test is the job's driver) so that a fault fires at
     its moment: the step of its iteration, the weight sync at the end of it, the checkpoint written after it, or
-    the reference call of its step while it runs. A fault acts `delay` s later on a thread of its own
-    and records whether the phase was still running when it landed."""
+    the reference call of its step while it runs."""
 
     def __init__(self, faults: list[Fault], monkeypatch, seed: int, log):
         self.faults, self.rng, self.log = faults, random.Random(seed * 7919), log
@@ -150,47 +150,39 @@ class Injector:
         its log-probs do."""
         import ray
 
+        def where() -> str:
+            ray.wait(engine_refs, num_returns=len(engine_refs))
+            return f"its call was running (input ready, result not): {not ray_ready(reference_refs)}"
+
+        self._start_due("reference call", iteration, where)
+
+    @contextlib.contextmanager
+    def phase(self, moment: str, iteration: int):
+        running = [True]
+        self._start_due(moment, iteration, lambda: f"{moment} still running: {running[0]}")
+        try:
+            yield
+        finally:
+            running[0] = False
+
+    def _start_due(self, moment: str, iteration: int, where) -> None:
+        """Each fault due at this moment acts on a thread of its own, `delay` s later; `where()`, called just before
+        it acts, says whether it landed inside its phase."""
         for f in self.faults:
-            if f.fired is None and f.iteration == iteration and f.moment == "reference call":
+            if f.fired is None and f.iteration == iteration and f.moment == moment:
                 f.fired = "pending"
-
-                def fire(fault=f):
-                    ray.wait(engine_refs, num_returns=len(engine_refs))
-                    running = not ray_ready(reference_refs)
-                    fault.fired = f"{self.act(fault)}; its call was running (input ready, result not): {running}"
-                    self.log(f"chaos: iteration {fault.iteration}, reference call: {fault.fired}")
-
-                t = threading.Thread(target=fire, daemon=True)
+                t = threading.Thread(target=self._act_later, args=(f, where), daemon=True)
                 t.start()
                 self.threads.append(t)
 
-    def phase(self, moment: str, iteration: int):
-        inj = self
-
-        class Phase:
-            def __enter__(self):
-                self.running = True
-                for f in inj.faults:
-                    if f.fired is None and f.iteration == iteration and f.moment == moment:
-                        f.fired = "pending"
-                        t = threading.Thread(target=inj.fire_later, args=(f, self), daemon=True)
-                        t.start()
-                        inj.threads.append(t)
-                return self
-
-            def __exit__(self, *exc):
-                self.running = False
-
-        return Phase()
-
-    def fire_later(self, fault: Fault, phase) -> None:
+    def _act_later(self, fault: Fault, where) -> None:
         time.sleep(fault.delay)
         try:
-            what = self.act(fault)
+            landed = where()
+            fault.fired = f"{self.act(fault)}; {landed}"
         except Exception as e:  # the assertion on `fired` reports it
             fault.fired = f"injector error: {e!r}"[:500]
             return
-        fault.fired = f"{what}; {fault.moment} still running: {phase.running}"
         self.log(f"chaos: iteration {fault.iteration}, {fault.moment} +{fault.delay}s: {fault.fired}")
 
     def act(self, fault: Fault) -> str:

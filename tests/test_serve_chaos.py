@@ -22,7 +22,7 @@ import torch
 
 from rlhf_cluster.lib.registry import make_entry
 from tests import serve_fixtures
-from tests.serve_fixtures import PAIRS, TOKEN, Direct, auth, items, reward_app, serve_details
+from tests.serve_fixtures import PAIRS, TOKEN, Direct, auth, items, poison_replica, reward_app, running_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.chaos]
 
@@ -32,12 +32,6 @@ CLIENTS = 32
 CHECKPOINT_CLIENTS = 4  # of the 32: the checkpoints app (list, one entry, a file download)
 RETRIES = 5
 POISON_AT, AFTER = 10, 15  # the first fault 10 s into the load; the load goes on 15 s after the promotion
-
-
-def replicas(app: str) -> dict[str, dict]:
-    """The app's RUNNING replicas: actor name -> replica details (pid, replica_id)."""
-    deps = serve_details()["applications"][app]["deployments"].values()
-    return {r["actor_name"]: r for d in deps for r in d["replicas"] if r["state"] == "RUNNING"}
 
 
 def call(client: httpx.Client, method: str, url: str, **kw) -> tuple[int | str, int, httpx.Response | None]:
@@ -60,7 +54,6 @@ def call(client: httpx.Client, method: str, url: str, **kw) -> tuple[int | str, 
 @pytest.mark.timeout(900)
 def test_replicas_poisoned_and_killed_under_load_are_replaced_and_a_promotion_lands(service, builtin_assets,
                                                                                     second_rm):
-    import ray
 
     c, reg = service["client"], service["registry"]
     reg.register(make_entry(builtin_assets.reward_base, run="chaos", kind="reward", stage="reward", id="rm-v1"))
@@ -70,7 +63,7 @@ def test_replicas_poisoned_and_killed_under_load_are_replaced_and_a_promotion_la
     args = {**service["common"], "models": {"rm": str(builtin_assets.reward_base)}, "num_replicas": 2,
             "num_cpus": 0.25}
     with reward_app("chaos", args):
-        first = replicas("chaos")
+        first = running_replicas("chaos")
         assert len(first) == 2
         results, stop, t0 = [], threading.Event(), time.monotonic()
 
@@ -106,7 +99,7 @@ def test_replicas_poisoned_and_killed_under_load_are_replaced_and_a_promotion_la
             """Seconds into the load when `gone` has left and two replicas run again."""
             deadline = time.monotonic() + deadline_s
             while True:
-                running = replicas("chaos")
+                running = running_replicas("chaos")
                 if gone not in running and len(running) == 2:
                     return round(time.monotonic() - t0, 1)
                 assert time.monotonic() < deadline, f"{gone} was not replaced: {sorted(running)}"
@@ -116,15 +109,8 @@ def test_replicas_poisoned_and_killed_under_load_are_replaced_and_a_promotion_la
             names = sorted(first)
             time.sleep(POISON_AT)
 
-            def poison(replica):  # inside the Serve replica: its model's score head becomes NaN in place
-                rm = replica._replica_impl._user_callable_wrapper._callable.models["rm"]
-                with torch.no_grad():
-                    rm.model.score.weight.fill_(float("nan"))
-                return rm.checkpoint_id or rm.path
-
-            poisoned = ray.get_actor(names[0], namespace="serve")
-            events["poisoned"] = (round(time.monotonic() - t0, 1),
-                                  ray.get(poisoned.__ray_call__.remote(poison), timeout=60))
+            poison_replica(names[0])
+            events["poisoned"] = round(time.monotonic() - t0, 1)
             events["poisoned replica replaced"] = replaced(names[0])
             os.kill(first[names[1]]["pid"], signal.SIGKILL)
             events["killed"] = (round(time.monotonic() - t0, 1), first[names[1]]["pid"])
@@ -137,7 +123,7 @@ def test_replicas_poisoned_and_killed_under_load_are_replaced_and_a_promotion_la
             stop.set()
             for t in threads:
                 t.join(120)
-        now = replicas("chaos")
+        now = running_replicas("chaos")
         healthz = [c.get("/chaos/healthz").json() for _ in range(6)]
 
     failed = [r for r in results if r[3] not in (200,)]
@@ -147,7 +133,7 @@ def test_replicas_poisoned_and_killed_under_load_are_replaced_and_a_promotion_la
         lat = sorted(r[2] for r in results if r[0] == phase and lo <= r[1] < hi)
         return round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None
 
-    windows = {"before": (0, events["poisoned"][0]), "poisoned": (events["poisoned"][0], events["killed"][0]),
+    windows = {"before": (0, events["poisoned"]), "poisoned": (events["poisoned"], events["killed"][0]),
                "killed": (events["killed"][0], events["promoted"][0]), "promotion": (events["promoted"][0], 10**6)}
     report = {phase: {w: {"n": sum(r[0] == phase and lo <= r[1] < hi for r in results),
                           "p50_s": p(phase, lo, hi, 0.5), "p99_s": p(phase, lo, hi, 0.99)}

@@ -29,7 +29,9 @@ from tests.serve_fixtures import (
     Direct,
     auth,
     items,
+    poison_replica,
     reward_app,
+    running_replicas,
     schemathesis_run,
     serve_details,
 )
@@ -228,22 +230,12 @@ def test_a_replica_whose_model_goes_bad_answers_503_and_is_replaced(service, bui
     update or corrupted memory would leave it). The next request gets a 503 with Retry-After (never a NaN, never
     a 500): the probe item scores non-finite too, so the model itself is broken, and the replica ends its process;
     Serve starts a new one at once, which loads the model again and scores correctly."""
-    import ray
-
     args = {**service["common"], "models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False,
             "num_cpus": 0.25}
     c, want = service["client"], Direct(builtin_assets.reward_base)(PAIRS)
     with reward_app("poisoned", args):
         first = c.get("/poisoned/healthz").json()["replica"]
-        actor = next(r["actor_name"] for d in serve_details()["applications"]["poisoned"]["deployments"].values()
-                     for r in d["replicas"] if r["state"] == "RUNNING")
-
-        def poison(replica):  # inside the replica process
-            rm = replica._replica_impl._user_callable_wrapper._callable.models["rm"]
-            with torch.no_grad():
-                rm.model.score.weight.fill_(float("nan"))
-
-        ray.get(ray.get_actor(actor, namespace="serve").__ray_call__.remote(poison), timeout=60)
+        poison_replica(next(iter(running_replicas("poisoned"))))
         r = c.post("/poisoned/v1/score", json=items(PAIRS))
         assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.text)
         assert "non-finite score" in r.json()["error"] and "being replaced" in r.json()["error"]
@@ -340,11 +332,8 @@ def serve_pids() -> dict[str, int]:
 
     import ray
 
-    details, pids = serve_details(), {}
-    for app in ("reward", "checkpoints"):
-        for dep in details["applications"][app]["deployments"].values():
-            pids.update({r["actor_name"]: r["pid"] for r in dep["replicas"] if r["state"] == "RUNNING"})
-    for proxy in details["proxies"].values():
+    pids = {name: r["pid"] for app in ("reward", "checkpoints") for name, r in running_replicas(app).items()}
+    for proxy in serve_details()["proxies"].values():
         actor = ray.get_actor(proxy["actor_name"], namespace="serve")
         pids[proxy["actor_name"]] = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
     return pids

@@ -130,35 +130,35 @@ def _world_size() -> int:
         os.environ.get("WORLD_SIZE", "1"))
 
 
-def tied_names(module) -> set[str]:
-    """State-dict names that repeat an earlier name's tensor (a tied lm_head.weight is the embedding): HF
-    checkpoints and vLLM's loaders take each tied weight once, under its first name."""
-    seen, tied = set(), set()
+def untied_state_dict(module) -> dict[str, torch.Tensor]:
+    """The state dict (parameters as they are, possibly ZeRO-3 placeholders) with each tensor once, under its
+    first name: a tied lm_head.weight is the embedding, and HF checkpoints and vLLM's loaders take it once."""
+    out, seen = {}, set()
     for name, t in module.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            tied.add(name)
+        if id(t) not in seen:
+            out[name] = t
         seen.add(id(t))
-    return tied
+    return out
+
+
+def tied_names(module) -> set[str]:
+    """The state-dict names untied_state_dict leaves out."""
+    return module.state_dict(keep_vars=True).keys() - untied_state_dict(module).keys()
 
 
 def gathered_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The full (unpartitioned) weights on every rank, for export and weight sync: each tensor once (tied_names
-    left out) and the persistent buffers."""
+    """The full (unpartitioned) weights on every rank, for export and weight sync: each tensor once
+    (untied_state_dict) and the persistent buffers."""
     import deepspeed
 
-    module = engine.module
-    tied = tied_names(module)
-    if engine.zero_optimization_stage() == 3:
-        out = {}
-        for name, p in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out[name] = p.detach().clone().cpu()
-        kept = module.state_dict(keep_vars=True).keys()
-        for name, b in module.named_buffers():  # never partitioned; the persistent ones (in the state dict)
-            if name in kept:
-                out[name] = b.detach().clone().cpu()
-        return out
-    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items() if k not in tied}
+    out = {}
+    for name, t in untied_state_dict(engine.module).items():
+        if isinstance(t, torch.nn.Parameter) and engine.zero_optimization_stage() == 3:
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                out[name] = t.detach().clone().cpu()
+        else:  # buffers are never partitioned
+            out[name] = t.detach().clone().cpu()
+    return out
 
 
 def merged_lora_state_dict(state: dict[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:

@@ -103,10 +103,16 @@ def llama_config(size: str, tokenizer: PreTrainedTokenizerFast, **extra) -> Llam
     )
 
 
-def model_config(size: str, tokenizer: PreTrainedTokenizerFast, family: str = "llama", **extra):
-    """The config of a `family` model (FAMILIES) of `size` (SIZES) over `tokenizer`."""
+def _check(size: str, family: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
     if family not in FAMILIES:
         raise ValueError(f"--family must be one of {sorted(FAMILIES)}, got {family!r}")
+
+
+def model_config(size: str, tokenizer: PreTrainedTokenizerFast, family: str = "llama", **extra):
+    """The config of a `family` model (FAMILIES) of `size` (SIZES) over `tokenizer`."""
+    _check(size, family)
     if family == "llama":
         return llama_config(size, tokenizer, **extra)
     return AutoConfig.for_model(family, vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS,
@@ -130,10 +136,7 @@ def build_tiny(out: Path, size: str = "tiny", seed: int = 0, corpus: list[str] |
                split_digits: bool = False, family: str = "llama") -> dict[str, Path]:
     """Random-weight models of `family` and a tokenizer trained on `corpus` (default: the built-in helpful task's
     text)."""
-    if size not in SIZES:
-        raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
-    if family not in FAMILIES:
-        raise ValueError(f"--family must be one of {sorted(FAMILIES)}, got {family!r}")
+    _check(size, family)  # before the tokenizer is trained
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(task.corpus(seed) if corpus is None else corpus, split_digits=split_digits)
     if family == "llama":  # exactly as the built-in assets have been built (their caches stay valid)
