@@ -46,10 +46,10 @@ test-long: install
 chaos: install
 	$(PY) -m pytest -m chaos -s
 
-# Qwen2 (tied embeddings), Qwen3, Mistral, Gemma 2 and Gemma 3, built tiny, each through SFT, RM, DPO and PPO with
-# vLLM weight sync (tests/test_architectures.py): about 5 minutes a family here, not in CI.
+# Qwen2 (tied embeddings), Qwen3, Mistral, Gemma 2 and Gemma 3, built tiny: each through SFT, RM and PPO with vLLM
+# weight sync (also in make test), and DPO (tests/test_architectures.py): about 7 minutes here.
 test-archs: install
-	$(PY) -m pytest -m archs -s
+	$(PY) -m pytest tests/test_architectures.py -s
 
 # The prepared GPU check (scripts/gpu_check.py) with the Python environment at hand (a GPU machine needs
 # torch with CUDA, vllm, deepspeed, ray installed: `pip install -e '.[gpu]'`); writes bench/results/gpu_check.json.

@@ -51,6 +51,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_address_and_free_port() -> tuple[str, int]:
+    """Run on a node (as a task): its address in the cluster and a port free there now."""
+    return ray.util.get_node_ip_address(), free_port()
+
+
+_address_task = ray.remote(num_cpus=0)(node_address_and_free_port)
+
+
 def split_evenly(items: list, n: int) -> list[list]:
     """n contiguous chunks whose sizes differ by at most one (order kept)."""
     q, r = divmod(len(items), n)
@@ -81,6 +89,7 @@ class ActorGroup:
         self.shared_pg = pg
         self._spec = (cls, args, kwargs, env or {}, max_restarts, max_task_retries)
         self.restarts = 0  # whole-group rebuilds
+        self._starts = 0  # every start, retried ones too: the actor and placement-group names stay unique
         self._start()
         if wait:
             self.wait()
@@ -88,14 +97,19 @@ class ActorGroup:
     def _start(self) -> None:
         cls, args, kwargs, env, max_restarts, max_task_retries = self._spec
         resources, n = self.resources, self.resources.num_ranks
+        self._starts += 1
+        tag = f"{os.getpid()}-{id(self)}-{self._starts}"
         if self.shared_pg is None:
+            # unique: a name still held by a group another run failed to remove would refuse this one
             self.pg = placement_group([colocated_bundle({self.name: resources})] * n, strategy=resources.placement,
-                                      name=f"{self.name}-pg")
+                                      name=f"{self.name}-pg-{tag}")
         else:
             self.pg = self.shared_pg
         ray.get(self.pg.ready(), timeout=300)
-        master_addr = ray.util.get_node_ip_address()
-        master_port = free_port()
+        # rank 0 listens for its peers: an address and a free port on the node of bundle 0 (on a multi-node
+        # cluster not necessarily the coordinator's)
+        master_addr, master_port = ray.get(_address_task.options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0)).remote())
         remote_cls = ray.remote(cls)
         self.actors = [
             remote_cls.options(
@@ -105,14 +119,25 @@ class ActorGroup:
                 max_task_retries=max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env},
-                name=f"{self.name}-{i}-{os.getpid()}-{id(self)}-{self.restarts}",
+                name=f"{self.name}-{i}-{tag}",
             ).remote(i, n, master_addr, master_port, *args, **kwargs)
             for i in range(n)
         ]
 
-    def wait(self, timeout: float = 600) -> None:
-        """Block until every rank has finished starting (groups can start side by side first)."""
-        ray.get([a.ping.remote() for a in self.actors], timeout=timeout)
+    def wait(self, timeout: float = 600, port_retries: int = 3) -> None:
+        """Block until every rank has finished starting (groups can start side by side first).
+
+        The process group's port is one that was free when `free_port` looked; another process can take
+        it before rank 0 listens on it (EADDRINUSE). Such a start is made again on a new port."""
+        for attempt in range(port_retries + 1):
+            try:
+                ray.get([a.ping.remote() for a in self.actors], timeout=timeout)
+                return
+            except ray.exceptions.RayActorError as e:
+                if "EADDRINUSE" not in str(e) or attempt == port_retries:
+                    raise
+                self.shutdown()
+                self._start()
 
     def wait_alive(self, timeout: float = 600) -> None:
         """Wait for ranks that Ray is restarting; raises ActorDiedError for one out of restarts."""

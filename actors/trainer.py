@@ -234,11 +234,9 @@ class _DeepSpeedRank(Worker):
     # -- GPU weight transports (rollout.weight_transport nccl / ipc; actors/weight_transfer.py) -------
     def rendezvous_address(self) -> tuple[str, int]:
         """This rank's node address and a free port there, for an NCCL rendezvous it will host."""
-        import ray
+        from actors.group import node_address_and_free_port
 
-        from actors.group import free_port
-
-        return ray.util.get_node_ip_address(), free_port()
+        return node_address_and_free_port()
 
     def init_weight_transfer(self, backend: str, engines: list, master_address: str = "", master_port: int = 0,
                              world_size: int = 0) -> None:

@@ -12,6 +12,7 @@ from actors.scorers import ReferenceModel, RewardModel
 from actors.trainer import Critic, PolicyTrainer
 from rlhf_cluster.lib.config import GroupResources, RolloutConfig, TrainerConfig
 from rlhf_cluster.lib.data import encode_prompt, load_tokenized
+from tests.workers import PortTakenOnce
 
 pytestmark = pytest.mark.ray
 
@@ -53,6 +54,24 @@ def test_colocated_groups_share_bundles(ray_cluster):
         assert placement_group_table(pg)["state"] == "CREATED"
     finally:
         remove_placement_group(pg)
+
+
+def test_a_group_whose_port_was_taken_starts_again_on_another(ray_cluster, tmp_path):
+    """EADDRINUSE from rank 0's rendezvous restarts the group on a new port (the make test run of
+    2026-12-04 lost a critic group, and with it every later PPO test, to such a race); two groups of one name
+    get distinct placement groups, so a group another run left behind cannot refuse a new one."""
+    from ray.util.placement_group import placement_group_table
+
+    res = GroupResources(num_ranks=1, num_cpus_per_rank=0.1)
+    group = ActorGroup(PortTakenOnce, res, str(tmp_path / "taken"), name="port")
+    try:
+        assert (tmp_path / "taken").exists() and group._starts == 2
+        assert group.run("ping") == [0]
+        other = ActorGroup(Worker, res, name="port")
+        assert placement_group_table(other.pg)["name"] != placement_group_table(group.pg)["name"]
+        other.shutdown()
+    finally:
+        group.shutdown()
 
 
 @pytest.fixture(scope="module")

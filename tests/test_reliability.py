@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -231,15 +232,19 @@ def test_a_lost_policy_rank_rolls_back_and_repeated_losses_give_up(ray_cluster, 
     assert [name for name, _ in chaos.done] == ["policy rank", "policy rank again"]
     assert isinstance(halted.value, RunFailed)  # the job exits EXIT_RUN_FAILED (1)
     message = str(halted.value)
-    assert message.startswith("giving up: iteration 3 failed after 1 rollbacks (fault_tolerance.max_rollbacks)")
+    # iteration 3 fails in its step, or (a fast step ends before the loss is seen) in its checkpoint write
+    assert re.match(r"giving up: (iteration|checkpoint) 3 failed after 1 rollbacks \(fault_tolerance.max_rollbacks\)",
+                    message), message
     # the first loss: rebuilt and rolled back to checkpoint 1, iteration 2 redone
-    assert any(x.startswith("iteration 2 failed:") and x.endswith("rollback 1/1") for x in lines), lines
+    assert any(re.match(r"(iteration|checkpoint) 2 failed:", x) and x.endswith("rollback 1/1") for x in lines), lines
     assert "rebuilding the policy group (2 ranks)" in lines
     assert any("resumed from" in x and "iter_000001" in x for x in lines), lines
     # what is left: checkpoint 2 complete (its manifest verified), iterations 0..2 logged once each
     assert latest_checkpoint(out).name == "iter_000002"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    # iteration 3's row too when its step ended and only its checkpoint failed (a resume rewrites the log from
+    # checkpoint 2's history)
+    assert [r["iteration"] for r in rows] == [0, 1, 2] + ([3] if message.startswith("giving up: checkpoint") else [])
 
 
 def test_a_reward_actor_killed_mid_call_is_restarted_and_the_call_sent_again(ray_cluster, builtin_assets, tmp_path):

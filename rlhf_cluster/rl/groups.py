@@ -17,27 +17,37 @@ class RLGroups:
 
     def __init__(self, cfg: PPOConfig, policy_path: str, reward_path: str | None, *, trainer: TrainerConfig,
                  train_steps: int, with_critic: bool, log=print):
-        from actors.group import ActorGroup, colocated_placement_group
-        from actors.rollout import engine_class
-        from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel, RewardSources
-        from actors.trainer import Critic, PolicyTrainer
-
         self.cfg = cfg
         if None in (cfg.policy.dtype, cfg.reward.dtype) or cfg.old_logprobs == "auto":  # not via scaffold.connect
             from rlhf_cluster.lib.precision import cpu_flags
 
             log(cfg.resolve_precision(cpu_flags()))
+        t0 = time.time()
+        log("starting actor groups: policy trainer, reference, reward, rollout" + (", critic" if with_critic else ""))
+        self.policy = self.reference = self.reward = self.critic = self.rollout = None
+        self.shared_pgs = []
+        try:
+            self._start(cfg, policy_path, reward_path, trainer, train_steps, with_critic, log)
+        except BaseException:  # what did start is stopped: its placement groups would hold the CPUs
+            self.shutdown()
+            raise
+        self.startup_seconds = time.time() - t0
+
+    def _start(self, cfg: PPOConfig, policy_path, reward_path, trainer, train_steps, with_critic, log):
+        from actors.group import ActorGroup, colocated_placement_group
+        from actors.rollout import engine_class
+        from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel, RewardSources
+        from actors.trainer import Critic, PolicyTrainer
+
         # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.lib.deepspeed_setup), unless the driver says
         env = {"RLHF_TORCH_THREADS": "1"} | {k: os.environ[k] for k in ("DS_ACCELERATOR",) if k in os.environ}
         # replicas without peers are restarted by Ray; reference and reward calls are re-sent by Ray too,
         # rollout calls by the rollout producer (after a re-sync: a restarted engine holds the initial weights)
         restarts = cfg.fault_tolerance.actor_restarts
         replica = {"max_restarts": restarts, "max_task_retries": restarts}
-        t0 = time.time()
-        log("starting actor groups: policy trainer, reference, reward, rollout" + (", critic" if with_critic else ""))
         # colocated groups (cfg.colocate) share one placement group: rank i of each in bundle i
         resources = cfg.group_resources()
-        self.shared_pgs, pg = [], {}
+        pg = {}
         for names in cfg.colocated_sets():
             names = [n for n in names if n != "critic" or with_critic]
             self.shared_pgs.append(colocated_placement_group({n: resources[n] for n in names}, trainer.placement))
@@ -65,7 +75,6 @@ class RLGroups:
             self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype,
                                      cfg.reward_group.micro_batch_size, cfg.reward_group.max_tokens_per_micro_batch,
                                      name="reward", env=env, wait=False, pg=pg.get("reward_group"), **replica)
-        self.critic = None
         if with_critic:
             # the critic starts from the reward model (its head too), or the policy when scores come over HTTP
             self.critic = ActorGroup(Critic, cfg.critic, reward_path or policy_path, cfg.critic.model_dump(),
@@ -77,7 +86,6 @@ class RLGroups:
                                   wait=False, max_restarts=restarts, pg=pg.get("rollout"))
         for group in self.all():
             group.wait()
-        self.startup_seconds = time.time() - t0
 
     def all(self) -> list:
         return [g for g in (self.rollout, self.policy, self.reference, self.reward, self.critic) if g is not None]

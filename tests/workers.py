@@ -1,0 +1,23 @@
+"""Actor classes the tests start in Ray workers (a test module itself is not importable there)."""
+
+from __future__ import annotations
+
+from actors.group import Worker
+
+
+class PortTakenOnce(Worker):
+    """Joins a one-rank process group; on its first start another socket holds the port first (as when some
+    process takes the port between `free_port` and rank 0's listen), on later starts nothing does."""
+
+    def __init__(self, rank, world_size, master_addr, master_port, marker: str):
+        import os
+        import socket
+        from pathlib import Path
+
+        super().__init__(rank, world_size, master_addr, master_port)
+        if not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            self.squatter = socket.socket()
+            self.squatter.bind(("", master_port))
+            self.squatter.listen()
+        self.init_distributed()
