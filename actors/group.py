@@ -59,6 +59,10 @@ def node_address_and_free_port() -> tuple[str, int]:
 _address_task = ray.remote(num_cpus=0)(node_address_and_free_port)
 
 
+def _node_id(_actor) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
 def split_evenly(items: list, n: int) -> list[list]:
     """n contiguous chunks whose sizes differ by at most one (order kept)."""
     q, r = divmod(len(items), n)
@@ -167,6 +171,10 @@ class ActorGroup:
         self.restarts += 1
         self._start()
         self.wait()
+
+    def nodes(self) -> list[str]:
+        """The Ray node id of each rank, in rank order (any actor class)."""
+        return ray.get([a.__ray_call__.remote(_node_id) for a in self.actors])
 
     @property
     def world_size(self) -> int:

@@ -1,13 +1,16 @@
 """Frozen models that only score: the reference policy and the reward model(s).
 
-Ranks are data-parallel replicas (no optimiser, no process group needed).
+Ranks are data-parallel replicas (no optimiser, no process group needed), or with `partition` one ZeRO-3
+process group whose ranks each hold a shard of the parameters and run every forward together.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from actors.group import Worker
+from actors.group import Worker, split_evenly
 from rlhf_cluster.lib.losses import token_logprobs
 from rlhf_cluster.lib.packing import micro_batch_rows, packed_batch, take
 from rlhf_cluster.lib.reward_functions import FunctionReward, RewardFunctionError
@@ -23,33 +26,66 @@ def _dtype(name: str) -> torch.dtype:
 
 class _Scorer(Worker):
     """Micro-batches of `micro_batch_size` padded sequences, or with `max_tokens_per_micro_batch`
-    sequences packed into rows (lib/packing.py)."""
+    sequences packed into rows (lib/packing.py). With `partition` the model's parameters are ZeRO-3 shards
+    (lib/deepspeed_setup.partitioned_model); every rank then makes as many forward passes as the busiest one."""
 
     def __init__(self, rank, world_size, master_addr, master_port, micro_batch_size: int = 16,
-                 max_tokens_per_micro_batch: int | None = None):
+                 max_tokens_per_micro_batch: int | None = None, partition: bool = False, offload: bool = False):
         super().__init__(rank, world_size, master_addr, master_port)
         self.micro_batch_size, self.max_tokens = micro_batch_size, max_tokens_per_micro_batch
+        self.partition, self.offload = partition, offload
+
+    def _load(self, cls, model_path: str, dtype: str, **kwargs):
+        if not self.partition:
+            return cls.from_pretrained(model_path, dtype=_dtype(dtype), **kwargs).eval()
+        from rlhf_cluster.lib.deepspeed_setup import partitioned_model
+
+        self.engine = partitioned_model(cls, model_path, dtype, self.offload, self.micro_batch_size, **kwargs)
+        return self.engine.module
 
     def _batches(self, sequences: list[list[int]]):
-        """(Packed inputs, the indices of `sequences` in them) per micro-batch."""
-        for rows in micro_batch_rows([len(s) for s in sequences], self.micro_batch_size, self.max_tokens):
-            yield packed_batch(sequences, rows, self.pad_id)
+        """(Packed inputs, the indices of `sequences` in them) per micro-batch. Partitioned, a rank with fewer
+        micro-batches than its peers adds fillers (nothing to take from them): each forward gathers every layer
+        from all ranks, so all must make the same calls."""
+        batches = [packed_batch(sequences, rows, self.pad_id)
+                   for rows in micro_batch_rows([len(s) for s in sequences], self.micro_batch_size, self.max_tokens)]
+        if self.partition:
+            most = torch.tensor([len(batches)])
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            filler = replace(packed_batch([[self.pad_id] * 2], [[0]], self.pad_id), places={})
+            batches += [filler] * (int(most) - len(batches))
+        return batches
 
     def set_micro_batching(self, micro_batch_size: int | None = None, max_tokens_per_micro_batch: int | None = None):
         """Change how calls split their sequences (benchmarks and tests compare padded and packed)."""
         self.micro_batch_size = micro_batch_size or self.micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch
 
+    def parameter_elements(self) -> tuple[int, int]:
+        """(elements of the parameters this rank holds, of the whole model): a ZeRO-3 rank holds its shard."""
+        params = list(self.model.parameters())
+        if self.partition:
+            return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+        n = sum(p.numel() for p in params)
+        return n, n
+
+    def my_share(self, *engine_samples: list[dict]) -> list[dict]:
+        """This rank's contiguous share of the samples of several engine calls, in order (a partitioned group
+        is called on every rank at once; its ranks' results, joined in rank order, follow the samples)."""
+        return split_evenly([s for part in engine_samples for s in part], self.world_size)[self.rank]
+
 
 class ReferenceModel(_Scorer):
     """The frozen initial policy: per-token log-probs for the KL penalty."""
 
     def __init__(self, rank, world_size, master_addr, master_port, model_path: str, dtype: str = "float32",
-                 micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None):
-        super().__init__(rank, world_size, master_addr, master_port, micro_batch_size, max_tokens_per_micro_batch)
+                 micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None, partition: bool = False,
+                 offload: bool = False):
+        super().__init__(rank, world_size, master_addr, master_port, micro_batch_size, max_tokens_per_micro_batch,
+                         partition, offload)
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(dtype)).eval()
+        self.model = self._load(AutoModelForCausalLM, model_path, dtype)
         self.pad_id = self.model.config.pad_token_id or 0
 
     @torch.no_grad()
@@ -67,6 +103,10 @@ class ReferenceModel(_Scorer):
         scoring starts as soon as that engine's chunk is done, without a trip through the coordinator."""
         return self.logprobs(_sequences(samples))
 
+    def logprobs_of_share(self, *engine_samples: list[dict]) -> list[list[float]]:
+        """`logprobs` of this rank's share of several engines' samples (a partitioned group's chained call)."""
+        return self.logprobs(_sequences(self.my_share(*engine_samples)))
+
 
 class RewardModel(_Scorer):
     """A sequence-classification reward model: one scalar per (prompt + response) sequence.
@@ -76,11 +116,13 @@ class RewardModel(_Scorer):
     """
 
     def __init__(self, rank, world_size, master_addr, master_port, model_path: str, dtype: str = "float32",
-                 micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None):
-        super().__init__(rank, world_size, master_addr, master_port, micro_batch_size, max_tokens_per_micro_batch)
+                 micro_batch_size: int = 16, max_tokens_per_micro_batch: int | None = None, partition: bool = False,
+                 offload: bool = False):
+        super().__init__(rank, world_size, master_addr, master_port, micro_batch_size, max_tokens_per_micro_batch,
+                         partition, offload)
         from transformers import AutoModelForSequenceClassification
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=_dtype(dtype)).eval()
+        self.model = self._load(AutoModelForSequenceClassification, model_path, dtype)
         if self.model.config.num_labels != 1:
             raise ValueError(f"{model_path}: a reward model needs one output, it has {self.model.config.num_labels}")
         self.pad_id = self.model.config.pad_token_id
@@ -91,11 +133,12 @@ class RewardModel(_Scorer):
     def score(self, sequences: list[list[int]]) -> list[float]:
         out: dict[int, float] = {}
         for b in self._batches(sequences):
-            if b.position_ids is None:  # padded: transformers pools at each row's last real token
+            if self.max_tokens is None:  # padded: transformers pools at each row's last real token
                 scores = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, 0]
                 out |= {i: scores[r].item() for i, (r, _) in b.places.items()}
                 continue
-            # packed: the head on every position, read at each sequence's last token
+            # packed (a micro-batch may hold one sequence per row): the head on every position, read at each
+            # sequence's last token. The path follows the config, not the batch: partitioned ranks keep in step
             hidden = self.model.base_model(input_ids=b.input_ids, attention_mask=b.attention_mask,
                                            position_ids=b.position_ids).last_hidden_state
             per_token = self.model.score(hidden)[..., 0].float()
@@ -105,6 +148,10 @@ class RewardModel(_Scorer):
     def score_samples(self, samples: list[dict], context: list[dict] | None = None) -> list[float]:
         """`score` of an engine's samples (see ReferenceModel.logprobs_of_samples); a model needs no context."""
         return self.score(_sequences(samples))
+
+    def score_share(self, *engine_samples: list[dict]) -> list[float]:
+        """`score` of this rank's share of several engines' samples (a partitioned group's chained call)."""
+        return self.score(_sequences(self.my_share(*engine_samples)))
 
 
 class RemoteRewardModel(Worker):

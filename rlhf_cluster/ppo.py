@@ -303,7 +303,7 @@ class PPORun:
                             f"rollbacks (fault_tolerance.max_rollbacks); last failure: {short(error)}") from error
         self.log(f"{failed} failed: {short(error)}; rollback {self.faults['rollbacks']}/{ft.max_rollbacks}")
         rebuilt = []
-        for group in self.groups.trainers():  # a lost rank breaks the process group: rebuild all ranks
+        for group in self.groups.process_groups():  # a lost rank breaks the process group: rebuild all ranks
             if not group.responsive(ft.ping_timeout_s):
                 self.log(f"rebuilding the {group.name} group ({group.world_size} ranks)")
                 group.restart()

@@ -230,7 +230,8 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
         job = RejectionSamplingRun(cfg, path, reward_path, log)
         rg = cfg.reward_group
         job.extra_rewards = {m.name: ActorGroup(RewardModel, rg, m.path, cfg.reward.dtype, rg.micro_batch_size,
-                                                rg.max_tokens_per_micro_batch, name=f"reward-{m.name}")
+                                                rg.max_tokens_per_micro_batch, rg.partition, rg.offload,
+                                                name=f"reward-{m.name}")
                              for m in cfg.reward_models}
         return job
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 import torch
 
-from actors.group import ActorGroup, Worker, colocated_bundle, colocated_placement_group, split_evenly
+from actors.group import ActorGroup, Worker, colocated_bundle, colocated_placement_group, gather, split_evenly
 from actors.rollout import RolloutEngine
 from actors.scorers import ReferenceModel, RewardModel
 from actors.trainer import Critic, PolicyTrainer
@@ -269,6 +269,41 @@ def test_reference_and_reward_groups_match_direct_calls(ray_cluster, builtin_ass
     finally:
         ref.shutdown()
         rm.shutdown()
+
+
+def test_partitioned_reference_and_reward_equal_full_copies(ray_cluster, builtin_assets, sft_items):
+    """ZeRO-3 inference (`reference.partition`, `reward_group.partition`): two ranks, each holding half of the
+    parameters, give the full copies' log-probs and scores to 1e-5 in fp32: with uneven shares (in micro-batches
+    of 2, rank 0 has two forward passes and rank 1 one, plus a filler to keep in step), packed rows, the shards
+    offloaded to host memory, and the rollout producer's chained call (every rank gets every engine's samples)."""
+    res = GroupResources(num_ranks=2, num_cpus_per_rank=0.25)
+    base, reward_base = str(builtin_assets.base), str(builtin_assets.reward_base)
+    groups = {"ref": ActorGroup(ReferenceModel, res, base, name="reference-full"),
+              "rm": ActorGroup(RewardModel, res, reward_base, name="reward-full"),
+              "ref3": ActorGroup(ReferenceModel, res, base, "float32", 2, None, True, False, name="reference-zero3"),
+              "rm3": ActorGroup(RewardModel, res, reward_base, "float32", 2, None, True, True, name="reward-offload")}
+    try:
+        for name in ("ref3", "rm3"):  # each rank holds half the parameters (a layer is 2-D: halves within 1 %)
+            held = groups[name].run("parameter_elements")
+            assert all(abs(mine / whole - 0.5) < 0.01 for mine, whole in held), held
+        seqs = [it["input_ids"] for it in sft_items[:5]]
+        want_lp, want_score = groups["ref"].map("logprobs", seqs), groups["rm"].map("score", seqs)
+        assert _max_diff(groups["ref3"].map("logprobs", seqs), want_lp) < 1e-5
+        assert _max_diff([groups["rm3"].map("score", seqs)], [want_score]) < 1e-5
+        samples = [{"prompt_ids": s[:3], "response_ids": s[3:]} for s in seqs]
+        engines = [samples[:2], samples[2:]]  # two engines' results, as the rollout producer chains them
+        chained = gather([a.logprobs_of_share.remote(*engines) for a in groups["ref3"].actors])
+        assert _max_diff([x for part in chained for x in part], want_lp) < 1e-5
+        chained = gather([a.score_share.remote(*engines) for a in groups["rm3"].actors])
+        assert _max_diff([[x for part in chained for x in part]], [want_score]) < 1e-5
+        for name in ("ref3", "rm3"):
+            groups[name].run("set_micro_batching", 16, 512)
+        mixed = seqs + [s[: len(s) // 3] for s in seqs]  # short ones share a row
+        assert _max_diff(groups["ref3"].map("logprobs", mixed), groups["ref"].map("logprobs", mixed)) < 1e-5
+        assert _max_diff([groups["rm3"].map("score", mixed)], [groups["rm"].map("score", mixed)]) < 1e-5
+    finally:
+        for g in groups.values():
+            g.shutdown()
 
 
 def _max_diff(xs, ys) -> float:

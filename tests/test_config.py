@@ -63,6 +63,10 @@ def test_wrong_types_and_ranges_are_named(override, key):
 @pytest.mark.parametrize("overrides,message", [
     (["estimator=grpo", "rollout.samples_per_prompt=1"], "needs rollout.samples_per_prompt >= 2"),
     (["trainer.offload=true", "trainer.zero_stage=0"], "offload=true needs zero_stage"),
+    (["reference.offload=true"], "offload=true needs partition=true"),
+    (["reward_group.partition=true", "reward.path=null",
+      "rewards=[{name: f, fn: 'rlhf_cluster.lib.reward_functions:exact_match'}]"],
+     "reward_group.partition shards one local reward model"),
     (["rollout.tensor_parallel_size=2"], "needs num_gpus_per_engine"),
     (["data.max_prompt_tokens=128", "data.max_sequence_tokens=128"], "max_prompt_tokens must be smaller"),
     (["colocate.policy_reference=true"], r"same number of ranks: trainer\.num_ranks=2, reference\.num_ranks=1"),

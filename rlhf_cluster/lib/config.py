@@ -119,6 +119,17 @@ class ScorerConfig(GroupResources):
     """sequences per forward pass (padded micro-batches)"""
     max_tokens_per_micro_batch: int | None = Field(None, ge=2)
     """set: packed rows, as TrainerConfig's"""
+    partition: bool = False
+    """ZeRO-3 across the ranks: each holds 1/num_ranks of the parameters and all gather each layer together for
+    its forward (DeepSpeed ZeRO-3 inference), so every call goes to every rank; off: each rank a full copy"""
+    offload: bool = False
+    """with partition: the parameter shards live in host memory and reach the device one layer at a time"""
+
+    @model_validator(mode="after")
+    def _offload_needs_partition(self) -> ScorerConfig:
+        if self.offload and not self.partition:
+            raise ValueError("offload=true needs partition=true (it offloads the ZeRO-3 parameter shards)")
+        return self
 
 
 class OptimConfig(Strict):
@@ -656,6 +667,13 @@ class PPOConfig(JobConfig):
             names = [r.name for r in self.rewards]
             if len(set(names)) != len(names):
                 raise ValueError(f"rewards names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _partitioned_reward_is_one_model(self) -> PPOConfig:
+        if self.reward_group.partition and (self.rewards or self.reward_service):
+            raise ValueError("reward_group.partition shards one local reward model (reward.path) across the ranks; "
+                             f"it does not apply to {'rewards' if self.rewards else 'reward_service'}")
         return self
 
     def _combined_terms(self) -> tuple[str, list[str]]:

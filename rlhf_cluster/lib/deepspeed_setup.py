@@ -115,6 +115,31 @@ def load_pretrained(cls, path: str, t: TrainerConfig | None, dtype: str = "float
     return model
 
 
+def partitioned_model(cls, path: str, dtype: str, offload: bool, micro_batch_size: int, **kwargs):
+    """A frozen model whose parameters are ZeRO-3 shards across the process group (DeepSpeed ZeRO-3 inference, as
+    OpenRLHF runs its reference and reward models): each rank holds 1/world of them, partitioned while loading,
+    and every forward gathers each layer from all ranks, so all ranks must run each forward together.
+    `offload`: the shards live in host memory. Returns the DeepSpeed engine (no optimiser); its `.module`
+    is called as the model."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    init_distributed()
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0,
+            "stage3_prefetch_bucket_size": 0}  # no prefetch: fetch exactly what each forward uses
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {"train_micro_batch_size_per_gpu": micro_batch_size,
+          "train_batch_size": micro_batch_size * max(1, _world_size()),
+          "zero_optimization": zero, "bf16": {"enabled": dtype == "bfloat16"}, "steps_per_print": 10**9}
+    keep = HfDeepSpeedConfig(ds)  # noqa: F841  (partitions inside from_pretrained while it lives)
+    model = cls.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, **kwargs)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
+    engine.eval()
+    return engine
+
+
 def with_lora(model, lora: LoraConfig, task_type: str):
     """Wrap `model` in LoRA adapters (peft); only adapter weights stay trainable."""
     from peft import LoraConfig as PeftLoraConfig

@@ -114,13 +114,18 @@ def trainer_need(name: str, shape: ModelShape, t, dtype: str, tokens: int, seq: 
     return need
 
 
-def scorer_need(name: str, shape: ModelShape, ranks: int, gpus_per_rank: float, dtype: str, tokens: int,
-                seq: int) -> GroupNeed:
-    """A frozen full copy per rank (reference, reward model): weights and one layer's transient activations."""
+def scorer_need(name: str, shape: ModelShape, g, dtype: str, tokens: int, seq: int) -> GroupNeed:
+    """A frozen model (reference, reward model) under its ScorerConfig `g`: a full copy per rank, or with
+    `partition` a 1/num_ranks ZeRO-3 shard (in host memory with `offload`), and one layer's transient activations
+    (the layer's gathered weights, one layer's worth, are left out as for the ZeRO-3 trainer)."""
     b = _bytes(dtype)
-    act = _layer_activations(shape, tokens, seq, b, gpus_per_rank > 0)
+    act = _layer_activations(shape, tokens, seq, b, g.num_gpus_per_rank > 0)
     logits = 2 * tokens * shape.vocab * 4 if shape.lm_head else 0
-    return GroupNeed(name, ranks, gpus_per_rank, {"weights": shape.params * b, "activations": act + logits})
+    weights = shape.params * b // (g.num_ranks if g.partition else 1)
+    need = GroupNeed(name, g.num_ranks, g.num_gpus_per_rank, {"weights": weights, "activations": act + logits})
+    if g.offload:
+        need.host_parts["weights"] = need.parts.pop("weights")
+    return need
 
 
 def engine_need(shape: ModelShape, rollout, dtype: str, device_bytes: int | None) -> GroupNeed:
@@ -144,14 +149,14 @@ def ppo_needs(cfg, shapes: dict[str, ModelShape], device_bytes: int | None = Non
 
     policy_dtype, reward_dtype = cfg.policy.dtype or "float32", cfg.reward.dtype or "float32"
     needs = [trainer_need("trainer", shapes["policy"], cfg.trainer, policy_dtype, tokens(cfg.trainer), seq),
-             scorer_need("reference", shapes["policy"], cfg.reference.num_ranks, cfg.reference.num_gpus_per_rank,
-                         policy_dtype, tokens(cfg.reference), seq),
+             scorer_need("reference", shapes["policy"], cfg.reference, policy_dtype, tokens(cfg.reference), seq),
              engine_need(shapes["policy"], cfg.rollout, policy_dtype, device_bytes)]
-    rewards = [scorer_need("reward_group", shape, cfg.reward_group.num_ranks, cfg.reward_group.num_gpus_per_rank,
-                           reward_dtype, tokens(cfg.reward_group), seq) for shape in shapes.get("rewards", [])]
+    rewards = [scorer_need("reward_group", shape, cfg.reward_group, reward_dtype, tokens(cfg.reward_group), seq)
+               for shape in shapes.get("rewards", [])]
     if rewards:  # every rank holds each reward model (`rewards:` may name several)
         needs.append(GroupNeed("reward_group", rewards[0].ranks, rewards[0].gpus_per_rank,
-                               {k: sum(r.parts[k] for r in rewards) for k in rewards[0].parts}))
+                               {k: sum(r.parts[k] for r in rewards) for k in rewards[0].parts},
+                               {k: sum(r.host_parts[k] for r in rewards) for k in rewards[0].host_parts}))
     if shapes.get("critic") is not None:
         needs.append(trainer_need("critic", shapes["critic"], cfg.critic, reward_dtype, tokens(cfg.critic), seq))
     return needs

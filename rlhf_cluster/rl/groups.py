@@ -32,6 +32,17 @@ class RLGroups:
             self.shutdown()
             raise
         self.startup_seconds = time.time() - t0
+        self.log_nodes(log)
+
+    def log_nodes(self, log) -> None:
+        """On a cluster of several nodes, how each group's ranks spread over them (one line)."""
+        import ray
+
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        if len(alive) > 1:
+            spread = {g.name: g.nodes() for g in self.all()}
+            log("ranks on nodes: " + ", ".join(f"{name} {len(ids)} on {len(set(ids))}" for name, ids in spread.items())
+                + f" (the cluster has {len(alive)} nodes)")
 
     def _start(self, cfg: PPOConfig, policy_path, reward_path, trainer, train_steps, with_critic, log):
         from actors.group import ActorGroup, colocated_placement_group
@@ -55,9 +66,10 @@ class RLGroups:
             log(f"colocated: {' + '.join(names)}")
         self.policy = ActorGroup(PolicyTrainer, trainer, policy_path, trainer.model_dump(), train_steps,
                                  cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False, pg=pg.get("trainer"))
-        self.reference = ActorGroup(ReferenceModel, cfg.reference, policy_path, cfg.policy.dtype,
-                                    cfg.reference.micro_batch_size, cfg.reference.max_tokens_per_micro_batch,
-                                    name="reference", env=env, wait=False, pg=pg.get("reference"), **replica)
+        ref = cfg.reference  # partitioned ranks share a process group: a lost one means a rebuild, not a restart
+        self.reference = ActorGroup(ReferenceModel, ref, policy_path, cfg.policy.dtype, ref.micro_batch_size,
+                                    ref.max_tokens_per_micro_batch, ref.partition, ref.offload, name="reference",
+                                    env=env, wait=False, pg=pg.get("reference"), **({} if ref.partition else replica))
         if cfg.rewards:  # a weighted sum of models, functions and endpoints, every rank holding all of them
             tokens = {r.token_env: os.environ[r.token_env] for r in cfg.rewards if r.url and r.token_env in os.environ}
             rg = cfg.reward_group
@@ -72,9 +84,10 @@ class RLGroups:
                                      svc.batch_size, svc.timeout_s, svc.retries, name="reward", env=env | token,
                                      wait=False, pg=pg.get("reward_group"), **replica)
         else:
-            self.reward = ActorGroup(RewardModel, cfg.reward_group, reward_path, cfg.reward.dtype,
-                                     cfg.reward_group.micro_batch_size, cfg.reward_group.max_tokens_per_micro_batch,
-                                     name="reward", env=env, wait=False, pg=pg.get("reward_group"), **replica)
+            rg = cfg.reward_group
+            self.reward = ActorGroup(RewardModel, rg, reward_path, cfg.reward.dtype, rg.micro_batch_size,
+                                     rg.max_tokens_per_micro_batch, rg.partition, rg.offload, name="reward", env=env,
+                                     wait=False, pg=pg.get("reward_group"), **({} if rg.partition else replica))
         if with_critic:
             # the critic starts from the reward model (its head too), or the policy when scores come over HTTP
             self.critic = ActorGroup(Critic, cfg.critic, reward_path or policy_path, cfg.critic.model_dump(),
@@ -91,16 +104,25 @@ class RLGroups:
         return [g for g in (self.rollout, self.policy, self.reference, self.reward, self.critic) if g is not None]
 
     def trainers(self) -> list:
-        """DeepSpeed groups: a lost rank means the whole group is rebuilt."""
+        """DeepSpeed groups that train (their states are checkpointed)."""
         return [g for g in (self.policy, self.critic) if g is not None]
+
+    def partitioned(self) -> list:
+        """Scoring groups whose ranks hold ZeRO-3 shards (`partition`)."""
+        cfg = self.cfg
+        return [g for g, c in ((self.reference, cfg.reference), (self.reward, cfg.reward_group)) if c.partition]
+
+    def process_groups(self) -> list:
+        """Groups whose ranks form one process group: a lost rank means the whole group is rebuilt."""
+        return self.trainers() + self.partitioned()
 
     def replicas(self) -> list:
         """Groups whose ranks Ray restarts one by one."""
-        return [self.rollout, self.reference, self.reward]
+        return [g for g in (self.rollout, self.reference, self.reward) if g not in self.partitioned()]
 
     def rank_lost(self) -> bool:
-        """Some DeepSpeed rank is dead or stuck (its peers' errors are then a consequence)."""
-        return not all(g.responsive(self.cfg.fault_tolerance.ping_timeout_s) for g in self.trainers())
+        """Some process-group rank is dead or stuck (its peers' errors are then a consequence)."""
+        return not all(g.responsive(self.cfg.fault_tolerance.ping_timeout_s) for g in self.process_groups())
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group

@@ -178,10 +178,19 @@ class RolloutProducer:
         track = {"track": True} if self.cfg.rewards else {}  # per-source metrics of the training batches
         for _, count in batch.calls:
             starts.append(starts[-1] + count)
-        batch.score_calls = {
-            "ref": [reference[j % len(reference)].logprobs_of_samples.remote(r) for j, r in enumerate(engine_results)],
-            "score": [reward[j % len(reward)].score_samples.remote(r, context[starts[j]:starts[j + 1]], **track)
-                      for j, r in enumerate(engine_results)]}
+        # a partitioned group's ranks run each forward together: every rank gets every engine's samples and
+        # scores its share once all are there (their results, in rank order, follow the samples)
+        if self.cfg.reference.partition:
+            ref_calls = [a.logprobs_of_share.remote(*engine_results) for a in reference]
+        else:
+            ref_calls = [reference[j % len(reference)].logprobs_of_samples.remote(r)
+                         for j, r in enumerate(engine_results)]
+        if self.cfg.reward_group.partition:
+            score_calls = [a.score_share.remote(*engine_results) for a in reward]
+        else:
+            score_calls = [reward[j % len(reward)].score_samples.remote(r, context[starts[j]:starts[j + 1]], **track)
+                           for j, r in enumerate(engine_results)]
+        batch.score_calls = {"ref": ref_calls, "score": score_calls}
         batch.scores = None
         return batch
 
