@@ -410,21 +410,23 @@ def test_lora_policy_syncs_its_adapted_weights_into_vllm(ray_cluster, engine, bu
         lora.shutdown()
 
 
-def test_gradient_checkpointing_gives_the_same_step(ray_cluster, builtin_assets, sft_items):
-    """trainer.gradient_checkpointing recomputes activations in backward: the same loss and the same step
-    (weights after it within 1e-5 in fp32) as keeping them."""
+def test_gradient_checkpointing_and_offload_give_the_same_step(ray_cluster, builtin_assets, sft_items):
+    """trainer.gradient_checkpointing recomputes activations in backward; trainer.offload (ZeRO-Offload under
+    ZeRO-3: optimizer state and parameter shards in host memory, DeepSpeed's CPU Adam) moves the step off the
+    device: each gives the same loss and the same step (weights after it within 1e-5 in fp32) as neither."""
     groups = {}
     try:
-        for ckpt in (False, True):
+        for switch in ("neither", "gradient_checkpointing", "offload"):
             cfg = TrainerConfig(num_ranks=1, num_cpus_per_rank=0.5, micro_batch_size=8, zero_stage=3,
-                                gradient_checkpointing=ckpt)
-            groups[ckpt] = ActorGroup(PolicyTrainer, cfg, str(builtin_assets.base), cfg.model_dump(), 100,
-                                      name=f"policy-ckpt-{ckpt}")
+                                **({switch: True} if switch != "neither" else {}))
+            groups[switch] = ActorGroup(PolicyTrainer, cfg, str(builtin_assets.base), cfg.model_dump(), 100,
+                                        name=f"policy-{switch}")
         items = sft_items[:8]
         steps = {k: ray.get(g.split_call("train_step", items, "sft"))[0] for k, g in groups.items()}
-        assert steps[True]["loss"] == pytest.approx(steps[False]["loss"], abs=1e-6)
         after = {k: g.map("logprobs", items) for k, g in groups.items()}
-        assert _max_diff(after[True], after[False]) < 1e-5
+        for switch in ("gradient_checkpointing", "offload"):
+            assert steps[switch]["loss"] == pytest.approx(steps["neither"]["loss"], abs=1e-6), switch
+            assert _max_diff(after[switch], after["neither"]) < 1e-5, switch
     finally:
         for g in groups.values():
             g.shutdown()
