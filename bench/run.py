@@ -12,6 +12,8 @@
                      step on the same model, data and batch, alternating; FLOPs utilisation against this
                      machine's fp32 matmul peak; per-phase breakdown over batch size, length, model size
                      (bench/rl_step.py, TRL in a child process: bench/trl_grpo.py)
+    memory           a reference rank's resident memory, full copy vs ZeRO-3 shards over 2 and 4 ranks
+                     (`reference.partition`), on a ~300 M Llama built here, beside the memory plan (bench/memory.py)
     packing          padded vs packed (`max_tokens_per_micro_batch`) micro-batches on a mixed-length batch:
                      the policy's PPO step and log-probs, the reference's log-probs, the reward's scores
                      (bench/packing.py)
@@ -42,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import packing, reward_service, rl_step, rollout_engines, weight_sync
+from bench import memory, packing, reward_service, rl_step, rollout_engines, weight_sync
 from bench.common import (
     BENCH_DIR,
     REPO_ROOT,
@@ -65,9 +67,10 @@ BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 
 BENCHMARKS = {"rollout_engines": rollout_engines.bench_rollout_engines, "weight_sync": weight_sync.bench_weight_sync,
               "reward_service": reward_service.bench_reward_service, "rl_step": rl_step.bench_rl_step,
-              "packing": packing.bench_packing}
+              "packing": packing.bench_packing, "memory": memory.bench_memory}
 TABLES = {"rollout_engines": rollout_engines.readme_table, "weight_sync": weight_sync.readme_table,
-          "reward_service": reward_service.readme_table, "rl_step": rl_step.readme_table}
+          "reward_service": reward_service.readme_table, "rl_step": rl_step.readme_table,
+          "memory": memory.readme_table}
 
 
 # --------------------------------------------------------------------------- running and recording
