@@ -61,14 +61,6 @@ class _Scorer(Worker):
         self.micro_batch_size = micro_batch_size or self.micro_batch_size
         self.max_tokens = max_tokens_per_micro_batch
 
-    def parameter_elements(self) -> tuple[int, int]:
-        """(elements of the parameters this rank holds, of the whole model): a ZeRO-3 rank holds its shard."""
-        params = list(self.model.parameters())
-        if self.partition:
-            return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
-        n = sum(p.numel() for p in params)
-        return n, n
-
     def my_share(self, *engine_samples: list[dict]) -> list[dict]:
         """This rank's contiguous share of the samples of several engine calls, in order (a partitioned group
         is called on every rank at once; its ranks' results, joined in rank order, follow the samples)."""

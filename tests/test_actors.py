@@ -12,7 +12,7 @@ from actors.scorers import ReferenceModel, RewardModel
 from actors.trainer import Critic, PolicyTrainer
 from rlhf_cluster.lib.config import GroupResources, RolloutConfig, TrainerConfig
 from rlhf_cluster.lib.data import encode_prompt, load_tokenized
-from tests.workers import PortTakenOnce
+from tests.workers import PortTakenOnce, parameter_elements
 
 pytestmark = pytest.mark.ray
 
@@ -284,7 +284,7 @@ def test_partitioned_reference_and_reward_equal_full_copies(ray_cluster, builtin
               "rm3": ActorGroup(RewardModel, res, reward_base, "float32", 2, None, True, True, name="reward-offload")}
     try:
         for name in ("ref3", "rm3"):  # each rank holds half the parameters (a layer is 2-D: halves within 1 %)
-            held = groups[name].run("parameter_elements")
+            held = ray.get([a.__ray_call__.remote(parameter_elements) for a in groups[name].actors])
             assert all(abs(mine / whole - 0.5) < 0.01 for mine, whole in held), held
         seqs = [it["input_ids"] for it in sft_items[:5]]
         want_lp, want_score = groups["ref"].map("logprobs", seqs), groups["rm"].map("score", seqs)

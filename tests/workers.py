@@ -21,3 +21,13 @@ class PortTakenOnce(Worker):
             self.squatter.bind(("", master_port))
             self.squatter.listen()
         self.init_distributed()
+
+
+def parameter_elements(scorer) -> tuple[int, int]:
+    """(elements of the parameters a scorer rank holds, of the whole model), through `__ray_call__`: a ZeRO-3
+    rank (`partition`) holds its shard of each parameter."""
+    params = list(scorer.model.parameters())
+    if scorer.partition:
+        return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+    n = sum(p.numel() for p in params)
+    return n, n
