@@ -77,7 +77,7 @@ class RolloutEngine:
     """One vLLM engine (tensor-parallel inside if configured). Not a torch.distributed rank."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 rollout: dict, seed: int = 0, dtype: str = "float32"):
+                 rollout: dict, seed: int = 0, dtype: str = "float32", sleep: bool = False):
         from rlhf_cluster.lib.generation import make_vllm
 
         self.rank, self.path = rank, model_path
@@ -92,9 +92,24 @@ class RolloutEngine:
             extra["weight_transfer_config"] = {"backend": self.cfg.weight_transport}
             if self.cfg.weight_transport == "ipc":  # handles arrive pickled from our trainer (rpc_safe)
                 os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        if sleep:  # colocate.sleep (GPU): vLLM's allocator that can release weights and KV cache
+            extra["enable_sleep_mode"] = True
         self.llm = make_vllm(model_path, self.cfg, seed=seed + rank, dtype=dtype, worker_extension_cls=EXTENSION,
                              **extra)
         self.version = 0
+
+    def sleep(self) -> int:
+        """colocate.sleep, while the trainers step: weights to host memory, KV cache freed (vLLM sleep level 1).
+        Returns the device bytes freed."""
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+        self.llm.sleep(level=1)
+        return torch.cuda.mem_get_info()[0] - free
+
+    def wake(self, tags: list[str]) -> None:
+        """"weights" before a weight sync, "kv_cache" after it (the sync needs no KV cache)."""
+        self.llm.wake_up(tags=tags)
 
     def ping(self) -> int:
         return self.rank
@@ -166,7 +181,7 @@ class HFRolloutEngine(RolloutEngine):
     raw model distribution (before temperature / top-p), as vLLM returns them."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 rollout: dict, seed: int = 0, dtype: str = "float32"):
+                 rollout: dict, seed: int = 0, dtype: str = "float32", sleep: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -94,7 +94,7 @@ class _DeepSpeedRank(Worker):
     lora_task_type = "CAUSAL_LM"
 
     def __init__(self, rank, world_size, master_addr, master_port, model_path: str, trainer: dict,
-                 total_steps: int, dtype: str = "float32", seed: int = 0, **model_kwargs):
+                 total_steps: int, dtype: str = "float32", seed: int = 0, sleep: bool = False, **model_kwargs):
         super().__init__(rank, world_size, master_addr, master_port)
         import transformers
 
@@ -111,8 +111,9 @@ class _DeepSpeedRank(Worker):
 
             model = with_lora(model, self.cfg.lora, self.lora_task_type)
         # one optimiser step per train_step call (a PPO mini-batch), however many micro-batches it takes
-        self.engine = make_engine(model, self.cfg, total_steps, dtype, managed_accumulation=False)
+        self.engine = make_engine(model, self.cfg, total_steps, dtype, managed_accumulation=False, sleep=sleep)
         self.steps = 0
+        self.asleep = False
 
     # -- the pieces a loss needs -------------------------------------------------------------
     def _forward(self, ids, att, pos, with_entropy: bool = False):
@@ -146,6 +147,7 @@ class _DeepSpeedRank(Worker):
         tokens, or sequences with a sequence loss_agg) is weighted by its share of the whole mini-batch's
         tokens (all ranks), so the step does not depend on how the mini-batch is split into micro-batches
         or packed; DeepSpeed then averages the gradients across ranks and steps."""
+        self.wake()
         self.engine.train()
         loss_fn = getattr(self, f"_loss_{loss}", None)
         if loss_fn is None:
@@ -197,6 +199,7 @@ class _DeepSpeedRank(Worker):
     def weights_finite(self) -> bool:
         """Every rank's parameters (its ZeRO-3 partition) are finite: checked before a checkpoint,
         so a poisoned state is never saved."""
+        self.wake()
         local = torch.tensor([1.0])
         for p in self.engine.module.parameters():
             t = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's partition in ds_tensor
@@ -207,13 +210,49 @@ class _DeepSpeedRank(Worker):
             torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MIN)
         return local.item() == 1.0
 
-    def save(self, path: str, tag: str = "state", client_state: dict | None = None) -> None:
-        """Full training state (weights, optimiser, scheduler) via DeepSpeed; all ranks take part."""
-        self.engine.save_checkpoint(path, tag=tag, client_state={"steps": self.steps, **(client_state or {})})
+    def sleep(self) -> int:
+        """colocate.sleep, while the engines generate: optimizer state, fp32 weights and gradient buffers to host
+        memory (DeepSpeed offload_states); the bf16 weights stay for the weight sync. Returns the device bytes
+        freed."""
+        from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as S
 
-    def load(self, path: str, tag: str = "state") -> dict:
-        _, client = self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        if self.asleep:
+            return 0
+        before = torch.cuda.memory_allocated()
+        self.engine.offload_states(include=[S.optim_states, S.hp_params, S.contiguous_grad_buffer, S.lp_grads],
+                                   pin_memory=True, non_blocking=False)
+        torch.cuda.empty_cache()
+        self.asleep = True
+        return before - torch.cuda.memory_allocated()
+
+    def wake(self) -> None:
+        """Back on the device before a step, a checkpoint or a weights check."""
+        if self.asleep:
+            self.engine.reload_states()
+            self.asleep = False
+
+    def save(self, path: str, tag: str = "state", client_state: dict | None = None) -> dict:
+        """Full training state (weights, optimiser, scheduler) via DeepSpeed; all ranks take part. `path`: a
+        directory, or a storage URI that this rank uploads its own files to (rlhf_cluster/lib/storage.py);
+        returns the manifest of what it uploaded (empty for a directory)."""
+        from rlhf_cluster.lib.storage import staged
+
+        self.wake()
+        with staged(path) as (local, manifest):
+            self.engine.save_checkpoint(str(local), tag=tag,
+                                        client_state={"steps": self.steps, **(client_state or {})})
+        return manifest
+
+    def load(self, path: str, tag: str = "state", manifest: dict | None = None) -> dict:
+        """From a directory, or a storage URI whose `manifest` lists its files: this rank downloads the shared
+        files and its own ZeRO partition only."""
+        from rlhf_cluster.lib.storage import fetched
+
+        self.wake()
+        mine = f"zero_pp_rank_{self.rank}_"
+        with fetched(path, manifest, lambda rel: "zero_pp_rank_" not in rel or mine in rel) as local:
+            _, client = self.engine.load_checkpoint(str(local), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
         if client is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {path}")
         self.steps = client["steps"]
@@ -253,22 +292,31 @@ class _DeepSpeedRank(Worker):
         for engine in getattr(self, "_transfers", []):
             engine.send_weights()
 
-    def save_pretrained(self, path: str) -> None:
-        """HF-format export (rank 0 writes; every rank must call, ZeRO-3 gathers)."""
-        state = self.full_state_dict()
-        if self.rank == 0:
-            import os
-            import shutil
+    def save_pretrained(self, path: str) -> dict:
+        """HF-format export (rank 0 writes; every rank must call, ZeRO-3 gathers) to a directory, or to a storage
+        URI (returns the manifest of the files uploaded; empty for a directory or on other ranks)."""
+        from rlhf_cluster.lib.storage import is_uri, staged
 
-            tmp = path + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            module = self.engine.module
-            if self.cfg.lora.enabled:  # the base model's config and class, with the merged weights
-                module = module.get_base_model()
-            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return {}
+        module = self.engine.module
+        if self.cfg.lora.enabled:  # the base model's config and class, with the merged weights
+            module = module.get_base_model()
+        if is_uri(path):
+            with staged(path) as (local, manifest):
+                module.save_pretrained(local, state_dict=state, safe_serialization=True)
+            return manifest
+        import os
+        import shutil
+
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return {}
 
 
 class PolicyTrainer(_DeepSpeedRank):

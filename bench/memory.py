@@ -1,6 +1,7 @@
 """Benchmark `memory`: what a frozen reference rank holds, a full copy against ZeRO-3 shards over N ranks
 (`reference.partition`), on a Llama of ~300 M parameters built here with random weights, beside the memory
-plan's estimate (rlhf_cluster/lib/memory.py) for the same group.
+plan's estimate (rlhf_cluster/lib/memory.py) for the same group; then a 2-rank ZeRO-3 policy trainer after one
+optimiser step and a vLLM rollout engine after sampling, each against its plan.
 
 Measured per rank (an actor process): its resident set after the model is loaded and after a forward on a
 batch (8 x 128 tokens), after `gc.collect()` and `malloc_trim` hand freed memory back, minus the resident set of
@@ -82,12 +83,51 @@ def ranks_memory(path: str, ranks: int, partition: bool, sequences: list[list[in
         group.shutdown()
 
 
+def trainer_memory(path: str, sequences: list[list[int]]) -> list[dict]:
+    """Each rank of a 2-rank ZeRO-3 policy trainer on `path`, after one optimiser step (every state allocated)."""
+    import ray
+
+    from actors.group import ActorGroup
+    from actors.trainer import PolicyTrainer
+    from rlhf_cluster.lib.config import TrainerConfig
+
+    t = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.1, zero_stage=3, micro_batch_size=BATCH)
+    group = ActorGroup(PolicyTrainer, t, path, t.model_dump(), 1000, name="bench-memory-trainer",
+                       env={"RLHF_TORCH_THREADS": "1"})
+    try:
+        items = [{"input_ids": ids, "loss_mask": [1] * (len(ids) - 1)} for ids in sequences]
+        ray.get(group.split_call("train_step", items, "sft"))
+        return [{"after_step": m["rss"], "peak": m["peak"]}
+                for m in ray.get([a.__ray_call__.remote(resident) for a in group.actors])]
+    finally:
+        group.shutdown()
+
+
+def engine_memory(path: str, sequences: list[list[int]]) -> dict:
+    """One vLLM rollout engine on `path` (KV cache 1 GiB), after sampling from the batch's prompts."""
+    import ray
+
+    from actors.group import ActorGroup
+    from actors.rollout import RolloutEngine
+    from rlhf_cluster.lib.config import GroupResources, RolloutConfig
+
+    rollout = RolloutConfig(kv_cache_gib=1.0, max_new_tokens=16)
+    group = ActorGroup(RolloutEngine, GroupResources(num_cpus_per_rank=0.1), path, rollout.model_dump(),
+                       name="bench-memory-engine", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        ray.get(group.actors[0].generate.remote([ids[:32] for ids in sequences]))
+        m = ray.get(group.actors[0].__ray_call__.remote(resident))
+        return {"after_generate": m["rss"], "peak": m["peak"]}
+    finally:
+        group.shutdown()
+
+
 def bench_memory(quick: bool):
     import ray
     from transformers import AutoConfig
 
     from rlhf_cluster.lib import memory as M
-    from rlhf_cluster.lib.config import ScorerConfig, TrainerConfig
+    from rlhf_cluster.lib.config import RolloutConfig, ScorerConfig, TrainerConfig
 
     assets = builtin_assets("tiny")
     # --quick: the built-in `small` model (24 M), enough to see the shards, in a minute
@@ -114,6 +154,30 @@ def bench_memory(quick: bool):
                          "plan_weights_bytes": plan.parts["weights"], "plan_total_bytes": plan.per_rank})
             log(f"memory: {ranks} rank(s), partition {partition}: held {[round(h / GIB, 3) for h in held]} GiB, "
                 f"plan {plan.per_rank / GIB:.3f} GiB")
+        # the trainer and the engine against their plans, each minus the same kind of process on the tiny model
+        # (the engine's 1 GiB KV cache is in both, so its difference is the weights and what they need)
+        trainer_cfg = TrainerConfig(num_ranks=2, zero_stage=3, micro_batch_size=BATCH)
+        trainer_plan = M.trainer_need("trainer", shape, trainer_cfg, "float32", BATCH * LENGTH, LENGTH)
+        trainer_base = min(m["after_step"] for m in trainer_memory(str(assets.base), sequences))
+        trainer = trainer_memory(path, sequences)
+        engine_base = engine_memory(str(assets.base), sequences)["after_generate"]
+        engine = engine_memory(path, sequences)
+        engine_plan = M.engine_need(shape, RolloutConfig(kv_cache_gib=1.0), "float32", None)
+        held = max(m["after_step"] for m in trainer) - trainer_base
+        resting = trainer_plan.per_rank - trainer_plan.parts["activations"]  # what stays between steps
+        groups = {
+            "trainer": {"ranks": 2, "per_rank": trainer, "baseline_rss": trainer_base, "held_bytes": held,
+                        "plan_parts": trainer_plan.parts, "plan_bytes": resting,
+                        "compared": "after a step: weights, gradients and optimizer state (the plan's activations, "
+                                    f"{trainer_plan.parts['activations'] / GIB:.2f} GiB, live only during it)"},
+            "rollout": {"ranks": 1, "measured": engine, "baseline_rss": engine_base,
+                        "held_bytes": engine["after_generate"] - engine_base, "plan_parts": engine_plan.parts,
+                        "plan_bytes": engine_plan.parts["weights"],
+                        "compared": "after sampling: the weights (the 1 GiB KV cache is in the baseline too)"}}
+        for name, g in groups.items():
+            g["plan_error"] = round(g["plan_bytes"] / g["held_bytes"] - 1, 3)
+            log(f"memory: {name}: held {g['held_bytes'] / GIB:.3f} GiB, plan {g['plan_bytes'] / GIB:.3f} GiB "
+                f"({g['plan_error']:+.0%})")
     finally:
         ray.shutdown()
     full = max(rows[0]["held_bytes"])
@@ -132,7 +196,9 @@ def bench_memory(quick: bool):
                                                  "num_attention_heads", "num_key_value_heads", "vocab_size")},
               "parameters": shape.params, "batch": [BATCH, LENGTH], "dtype": "float32"}
     headline = {"partitioned_held_fraction": {str(r["ranks"]): r["held_fraction_of_full"] for r in rows[1:]}}
-    return config, {"layouts": rows, "trainer_plan_offload": offload, "headline": headline}
+    headline["plan_error"] = {**{f"reference_{r['ranks']}": r["plan_error"] for r in rows},
+                              **{name: g["plan_error"] for name, g in groups.items()}}
+    return config, {"layouts": rows, "groups": groups, "trainer_plan_offload": offload, "headline": headline}
 
 
 def readme_table(rec: dict) -> list[str]:
@@ -150,6 +216,15 @@ def readme_table(rec: dict) -> list[str]:
                      f"{r['held_fraction_of_full']:.2f} | {target} | "
                      f"{max(r['peak_bytes']) / GIB:.3f} | {r['plan_total_bytes'] / GIB:.3f} | "
                      f"{r['plan_error']:+.0%} |")
+    groups = rec["results"].get("groups", {})
+    if groups:
+        lines += ["", "The other groups against the plan (2-rank ZeRO-3 trainer after an Adam step on the same batch, "
+                      "one vLLM engine after sampling; each minus the same process on the tiny model):", "",
+                  "| group | ranks | held per rank GiB (max) | plan GiB | plan vs held | compared |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for name, g in groups.items():
+            lines.append(f"| {name} | {g['ranks']} | {g['held_bytes'] / GIB:.3f} | {g['plan_bytes'] / GIB:.3f} | "
+                         f"{g['plan_error']:+.0%} | {g['compared']} |")
     off = rec["results"]["trainer_plan_offload"]
     lines += ["", f"Trainer offload, as planned for a GPU layout of this model (2 ZeRO-3 ranks, GiB per rank): device "
                   f"{off['False']['device'] / GIB:.2f} without offload, {off['True']['device'] / GIB:.2f} with it "

@@ -1,7 +1,9 @@
 """Benchmark `weight_sync`: on a private local Ray cluster, a ZeRO-3 `PolicyTrainer` group (2 ranks)
 and one `RolloutEngine` group as PPO uses them; `export_weights` (gather + serialise) and
 `update_weights` (load into the running vLLM worker) timed separately from the driver, after one
-checksum-verified sync.
+checksum-verified sync. Then the same across nodes (`ray.cluster_utils.Cluster` on this machine: each node
+its own raylet and object store): the two trainer ranks on two nodes, the engine on a third, so the
+ZeRO-3 gather crosses nodes and the buckets travel from rank 0's object store to the engine's.
 
 Run through bench.run (`python -m bench.run --only weight_sync [--quick]`), which records the
 machine, versions and load around it. Module-level imports stay light (stdlib only).
@@ -15,7 +17,7 @@ import time
 from bench.common import builtin_assets, header, log, median
 
 
-def sync_one_size(size: str, reps: int, bucket_bytes: int) -> dict:
+def sync_one_size(size: str, reps: int, bucket_bytes: int, pgs: tuple = (None, None)) -> dict:
     import ray
     from safetensors.torch import load
 
@@ -29,13 +31,14 @@ def sync_one_size(size: str, reps: int, bucket_bytes: int) -> dict:
     rollout = RolloutConfig()
     start: dict = {}
     t = time.perf_counter()
-    policy = ActorGroup(PolicyTrainer, trainer, str(assets.base), trainer.model_dump(), 1000, name="bench-policy")
+    policy = ActorGroup(PolicyTrainer, trainer, str(assets.base), trainer.model_dump(), 1000, name="bench-policy",
+                        pg=pgs[0])
     start["policy_group_s"] = time.perf_counter() - t
     engine = None
     try:
         t = time.perf_counter()
         engine = ActorGroup(RolloutEngine, GroupResources(num_cpus_per_rank=0.5), str(assets.base),
-                            rollout.model_dump(), name="bench-rollout")
+                            rollout.model_dump(), name="bench-rollout", pg=pgs[1])
         start["rollout_group_s"] = time.perf_counter() - t
         actor = engine.actors[0]
 
@@ -59,7 +62,8 @@ def sync_one_size(size: str, reps: int, bucket_bytes: int) -> dict:
             raise RuntimeError(f"weight sync check failed: loaded {loaded} of {len(tensors)} tensors, "
                                f"checksums equal: {verified}")
         info = {"parameters": sum(x.numel() for x in tensors), "tensors": len(tensors), "tensor_bytes": tensor_bytes,
-                "serialized_bytes": sum(len(b) for b in blobs), "buckets": len(blobs)}
+                "serialized_bytes": sum(len(b) for b in blobs), "buckets": len(blobs),
+                "nodes": {"policy": policy.nodes(), "rollout": engine.nodes()}}
         del blobs, tensors, buckets
         log(f"weight_sync/{size}: {info['parameters'] / 1e6:.2f} M parameters, {tensor_bytes / 1e6:.1f} MB in "
             f"{info['buckets']} bucket(s); started ({', '.join(f'{k} {v:.1f}' for k, v in start.items())}); "
@@ -92,6 +96,36 @@ def sync_one_size(size: str, reps: int, bucket_bytes: int) -> dict:
     }
 
 
+def across_nodes(config: dict) -> list[dict]:
+    """The sizes again on a cluster of a head without CPUs, two trainer nodes and an engine node."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.placement_group import placement_group
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"trainer_node": 1})
+    cluster.add_node(num_cpus=1, resources={"engine_node": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}})
+    try:
+        out = []
+        for size in config["sizes"]:
+            pgs = (placement_group([{"CPU": 0.5, "trainer_node": 0.5}] * 2, strategy="STRICT_SPREAD"),
+                   placement_group([{"CPU": 0.5, "engine_node": 0.5}]))
+            r = sync_one_size(size, config["repetitions"][size], config["bucket_bytes"], pgs)
+            for pg in pgs:
+                ray.util.remove_placement_group(pg)
+            if len(set(r["nodes"]["policy"])) != 2 or set(r["nodes"]["rollout"]) & set(r["nodes"]["policy"]):
+                raise RuntimeError(f"the groups did not spread over three nodes: {r['nodes']}")
+            out.append(r | {"layout": "3 nodes"})
+        return out
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def bench_weight_sync(quick: bool) -> tuple[dict, list[dict]]:
     import ray
 
@@ -106,15 +140,22 @@ def bench_weight_sync(quick: bool) -> tuple[dict, list[dict]]:
                         "serialises buckets with safetensors and ray.put()s them; timed from the driver",
               "update": "RolloutEngine.update_weights: ray.get the buckets, collective_rpc into vLLM's worker, "
                         "reload_weights in place, reset the prefix cache; timed from the driver",
+              "layouts": {"1 node": "ray.init(address='local', num_cpus=4): every actor on one raylet",
+                          "3 nodes": "ray.cluster_utils.Cluster on this machine: a head without CPUs, two trainer "
+                                     "nodes (one rank each, STRICT_SPREAD) and an engine node, each its own raylet "
+                                     "and object store; not in --quick"},
               "MB": "1e6 bytes of fp32 tensor data; MB/s = MB / median seconds",
               "warmup": "one untimed sync per size, checked: every tensor loaded and per-layer checksums equal",
               "env": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "RLHF_TORCH_THREADS")}}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}})
     try:
-        results = [sync_one_size(size, config["repetitions"][size], config["bucket_bytes"]) for size in config["sizes"]]
+        results = [sync_one_size(size, config["repetitions"][size], config["bucket_bytes"]) | {"layout": "1 node"}
+                   for size in config["sizes"]]
     finally:
         ray.shutdown()
+    if not quick:
+        results += across_nodes(config)
     return config, results
 
 
@@ -126,11 +167,13 @@ def readme_table(rec: dict) -> list[str]:
              "Medians over the repetitions, after an untimed, checksum-verified sync; buckets of "
              f"{c['bucket_bytes'] >> 20} MiB; MB = 10⁶ bytes of fp32 weights; sync s is the median of the per-rep "
              "sums.", "",
-             "| model | parameters | MB | buckets | reps | export s (gather + serialise) | export MB/s "
+             *[f"- *{name}*: {text}" for name, text in c.get("layouts", {}).items()], "",
+             "| layout | model | parameters | MB | buckets | reps | export s (gather + serialise) | export MB/s "
              "| update s (load into vLLM) | update MB/s | sync s (export + update) | sync MB/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rec["results"]:
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.2f} M | {r['tensor_bytes'] / 1e6:.1f} | "
+        lines.append(f"| {r.get('layout', '1 node')} | {r['model']} | {r['parameters'] / 1e6:.2f} M | "
+                     f"{r['tensor_bytes'] / 1e6:.1f} | "
                      f"{r['buckets']} | {r['repetitions']} | {r['median_export_s']:.3f} | {r['export_MB_per_s']:.0f} | "
                      f"{r['median_update_s']:.3f} | {r['update_MB_per_s']:.0f} | {r['median_sync_s']:.3f} | "
                      f"{r['sync_MB_per_s']:.0f} |")

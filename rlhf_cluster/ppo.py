@@ -42,11 +42,11 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib import algorithms as A
-from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig
+from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PPOConfig
 from rlhf_cluster.lib.overoptimisation import overoptimising
 from rlhf_cluster.lib.tracking import Tracker
 from rlhf_cluster.rl.batch import trainer_item, unpadded
-from rlhf_cluster.rl.checkpoints import CheckpointStore, PoisonedState, latest_checkpoint
+from rlhf_cluster.rl.checkpoints import CheckpointStore, PoisonedState, latest_checkpoint, latest_of_run  # noqa: F401
 from rlhf_cluster.rl.evaluation import HeldOutEval
 from rlhf_cluster.rl.groups import RLGroups, plan_memory
 from rlhf_cluster.rl.learner import Learner
@@ -127,7 +127,9 @@ class PPORun:
             clock = time.time()
 
         # 1. sample (asynchronous: the next batches are already generating behind this one); with dynamic
-        # sampling, prompt groups whose samples all scored alike are replaced by more sampled prompts
+        # sampling, prompt groups whose samples all scored alike are replaced by more sampled prompts.
+        # colocate.sleep: the trainers' states leave the shared GPUs while the engines generate
+        timing |= self.weights.sleep_phases("generate")
         batch = self.last_batch = self.producer.next_batch(self.iteration)
         if batch.reward_error:  # a reward function raised, hung or returned non-finite values: counted, skipped
             self.faults["reward_errors"] = self.faults.get("reward_errors", 0) + 1
@@ -190,7 +192,8 @@ class PPORun:
                     "reward/rm_score": raw_scores[torch.isfinite(raw_scores)].mean().item() if
                     torch.isfinite(raw_scores).any() else None, **timing}
 
-        # 4. PPO epochs over mini-batches
+        # 4. PPO epochs over mini-batches (colocate.sleep: the engines release the shared GPUs first)
+        timing |= self.weights.sleep_phases("train")
         lists = {k: unpadded(v, s.lengths) for k, v in fields.items()}
         items = [trainer_item(x, **{k: v[i] for k, v in lists.items()}) for i, x in enumerate(samples)]
         if cfg.overlong.mask_truncated:  # DAPO's overlong filtering: no loss on responses the budget cut off
@@ -285,7 +288,7 @@ class PPORun:
         # the metrics log restarts from the restored state: rows of iterations after it are redone
         (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
-    def load_checkpoint(self, path: Path) -> None:
+    def load_checkpoint(self, path: Path | str) -> None:
         self.load_state_dict(self.store.load(path))
         self.weights.sync(policy_version=self.iteration)
         self.log(f"resumed from {path} (iteration {self.iteration})")
@@ -315,7 +318,7 @@ class PPORun:
             except RayActorError:  # out of Ray restarts
                 self.log(f"restarting the {group.name} group")
                 group.restart()
-        ckpt = latest_checkpoint(self.out)
+        ckpt = latest_of_run(self.cfg, self.out)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
             return
@@ -442,7 +445,7 @@ class PPORun:
             "stopped_early_at": self.stopped_early,
             "best_checkpoint": self.store.best[1] if self.store.best else None,
             "report": str(self.out / "report.png"), "metrics": str(self.out / "metrics.jsonl"),
-            "checkpoints": str(self.out / "checkpoints"),
+            "checkpoints": self.store.where(),
             "faults": dict(self.faults), "unregistered_checkpoints": len(self.store.unregistered),
             # how many trained batches were 0, 1, ... policy versions old (asynchronous rollout)
             "staleness_histogram": {str(k): n for k, n in sorted(Counter(
@@ -546,7 +549,14 @@ def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
               else f"{cfg.reward_service.url} (reward service)" if cfg.reward_service else reward_path)
     log(f"policy: {policy_path}\nreward model: {scorer}\noutput: {Path(cfg.output_dir).resolve()}")
     plan_memory(cfg, policy_path, reward_path, with_critic=cfg.estimator == "gae", log=log)
-    ckpt = latest_checkpoint(Path(cfg.output_dir).resolve()) if resume else None
+    if cfg.checkpoint_storage:  # reachable and writable before any actor starts
+        from rlhf_cluster.lib.storage import StorageError, check_writable
+
+        try:
+            check_writable(cfg.checkpoint_storage)
+        except StorageError as e:
+            raise ConfigError(f"checkpoint_storage: {e}") from e
+    ckpt = latest_of_run(cfg, Path(cfg.output_dir).resolve()) if resume else None
     if resume and ckpt is None:
         log("no complete checkpoint to resume from; starting from the beginning")
     if not resume and (Path(cfg.output_dir) / "metrics.jsonl").exists():

@@ -5,7 +5,8 @@
 On one GPU it records the machine and the installed stack, the bf16 and fp32 matmul peaks, and runs the
 PPO smoke (configs/smoke.yaml, 2 iterations) in bf16 on CUDA vLLM with every group on the one GPU
 (`colocate.all`) and the CUDA IPC weight transport, with `old_logprobs: recompute`, so the metrics carry
-the bf16 gap between vLLM's and the trainer's log-probs; on two or more GPUs also the NCCL transport with
+the bf16 gap between vLLM's and the trainer's log-probs; then the same with `colocate.sleep` (the GiB each
+side frees per step); on two or more GPUs also the NCCL transport with
 trainer and engine on different GPUs. Each step's outcome (figures, or the error) goes into the JSON; a
 step that fails does not stop the others. `--cpu-dry-run` runs the same steps on this CPU with the CPU
 transport (object store), to check the script itself where no GPU is.
@@ -92,6 +93,8 @@ def ppo_smoke(tag: str, overrides: list[str], workdir: Path) -> dict:
             "logprob_gap_mean": [r.get("rollout/logprob_gap") for r in rows],
             "logprob_gap_max": [r.get("rollout/logprob_gap_max") for r in rows],
             "step_s": [round(sum(v for k, v in r.items() if k.startswith("time/")), 2) for r in rows],
+            "slept_gib": [{k: r[k] for k in ("memory/engines_slept_gib", "memory/trainers_slept_gib") if k in r}
+                          for r in rows],
             "memory_plan": [x for x in lines if x.startswith("memory plan") or x.startswith("  ")][:12]}
 
 
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         one_gpu = ["precision=bf16", "colocate.all=true", "old_logprobs=recompute", "trainer.num_ranks=1"]
     step(record, "ppo_smoke_bf16_colocated_ipc" if gpus else "ppo_smoke_bf16_colocated_cpu", ppo_smoke,
          "colocated", one_gpu, workdir)
+    if gpus:  # the same with the engines and trainers asleep by turns (vLLM sleep mode, DeepSpeed offload_states)
+        step(record, "ppo_smoke_bf16_colocated_sleep", ppo_smoke, "sleep", one_gpu + ["colocate.sleep=true"], workdir)
     if gpus >= 2:
         step(record, "ppo_smoke_bf16_nccl", ppo_smoke, "nccl", [
             "precision=bf16", "rollout.weight_transport=nccl", "old_logprobs=recompute", "trainer.num_ranks=1",

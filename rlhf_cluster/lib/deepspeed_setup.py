@@ -75,8 +75,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_engine(model: torch.nn.Module, t: TrainerConfig, total_steps: int, dtype: str = "float32",
-                managed_accumulation: bool = True):
-    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule."""
+                managed_accumulation: bool = True, sleep: bool = False):
+    """Wrap `model` in a DeepSpeed engine with AdamW and the cosine schedule. `sleep` (colocate.sleep, GPU):
+    DeepSpeed's FusedAdam, the optimizer whose states `engine.offload_states` can move."""
     import deepspeed
 
     o = t.optim
@@ -84,6 +85,11 @@ def make_engine(model: torch.nn.Module, t: TrainerConfig, total_steps: int, dtyp
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         optimizer = DeepSpeedCPUAdam(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    elif sleep:
+        from deepspeed.ops.adam import FusedAdam
+
+        optimizer = FusedAdam(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                              adam_w_mode=True)
     else:
         optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
 

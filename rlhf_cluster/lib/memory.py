@@ -194,19 +194,40 @@ class Plan:
         return "\n".join(lines)
 
 
+def sleeping_load(group: list[GroupNeed]) -> tuple[int, int]:
+    """colocate.sleep on one shared GPU: (device bytes, host bytes). The device holds the larger phase:
+    generating (the engine whole, the trainers' bf16 weights, the scorers) or training (the trainers whole, the
+    scorers; the engine asleep). The host holds what the other phase put aside: the engine's weights (vLLM
+    sleep level 1) or the trainers' gradients and optimizer state (DeepSpeed offload_states)."""
+    trainers = [n for n in group if n.name in ("trainer", "critic")]
+    engine = [n for n in group if n.name == "rollout"]
+    scorers = sum(n.per_rank for n in group if n not in trainers + engine)
+    generating = scorers + sum(n.per_rank for n in engine) + sum(n.parts.get("weights", 0) for n in trainers)
+    training = scorers + sum(n.per_rank for n in trainers)
+    put_aside = max(sum(n.parts.get("weights", 0) for n in engine),
+                    sum(n.per_rank - n.parts.get("weights", 0) - n.parts.get("activations", 0) for n in trainers))
+    return max(generating, training), put_aside
+
+
 def check(needs: list[GroupNeed], colocated: list[list[str]], host_capacity: int | None,
-          device_bytes: int | None) -> Plan:
+          device_bytes: int | None, sleep: bool = False) -> Plan:
     """Whether the needs fit: on GPUs each device holds its ranks (colocated groups share one: their needs add
-    up; a lone group's rank gets num_gpus_per_rank of one, or several whole ones), and host memory holds every
-    process, what CPU-only groups need, and what was offloaded."""
+    up, or with `sleep` (colocate.sleep) the larger phase's; a lone group's rank gets num_gpus_per_rank of one,
+    or several whole ones), and host memory holds every process, what CPU-only groups need, and what was
+    offloaded."""
     by_name = {n.name: n for n in needs}
     problems, gpu_loads = [], {}
     shared = {name for names in colocated for name in names}
+    host_aside = 0
     for names in colocated:
         group = [by_name[x] for x in names if x in by_name and by_name[x].gpus_per_rank]
         if group:
             load = sum(n.per_rank for n in group)
-            gpu_loads[" + ".join(n.name for n in group) + " (one GPU per rank)"] = (load, device_bytes)
+            if sleep:
+                load, aside = sleeping_load(group)
+                host_aside += aside * group[0].ranks
+            where = " + ".join(n.name for n in group) + (" asleep by turns" if sleep else "") + " (one GPU per rank)"
+            gpu_loads[where] = (load, device_bytes)
     for n in needs:
         if n.gpus_per_rank and n.name not in shared:
             capacity = int(n.gpus_per_rank * device_bytes) if device_bytes else None
@@ -214,8 +235,8 @@ def check(needs: list[GroupNeed], colocated: list[list[str]], host_capacity: int
     for where, (need, capacity) in gpu_loads.items():
         if capacity and need > capacity:
             problems.append(f"{where} needs {need / GIB:.2f} GiB but has {capacity / GIB:.1f} GiB")
-    host = sum((0 if n.gpus_per_rank else n.per_rank) + sum(n.host_parts.values()) + _process(n)
-               for n in needs for _ in range(n.ranks))
+    host = host_aside + sum((0 if n.gpus_per_rank else n.per_rank) + sum(n.host_parts.values()) + _process(n)
+                            for n in needs for _ in range(n.ranks))
     if host_capacity and host > host_capacity:
         problems.append(f"host memory: all ranks need {host / GIB:.2f} GiB but the cluster has "
                         f"{host_capacity / GIB:.1f} GiB")
@@ -228,4 +249,5 @@ def plan_ppo(cfg, policy_path: str, reward_paths: list[str], critic_path: str | 
     shapes = {"policy": model_shape(policy_path, "causal_lm", cfg.trainer.lora),
               "rewards": [model_shape(p, "reward") for p in reward_paths],
               "critic": model_shape(critic_path, "value", cfg.critic.lora) if critic_path else None}
-    return check(ppo_needs(cfg, shapes, device_bytes), cfg.colocated_sets(), host_capacity, device_bytes)
+    return check(ppo_needs(cfg, shapes, device_bytes), cfg.colocated_sets(), host_capacity, device_bytes,
+                 sleep=cfg.colocate.sleep)

@@ -81,7 +81,7 @@ class Entry(BaseModel):
 
 
 # --------------------------------------------------------------------------- checkpoint hashing
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -104,7 +104,7 @@ def checkpoint_manifest(path: str | Path) -> dict[str, dict]:
             f = Path(dirpath) / name
             if f.is_symlink() or not f.is_file():
                 continue
-            manifest[f.relative_to(root).as_posix()] = {"sha256": _file_sha256(f), "size": f.stat().st_size}
+            manifest[f.relative_to(root).as_posix()] = {"sha256": file_sha256(f), "size": f.stat().st_size}
     if not manifest:
         raise RegistryError(f"checkpoint directory {root} holds no files")
     return manifest

@@ -1,6 +1,8 @@
-"""Checkpoints of an RL run: atomic (written under .tmp, hashed into a manifest, renamed), pruned to
-the last `keep_checkpoints` plus the best by validation gold, and registered in the checkpoint
-registry — entries wait in a queue (kept in every checkpoint) while the registry is down."""
+"""Checkpoints of an RL run: pruned to the last `keep_checkpoints` plus the best by validation gold, and
+registered in the checkpoint registry — entries wait in a queue (kept in every checkpoint) while the
+registry is down. In <output_dir>/checkpoints a checkpoint is written under .tmp, hashed into a manifest and
+renamed; in a storage URI (`checkpoint_storage`, rlhf_cluster/lib/storage.py) every rank uploads its own files
+and the manifest of them all, written last, completes it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from rlhf_cluster.lib import storage
 from rlhf_cluster.lib.config import PPOConfig
 from rlhf_cluster.rl.weights import short
 
@@ -19,7 +22,8 @@ class PoisonedState(RuntimeError):
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint whose files match its manifest; partial or corrupt ones are skipped."""
+    """The newest checkpoint under <out>/checkpoints whose files match its manifest; partial or corrupt ones
+    are skipped."""
     from rlhf_cluster.lib.registry import checkpoint_manifest
 
     root = out / "checkpoints"
@@ -36,14 +40,53 @@ def latest_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def latest_stored_checkpoint(root: str) -> str | None:
+    """The newest checkpoint under a storage URI whose stored files are those its manifest lists, with their
+    sizes (each rank checks the hashes of what it downloads); incomplete ones are skipped."""
+    for name in reversed([n for n in storage.list_dirs(root) if n.startswith("iter_")]):
+        where = storage.join(root, name)
+        try:
+            manifest = storage.read_json(storage.join(where, "manifest.json"))
+            stored = {rel: meta["size"] for rel, meta in manifest.items()}
+            actual = storage.stored_sizes(where)
+            actual.pop("manifest.json", None)
+            if stored == actual:
+                return where
+            print(f"skipping checkpoint {where}: files differ from its manifest", file=sys.stderr)
+        except (OSError, ValueError) as e:
+            print(f"skipping checkpoint {where}: {e}", file=sys.stderr)
+    return None
+
+
+def latest_of_run(cfg: PPOConfig, out: Path) -> Path | str | None:
+    """The checkpoint a resume starts from: in `checkpoint_storage` when set, else under <out>/checkpoints."""
+    return latest_stored_checkpoint(cfg.checkpoint_storage) if cfg.checkpoint_storage else latest_checkpoint(out)
+
+
+def _under(prefix: str, manifest: dict) -> dict:
+    return {f"{prefix}/{rel}": meta for rel, meta in manifest.items()}
+
+
+def _within(prefix: str, manifest: dict) -> dict:
+    return {rel[len(prefix) + 1:]: meta for rel, meta in manifest.items() if rel.startswith(prefix + "/")}
+
+
 class CheckpointStore:
     def __init__(self, out: Path, groups, tokenizer, cfg: PPOConfig, log=print):
-        self.root, self.groups, self.tokenizer, self.cfg, self.log = out / "checkpoints", groups, tokenizer, cfg, log
+        self.groups, self.tokenizer, self.cfg, self.log = groups, tokenizer, cfg, log
+        self.remote = cfg.checkpoint_storage  # a storage URI, or None: <out>/checkpoints
+        self.root = out / "checkpoints"
         self.run_name = cfg.registry_run or out.name
         self.best: tuple[float, str] | None = None  # (validation gold, checkpoint name)
         self.unregistered: list = []  # registry entries waiting for the registry to come back
+        if self.remote and cfg.registry:
+            log("checkpoints in checkpoint_storage are not registered: the registry and the serving apps read "
+                "local paths (not yet)")
 
-    def save(self, iteration: int, state: dict, row: dict) -> Path:
+    def where(self) -> str:
+        return self.remote or str(self.root)
+
+    def save(self, iteration: int, state: dict, row: dict) -> Path | str:
         """Trainer groups' states, the HF policy and the coordinator's `state`, as `iter_<iteration>`.
         Never from a poisoned state: non-finite weights raise PoisonedState (the run rolls back)."""
         from rlhf_cluster.lib.registry import checkpoint_manifest
@@ -52,37 +95,57 @@ class CheckpointStore:
             if not all(group.run("weights_finite")):
                 raise PoisonedState(f"the {group.name} weights are not finite; no checkpoint written")
         name = f"iter_{iteration:06d}"
-        tmp, final = self.root / (name + ".tmp"), self.root / name
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.groups.policy.run("save", str(tmp / "policy"))
-        if self.groups.critic:
-            self.groups.critic.run("save", str(tmp / "critic"))
-        self.groups.policy.run("save_pretrained", str(tmp / "hf"))
-        self.tokenizer.save_pretrained(tmp / "hf")
+        if self.remote:  # no atomic rename in object stores: the manifest, written last, completes it
+            target = final = storage.join(self.remote, name)
+            storage.delete_dir(target)
+        else:
+            tmp, final = self.root / (name + ".tmp"), self.root / name
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            target = str(tmp)
+        manifest = {}
+        for group, part in ((self.groups.policy, "policy"), (self.groups.critic, "critic")):
+            if group:
+                for uploaded in group.run("save", f"{target}/{part}"):
+                    manifest |= _under(part, uploaded)
+        for uploaded in self.groups.policy.run("save_pretrained", f"{target}/hf"):
+            manifest |= _under("hf", uploaded)
         val_gold = row.get("val/gold")
         best = self.best
         if val_gold is not None and (best is None or val_gold > best[0]):  # chosen on validation, never test
             best = (val_gold, name)
         state = state | {"val_gold": val_gold, "best": best,
                          "unregistered": [e.model_dump(mode="json") for e in self.unregistered]}
-        (tmp / "coordinator.json").write_text(json.dumps(state))
-        (tmp / "manifest.json").write_text(json.dumps(checkpoint_manifest(tmp)))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with storage.staged(target) as (local, uploaded):
+            self.tokenizer.save_pretrained(local / "hf")
+            (local / "coordinator.json").write_text(json.dumps(state))
+        manifest |= uploaded
+        if self.remote:
+            storage.write_bytes(storage.join(target, "manifest.json"), json.dumps(manifest).encode())
+        else:
+            (tmp / "manifest.json").write_text(json.dumps(checkpoint_manifest(tmp)))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         self.best = best
         self._prune()
-        self._register(final, iteration, {k.replace("/", "_"): row[k] for k in ("val/gold", "test/gold") if k in row})
+        if not self.remote:
+            self._register(final, iteration,
+                           {k.replace("/", "_"): row[k] for k in ("val/gold", "test/gold") if k in row})
         return final
 
-    def load(self, path: Path) -> dict:
+    def load(self, path: Path | str) -> dict:
         """Restore the trainer groups from `path`; returns the coordinator's state."""
         from rlhf_cluster.lib.registry import Entry
 
-        state = json.loads((path / "coordinator.json").read_text())
-        self.groups.policy.run("load", str(path / "policy"))
-        if self.groups.critic:
-            self.groups.critic.run("load", str(path / "critic"))
+        manifest = {}
+        if self.remote:
+            manifest = storage.read_json(storage.join(str(path), "manifest.json"))
+            state = storage.read_json(storage.join(str(path), "coordinator.json"))
+        else:
+            state = json.loads((Path(path) / "coordinator.json").read_text())
+        for group, part in ((self.groups.policy, "policy"), (self.groups.critic, "critic")):
+            if group:
+                group.run("load", f"{path}/{part}", "state", _within(part, manifest))
         self.load_state_dict(state)
         pending = [Entry.model_validate(e) for e in state.get("unregistered", [])]
         self.unregistered += [e for e in pending if e.id not in {u.id for u in self.unregistered}]
@@ -96,13 +159,17 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         """Keep the last `keep_checkpoints` and the best by validation gold score."""
-        done = sorted(p for p in self.root.glob("iter_*") if not p.name.endswith(".tmp"))
-        keep = set(done[-self.cfg.keep_checkpoints:])
-        if self.best:
-            keep.add(self.root / self.best[1])
-        for p in done:
-            if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+        if self.remote:
+            done = [n for n in storage.list_dirs(self.remote) if n.startswith("iter_")]
+        else:
+            done = sorted(p.name for p in self.root.glob("iter_*") if not p.name.endswith(".tmp"))
+        keep = set(done[-self.cfg.keep_checkpoints:]) | ({self.best[1]} if self.best else set())
+        for name in done:
+            if name not in keep:
+                if self.remote:
+                    storage.delete_dir(storage.join(self.remote, name))
+                else:
+                    shutil.rmtree(self.root / name, ignore_errors=True)
 
     def _register(self, path: Path, iteration: int, metrics: dict[str, float]) -> None:
         from rlhf_cluster.lib.registry import make_entry

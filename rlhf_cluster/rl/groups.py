@@ -64,8 +64,10 @@ class RLGroups:
             self.shared_pgs.append(colocated_placement_group({n: resources[n] for n in names}, trainer.placement))
             pg |= {n: self.shared_pgs[-1] for n in names}
             log(f"colocated: {' + '.join(names)}")
+        sleep = cfg.colocate.sleep
         self.policy = ActorGroup(PolicyTrainer, trainer, policy_path, trainer.model_dump(), train_steps,
-                                 cfg.policy.dtype, cfg.seed, name="policy", env=env, wait=False, pg=pg.get("trainer"))
+                                 cfg.policy.dtype, cfg.seed, sleep, name="policy", env=env, wait=False,
+                                 pg=pg.get("trainer"))
         ref = cfg.reference  # partitioned ranks share a process group: a lost one means a rebuild, not a restart
         self.reference = ActorGroup(ReferenceModel, ref, policy_path, cfg.policy.dtype, ref.micro_batch_size,
                                     ref.max_tokens_per_micro_batch, ref.partition, ref.offload, name="reference",
@@ -91,10 +93,10 @@ class RLGroups:
         if with_critic:
             # the critic starts from the reward model (its head too), or the policy when scores come over HTTP
             self.critic = ActorGroup(Critic, cfg.critic, reward_path or policy_path, cfg.critic.model_dump(),
-                                     train_steps, cfg.reward.dtype, cfg.seed, name="critic", env=env, wait=False,
+                                     train_steps, cfg.reward.dtype, cfg.seed, sleep, name="critic", env=env, wait=False,
                                      pg=pg.get("critic"))
         self.rollout = ActorGroup(engine_class(cfg.rollout.engine), resources["rollout"], policy_path,
-                                  cfg.rollout.model_dump(), cfg.seed, cfg.policy.dtype, name="rollout",
+                                  cfg.rollout.model_dump(), cfg.seed, cfg.policy.dtype, sleep, name="rollout",
                                   env={"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.rollout.kv_cache_gib)))},
                                   wait=False, max_restarts=restarts, pg=pg.get("rollout"))
         for group in self.all():

@@ -25,6 +25,7 @@ class WeightSync:
         self.policy_version = 0
         self.pending: list = []  # engine updates sent without waiting (ordered before the engines' next calls)
         self.transport = "object_store"
+        self.engines_asleep = False  # colocate.sleep: the engines released their GPU memory for a training phase
         self._init_transport()
 
     def _init_transport(self) -> None:
@@ -43,7 +44,36 @@ class WeightSync:
             policy.run("init_weight_transfer", "ipc", rollout.actors)
         self.transport = transport
 
+    def sleep_phases(self, phase: str) -> dict:
+        """colocate.sleep: before "generate" the trainers move their states to host memory; before "train" the
+        engines sleep. Returns the device GiB each side freed (the trainers wake themselves when a call needs
+        their states; the engines wake in `sync`)."""
+        from actors.group import gather
+
+        if not self.cfg.colocate.sleep:
+            return {}
+        if phase == "generate":
+            freed = sum(b for g in self.groups.trainers() for b in g.run("sleep"))
+            return {"memory/trainers_slept_gib": freed / 2**30}
+        freed = sum(gather([e.sleep.remote() for e in self.groups.rollout.actors]))
+        self.engines_asleep = True
+        return {"memory/engines_slept_gib": freed / 2**30}
+
+    def _wake(self, tags: list[str]) -> None:
+        from actors.group import gather
+
+        if self.engines_asleep:
+            gather([e.wake.remote(tags) for e in self.groups.rollout.actors])
+
     def sync(self, policy_version: int | None = None, wait: bool = True) -> None:
+        """The weight sync (`_sync`), with sleeping engines woken around it: their weights first, the KV cache
+        once the new weights are in."""
+        self._wake(["weights"])
+        self._sync(policy_version, wait)
+        self._wake(["kv_cache"])
+        self.engines_asleep = False
+
+    def _sync(self, policy_version: int | None = None, wait: bool = True) -> None:
         """Trainer -> every engine, in place: ZeRO-3 partitions gathered, then vLLM's NCCL / CUDA IPC
         transport on GPUs, or buckets in the object store. `wait=False` (object store only): the
         engines load the weights after the calls already queued on them, and the caller goes on; a
