@@ -85,6 +85,9 @@ class GroupNeed:
         return sum(self.parts.values())
 
 
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size (ZeRO 2 and 3), which we keep
+
+
 def _bytes(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else 4
 
@@ -101,6 +104,8 @@ def trainer_need(name: str, shape: ModelShape, t, dtype: str, tokens: int, seq: 
     trainable = shape.lora_params or shape.params
     weights = shape.params * b // (n if t.zero_stage == 3 else 1)
     grads = trainable * b // (n if t.zero_stage >= 2 else 1)
+    if t.zero_stage >= 2:  # the contiguous reduce bucket, DeepSpeed's reduce_bucket_size elements, filled as grads come
+        grads += min(REDUCE_BUCKET_ELEMENTS, trainable) * b
     optim = trainable * (8 + (4 if b == 2 else 0)) // (n if t.zero_stage >= 1 else 1)
     layer = _layer_activations(shape, tokens, seq, b, t.num_gpus_per_rank > 0)
     act = (shape.layers * tokens * shape.hidden * b + layer if t.gradient_checkpointing else shape.layers * layer)
