@@ -5,7 +5,8 @@ local Ray cluster with the `tiny-cpu.yaml` layout (2 ZeRO-3 policy ranks, refere
 engine; critic for PPO) — against one step of TRL's `GRPOTrainer` (bench/trl_grpo.py, in a child
 process) on the same weights, prompts, dtype, batch and hyper-parameters, alternating. Then the
 product's per-phase times as batch size, response length and model size change, the model FLOPs
-of each step, and this machine's fp32 matmul peak measured in the same run.
+of each step, and this machine's matmul peak in the run's dtype measured in the same run (fp32 for `rl_step`;
+bf16 for `rl_step_bf16`, both sides in bf16, run only on a CPU with bf16 units).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def start_ours(inputs: dict, estimator: str, settings: dict, tag: str, extra: li
                  f"rollout.temperature={settings['temperature']}",
                  f"prompts_per_iteration={settings['prompts']}", f"kl_coef={settings['beta']}",
                  f"trainer.optim.lr={settings['lr']}", "iterations=1000", "eval_every=100000",
-                 "checkpoint_every=100000", f"output_dir={out}", f"registry={out / 'registry'}", *OURS, *extra]
+                 "checkpoint_every=100000", f"output_dir={out}", f"registry={out / 'registry'}",
+                 f"precision={'bf16' if settings['dtype'] == 'bfloat16' else 'fp32'}", *OURS, *extra]
     cfg = load_config(PPOConfig, CONFIG_DIR / "tiny-cpu.yaml", overrides)
     import ray
 
@@ -346,21 +348,23 @@ def compare(inputs: dict, estimator: str, settings: dict, trl: TrlChild | None, 
     return res
 
 
-def bench_rl_step(quick: bool) -> tuple[dict, dict]:
+def bench_rl_step(quick: bool, dtype: str = "float32") -> tuple[dict, dict]:
+    """Both sides in `dtype`: float32 (rl_step), or bfloat16 (rl_step_bf16: TRL with bf16=True, ours with
+    precision=bf16; on a CPU with bf16 units only)."""
     import ray
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.pop("RAY_ADDRESS", None)  # always a private local cluster, never someone else's
     size = "tiny" if quick else "small"
     settings = {"prompts": 16, "samples_per_prompt": 4, "max_new_tokens": 32 if quick else 64, "temperature": 1.0,
-                "beta": 0.04, "lr": 2.0e-4, "seed": 0}
+                "beta": 0.04, "lr": 2.0e-4, "seed": 0, "dtype": dtype}
     reps, ppo_reps, point_steps = (2, 1, 1) if quick else (4, 2, 1)  # 4 pairs: each side first twice
     points = ([{"prompts": 8, "max_new_tokens": 32}] if quick else
               [{"prompts": 8, "max_new_tokens": 64}, {"prompts": 32, "max_new_tokens": 64},
                {"prompts": 16, "max_new_tokens": 16}, {"prompts": 16, "max_new_tokens": 32}])
     config = {
         "model": size, "settings": settings, "reps": {"grpo_vs_trl": reps, "ppo": ppo_reps, "sweep": point_steps},
-        "dtype": "float32", "sweep_points": points, "model_size_point": None if quick else "tiny",
+        "dtype": dtype, "sweep_points": points, "model_size_point": None if quick else "tiny",
         "ours": "rlhf_cluster.ppo.PPORun (configs/tiny-cpu.yaml + overrides, among them " + " ".join(OURS) + ") on "
                 "ray.init(address='local', num_cpus=4): 2 ZeRO-3 policy ranks (0.5 CPU, 1 torch thread each), "
                 "reference, reward (and critic for PPO), one vLLM engine; one step = PPORun.step(): generate + score "
@@ -368,7 +372,8 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                 "advantages + one optimiser step + weight sync",
         "before": "the GRPO step with " + " ".join(BEFORE) + " (the product's previous defaults: a second policy "
                   "forward for the old log-probs, micro-batches of 16), in its own PPORun after the others",
-        "trl": "trl.GRPOTrainer in a child process (bench/trl_grpo.py), use_cpu, fp32, HF generate "
+        "trl": f"trl.GRPOTrainer in a child process (bench/trl_grpo.py), use_cpu, {dtype} "
+               f"(bf16={dtype == 'bfloat16'}), HF generate "
                "(use_vllm=False), per_device_train_batch_size = prompts x samples, gradient_accumulation_steps 1, "
                "steps_per_generation 1, num_iterations 1, beta 0.04, torch's default threads",
         "same": "policy weights (a copy of the built-in HF directory), 2-layer Llama reward model, the first 16 "
@@ -386,8 +391,8 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                  "generation counted as one forward over every sample's prompt + response",
         "env": {k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "OMP_NUM_THREADS")},
     }
-    peak_before = matmul_peak()
-    log(f"rl_step: fp32 matmul peak {peak_before['best_gflops']:.1f} GFLOP/s (best), "
+    peak_before = matmul_peak(dtype)
+    log(f"rl_step: {dtype} matmul peak {peak_before['best_gflops']:.1f} GFLOP/s (best), "
         f"{peak_before['median_gflops']:.1f} (median), {peak_before['torch_threads']} threads")
     inputs = {size: prepare(size, settings["prompts"])}
     spec = {"size": size, "policy": inputs[size]["policy"], "reward": inputs[size]["reward"],
@@ -395,7 +400,7 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
             "prompts_per_step": settings["prompts"], "samples_per_prompt": settings["samples_per_prompt"],
             "max_new_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
             "beta": settings["beta"], "clip_eps": 0.2, "lr": settings["lr"], "betas": [0.9, 0.95], "eps": 1e-5,
-            "weight_decay": 0.0, "grad_clip": 1.0, "seed": 0, "max_steps": 100}
+            "weight_decay": 0.0, "grad_clip": 1.0, "seed": 0, "max_steps": 100, "dtype": dtype}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": os.environ["VLLM_CPU_KVCACHE_SPACE"]}})
     trl = None
@@ -418,9 +423,9 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
         if trl is not None:
             trl.close()
         ray.shutdown()
-    peak_after = matmul_peak()
+    peak_after = matmul_peak(dtype)
     peak = max(peak_before["best_gflops"], peak_after["best_gflops"])
-    log(f"rl_step: fp32 matmul peak after {peak_after['best_gflops']:.1f} GFLOP/s (best)")
+    log(f"rl_step: {dtype} matmul peak after {peak_after['best_gflops']:.1f} GFLOP/s (best)")
 
     def util(rows: list[dict], side: str, estimator: str, model: str, old_logprobs: str = "sampler") -> dict:
         fl = [step_flops(inputs[model]["params"], s["tokens"], side, estimator, old_logprobs) for s in rows]
@@ -445,7 +450,7 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                             "before_phases_s": before["ours_summary"]["median_phases_s"],
                             "after_phases_s": grpo["ours_summary"]["median_phases_s"]}
     ppo["step_time_vs_trl_grpo"] = grpo["trl_summary"]["median_step_s"] / ppo["ours_summary"]["median_step_s"]
-    headline = {"speedup_vs_trl": grpo["speedup_vs_trl"], "dtype": grpo["dtype"], "trl_dtype": "float32",
+    headline = {"speedup_vs_trl": grpo["speedup_vs_trl"], "dtype": grpo["dtype"], "trl_dtype": dtype,
                 "model": size,
                 "ours_grpo_median_step_s": grpo["ours_summary"]["median_step_s"],
                 "trl_grpo_median_step_s": grpo["trl_summary"]["median_step_s"],
@@ -471,9 +476,9 @@ def bench_rl_step(quick: bool) -> tuple[dict, dict]:
                                **{f"async{k}": a["summary"].get("median_cores_busy") for k, a in grpo["async"].items()},
                                "trl": grpo["trl_summary"].get("median_cores_busy")},
                 "coordinator_cpu_s_per_step": grpo["ours_summary"].get("median_coordinator_cpu_s"),
-                # both sides ran fp32, the best precision of a CPU without bf16 units; a bf16 TRL row needs one
+                # rl_step: both sides fp32; rl_step_bf16: both bf16 (a CPU with bf16 units), issue #16's 1.3x row
                 "cpu_bf16": cpu_bf16(),
-                "speedup_vs_trl_bf16": None,
+                "speedup_vs_trl_bf16": grpo["speedup_vs_trl"] if dtype == "bfloat16" else None,
                 "targets": {"speedup_vs_trl_ge_2": grpo["speedup_vs_trl"] >= 2.0,
                             "flops_utilisation_ge_0.5": grpo["flops_ours"]["utilisation"] >= 0.5,
                             "async_speedup_ge_1.4": grpo["async_speedup"] >= 1.4,
@@ -504,7 +509,9 @@ def _async_lines(h: dict) -> list[str]:
         return []
     idle = "; ".join(f"staleness {k}: engines {100 * v['engines']:.0f} %, trainer {100 * v['trainer']:.0f} %"
                      for k, v in {"0": h["idle_sync"], **h["idle_async"]}.items())
-    bf16 = ("this CPU has bf16 units" if h["cpu_bf16"]["bf16"] else
+    bf16 = (f"**{h['speedup_vs_trl_bf16']:.2f}×** synchronous (target ≥ 1.3 — "
+            f"**{'met' if h['speedup_vs_trl_bf16'] >= 1.3 else 'missed'}**)" if h.get("speedup_vs_trl_bf16") else
+            "see rl_step_bf16 (both sides bf16, on a CPU with bf16 units)" if h["cpu_bf16"]["bf16"] else
             "not measured: this CPU has no bf16 units (no avx512_bf16 / amx_bf16), so both sides ran fp32, "
             "the best precision here")
     return [f"Asynchronous rollout (the same PPORun switched between steps; old log-probs from the sampler): "
@@ -535,7 +542,8 @@ def readme_table(rec: dict) -> list[str]:
     grpo, ppo = res["runs"][0], res["runs"][1]
     pol = res["inputs"][h["model"]]["params"]["policy"]
     ready = res["trl_child"]["ready"]
-    lines = [f"### rl_step — one GRPO / PPO step of the product vs TRL `GRPOTrainer` (`{rec['_file']}`)", "",
+    lines = [f"### {rec['name']} — one GRPO / PPO step of the product vs TRL `GRPOTrainer`, {c['dtype']} "
+             f"(`{rec['_file']}`)", "",
              *header(rec),
              f"Policy `{h['model']}` ({ready['policy_parameters'] / 1e6:.2f} M parameters, {pol['layers']} layers), "
              f"2-layer Llama reward model ({res['inputs'][h['model']]['rm_parameters'] / 1e6:.2f} M), "
@@ -546,12 +554,13 @@ def readme_table(rec: dict) -> list[str]:
              "Untimed warm-up step on each side, then steps alternating (ours, TRL), (TRL, ours), …; medians. "
              "Model FLOPs per step = 2·N per token for each forward (generation, reference, reward, critic values, "
              "and the old-log-prob pass where it runs), 6·N per token for each training step, N = matmul parameters, "
-             f"over prompt + response tokens; peak = the best fp32 `torch.mm` 2048² timed in the same process for "
+             f"over prompt + response tokens; peak = the best {c.get('dtype', 'float32')} `torch.mm` 2048² timed in "
+             "the same process for "
              f"3 s before and after the benchmark ({peak['before']['best_gflops']:.1f} and "
              f"{peak['after']['best_gflops']:.1f} GFLOP/s, {peak['before']['torch_threads']} threads): "
              f"{peak['peak_gflops']:.1f} GFLOP/s.", "",
              "| side | algorithm | timed steps | median step s | generated tokens / step | tokens/s "
-             "| model GFLOP / step | GFLOP/s | of fp32 peak | TRL step time / this step time |",
+             f"| model GFLOP / step | GFLOP/s | of {c.get('dtype', 'float32')} peak | TRL step time / this step time |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(side, algo, s, fl, ratio):
@@ -581,7 +590,7 @@ def readme_table(rec: dict) -> list[str]:
               "policy (and critic) "
               "optimiser step; `sync` = trainer → vLLM weight sync; overhead = step wall time − the phases):", "",
               "| model | algorithm | prompts × samples | max new tokens | steps | step s | generate | score "
-              "| advantages | train | sync | overhead | tokens/s | of fp32 peak |",
+              f"| advantages | train | sync | overhead | tokens/s | of {c.get('dtype', 'float32')} peak |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = []
     for r in res["runs"]:

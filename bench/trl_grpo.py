@@ -43,7 +43,8 @@ def main(spec_path: str) -> int:
     dataset = Dataset.from_list([{"prompt": r["messages"]} for r in rows])
     n_prompts, n = spec["prompts_per_step"], spec["samples_per_prompt"]
     args = GRPOConfig(
-        output_dir=spec["output_dir"], use_cpu=True, bf16=False, fp16=False, seed=spec["seed"],
+        output_dir=spec["output_dir"], use_cpu=True, bf16=spec.get("dtype") == "bfloat16", fp16=False,
+        seed=spec["seed"],
         per_device_train_batch_size=n_prompts * n, gradient_accumulation_steps=1, steps_per_generation=1,
         num_generations=n, num_iterations=1, max_completion_length=spec["max_new_tokens"],
         temperature=spec["temperature"], top_p=1.0, top_k=0, beta=spec["beta"], epsilon=spec["clip_eps"],
@@ -51,7 +52,7 @@ def main(spec_path: str) -> int:
         adam_epsilon=spec["eps"], weight_decay=spec["weight_decay"], max_grad_norm=spec["grad_clip"],
         lr_scheduler_type="cosine", max_steps=spec["max_steps"], logging_steps=1, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_pin_memory=False, shuffle_dataset=False,
-        use_vllm=False, model_init_kwargs={"dtype": torch.float32},
+        use_vllm=False, model_init_kwargs={"dtype": getattr(torch, spec.get("dtype", "float32"))},
     )
 
     class Stepper(TrainerCallback):
