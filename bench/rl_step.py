@@ -478,7 +478,9 @@ def bench_rl_step(quick: bool, dtype: str = "float32") -> tuple[dict, dict]:
                 "coordinator_cpu_s_per_step": grpo["ours_summary"].get("median_coordinator_cpu_s"),
                 # rl_step: both sides fp32; rl_step_bf16: both bf16 (a CPU with bf16 units), issue #16's 1.3x row
                 "cpu_bf16": cpu_bf16(),
-                "speedup_vs_trl_bf16": grpo["speedup_vs_trl"] if dtype == "bfloat16" else None,
+                # issue #15: TRL bf16 / the product's best configuration (target 2.0); #16: the synchronous step (1.3)
+                "speedup_vs_trl_bf16": grpo["speedup_vs_trl_best"] if dtype == "bfloat16" else None,
+                "sync_speedup_vs_trl_bf16": grpo["speedup_vs_trl"] if dtype == "bfloat16" else None,
                 "targets": {"speedup_vs_trl_ge_2": grpo["speedup_vs_trl"] >= 2.0,
                             "flops_utilisation_ge_0.5": grpo["flops_ours"]["utilisation"] >= 0.5,
                             "async_speedup_ge_1.4": grpo["async_speedup"] >= 1.4,
@@ -509,8 +511,10 @@ def _async_lines(h: dict) -> list[str]:
         return []
     idle = "; ".join(f"staleness {k}: engines {100 * v['engines']:.0f} %, trainer {100 * v['trainer']:.0f} %"
                      for k, v in {"0": h["idle_sync"], **h["idle_async"]}.items())
-    bf16 = (f"**{h['speedup_vs_trl_bf16']:.2f}×** synchronous (target ≥ 1.3 — "
-            f"**{'met' if h['speedup_vs_trl_bf16'] >= 1.3 else 'missed'}**)" if h.get("speedup_vs_trl_bf16") else
+    bf16 = (f"**{h['speedup_vs_trl_bf16']:.2f}×** for the best configuration (target ≥ 2.0 — "
+            f"**{'met' if h['speedup_vs_trl_bf16'] >= 2.0 else 'missed'}**), **{h['sync_speedup_vs_trl_bf16']:.2f}×** "
+            f"for the synchronous step (target ≥ 1.3 — **{'met' if h['sync_speedup_vs_trl_bf16'] >= 1.3 else 'missed'}"
+            "**)" if h.get("speedup_vs_trl_bf16") else
             "see rl_step_bf16 (both sides bf16, on a CPU with bf16 units)" if h["cpu_bf16"]["bf16"] else
             "not measured: this CPU has no bf16 units (no avx512_bf16 / amx_bf16), so both sides ran fp32, "
             "the best precision here")
