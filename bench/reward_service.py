@@ -31,6 +31,10 @@ CASES = [(1, 1), (8, 1), (64, 1), (8, 32)]
 TARGET_CASE = (64, 1)  # where the targets are checked
 POOL = 128  # distinct (prompt, response) items from the built-in held-out preferences, sent round-robin
 TARGETS = {"batched_over_limit": 0.8, "batched_over_unbatched": 5.0}
+# Serve's request paths: as shipped, and its throughput-optimised settings (RAY_SERVE_THROUGHPUT_OPTIMIZED: user code
+# on the replica's event loop instead of a thread, buffered request logs, gRPC between proxy and replica, direct
+# ingress, GC frozen after start), set in the environment before Ray starts so the controller, proxy and replica see it
+PATHS = {"default": {}, "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
 
 
 def _items(assets, n: int) -> list[dict]:
@@ -359,7 +363,8 @@ def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
     os.environ.pop("RAY_ADDRESS", None)  # always a private local cluster, never someone else's
     requests = ({(1, 1): 30, (8, 1): 80, (64, 1): 256, (8, 32): 16} if quick
                 else {(1, 1): 40, (8, 1): 120, (64, 1): 512, (8, 32): 24})
-    config = {"sizes": ["tiny"], "repetitions": {"tiny": 1 if quick else 3},
+    config = {"sizes": ["tiny"] if quick else ["tiny", "small"], "repetitions": {"tiny": 1 if quick else 3, "small": 3},
+              "request_paths": PATHS,
               "requests_per_round": {_key(*k): v for k, v in requests.items()},
               "cases": [{"clients": n, "items_per_request": ipr} for n, ipr in CASES], "modes": MODES,
               "targets": {**TARGETS, "case": _key(*TARGET_CASE)},
@@ -384,12 +389,19 @@ def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
               "limit_seconds": 1.0 if quick else 1.5,
               "errors": "non-200 responses, malformed bodies and client exceptions, warm-up requests included; "
                         "counted, never retried"}
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        results = [service_one_size(size, config["repetitions"][size], requests, config["limit_seconds"])
-                   for size in config["sizes"]]
-    finally:
-        ray.shutdown()
+    results = []
+    for size in config["sizes"]:
+        for path, env in PATHS.items():  # a fresh Ray for each: the Serve actors read the settings when they start
+            os.environ.update(env)
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            try:
+                log(f"reward_service/{size}: request path {path} {env or ''}")
+                results.append(service_one_size(size, config["repetitions"][size], requests, config["limit_seconds"])
+                               | {"request_path": path, "env": env})
+            finally:
+                ray.shutdown()
+                for k in env:
+                    os.environ.pop(k, None)
     return config, results
 
 
@@ -404,7 +416,10 @@ def readme_table(rec: dict) -> list[str]:
         t = r["ratios"][r["target_case"]]
         ok = r["targets"]
         lim = ", ".join(f"{k}: {v:,.0f}" for k, v in r["limit_after_items_per_s"].items())
-        lines += [f"Model `{r['model']}` ({r['parameters'] / 1e6:.2f} M parameters, {r['model_kind']}); items of "
+        env = ", ".join(f"`{k}={v}`" for k, v in r.get("env", {}).items())
+        path = f"**{r.get('request_path', 'default')}**" + (f" ({env})" if env else "")
+        lines += [f"Model `{r['model']}` ({r['parameters'] / 1e6:.2f} M parameters, {r['model_kind']}), Serve's "
+                  f"request path: {path}; items of "
                   f"{r['items']['tokens_min']}–{r['items']['tokens_max']} tokens (median "
                   f"{r['items']['tokens_median']}); one replica, {r['replica']['num_cpus']:g} CPU, "
                   f"{r['replica']['torch_threads']} torch thread; {modes}; {r['repetitions']} rounds per case and "
