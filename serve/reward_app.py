@@ -150,6 +150,9 @@ class RewardAppArgs(BaseModel):
     tokens_file: str | None = None       # named tokens with scopes (serve/common.py); scoring needs "generate"
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0.0)
+    # the dtype the models score in: bfloat16 pays on CPUs with bf16 units (avx512_bf16 / amx_bf16) and on GPUs;
+    # scores then differ from float32's at bf16's precision (2e-3 on the built-in model's; tests/test_serve_reward.py)
+    dtype: Literal["float32", "bfloat16"] = "float32"
     max_ongoing_requests: int = Field(64, ge=1)
     graceful_shutdown_timeout_s: float = Field(GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0.0)
 
@@ -178,7 +181,7 @@ class RewardModel:
 
 
 def load_reward_model(name: str, path: str, max_tokens: int | None = None, checkpoint_id: str | None = None,
-                      sha256: str | None = None) -> RewardModel:
+                      sha256: str | None = None, dtype: str = "float32") -> RewardModel:
     """Load a reward model directory; checks it has one output, (when given) the sha256 of its files, and that
     it scores: a probe item must give a finite score, so a model that cannot score (e.g. the NaN weights of
     a diverged run) is refused here, never served."""
@@ -194,7 +197,7 @@ def load_reward_model(name: str, path: str, max_tokens: int | None = None, check
             raise ValueError(f"checkpoint {checkpoint_id or path}: files have sha256 {actual}, "
                              f"registered {sha256}; refusing to load a changed checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     if model.config.num_labels != 1:
         raise ValueError(f"reward model {path} has {model.config.num_labels} outputs; a reward model has 1")
     if model.config.pad_token_id is None:
@@ -289,7 +292,8 @@ class RewardDeployment:
         self.primary = next(iter(paths), None)  # None: functions only
         self.functions = {name: FunctionReward(name, spec, args.function_timeout_s)
                           for name, spec in args.functions.items()}
-        self.models = {name: load_reward_model(name, path, args.max_tokens) for name, path in paths.items()}
+        self.models = {name: load_reward_model(name, path, args.max_tokens, dtype=args.dtype)
+                       for name, path in paths.items()}
         self._load_lock = asyncio.Lock()
         self._failed_ids: set[str] = set()
         self.unready: str | None = None  # why the last health check failed; /healthz reports it
@@ -314,7 +318,8 @@ class RewardDeployment:
         self.max_batch_size, self.batch_wait_timeout_s, self.largest_batch = max_batch_size, wait_s, 0
 
     def _load_entry(self, name: str, entry: dict) -> RewardModel:
-        return load_reward_model(name, entry["path"], self.args.max_tokens, entry.get("id"), entry.get("sha256"))
+        return load_reward_model(name, entry["path"], self.args.max_tokens, entry.get("id"), entry.get("sha256"),
+                                 self.args.dtype)
 
     async def reconfigure(self, user_config: dict) -> None:
         """user_config: {max_batch_size, batch_wait_timeout_s, models?}; changes apply without a restart."""
