@@ -240,7 +240,8 @@ def _key(clients: int, ipr: int) -> str:
     return f"{clients}x{ipr}"
 
 
-def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int], limit_seconds: float) -> dict:
+def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int], limit_seconds: float,
+                     dtype: str = "float32") -> dict:
     import httpx
     from ray import serve
 
@@ -253,7 +254,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     pool = _items(assets, POOL)
     bodies = {ipr: [json.dumps({"items": [pool[(i + j) % len(pool)] for j in range(ipr)]}).encode()
                     for i in range(0, len(pool), ipr)] for ipr in sorted({ipr for _, ipr in CASES})}
-    rm = load_reward_model("reward", str(model_dir))
+    rm = load_reward_model("reward", str(model_dir), dtype=dtype)
     encoded = [encode_messages(rm, [{"role": "user", "content": it["prompt"]},
                                     {"role": "assistant", "content": it["response"]}]) for it in pool]
     lengths = sorted(len(x) for x in encoded)
@@ -267,7 +268,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     tmp = tempfile.TemporaryDirectory(prefix="bench-reward-")
     t = time.perf_counter()
     deploy(cfg, http_port=port, arg_overrides={"reward": {
-        "models": {"reward": str(model_dir)}, "follow_registry": False, "registry": tmp.name}})
+        "models": {"reward": str(model_dir)}, "follow_registry": False, "registry": tmp.name, "dtype": dtype}})
     start_s = time.perf_counter() - t
     base = f"http://127.0.0.1:{port}"
     handle = serve.get_deployment_handle("RewardModel", app_name="reward")
@@ -279,7 +280,9 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
             direct = [s for ids in encoded[:16] for s in forward(rm, [ids])]
             served = c.post("/v1/score", json={"items": pool[:16]}).json()["scores"]
             max_diff = max(abs(a - b) for a, b in zip(direct, served))
-            if len(served) != 16 or max_diff > 1e-4:
+            # bf16: batches padded to other widths round differently (one bf16 step near 2-4 is 0.016)
+            tol = 1e-4 if dtype == "float32" else 0.02 * max(1.0, *(abs(x) for x in direct))
+            if len(served) != 16 or max_diff > tol:
                 raise RuntimeError(f"served scores differ from the model's by {max_diff}")
             log(f"reward_service/{size}: {which} at {model_dir}; Serve up in {start_s:.1f} s; scores match the "
                 f"model (max diff {max_diff:.1e}); items of {lengths[0]}-{lengths[-1]} tokens; {reps} reps")
@@ -357,18 +360,21 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     }
 
 
-def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
+def bench_reward_service(quick: bool, dtype: str = "float32") -> tuple[dict, list[dict]]:
+    """`dtype`: what the served model and the in-process limit compute in (reward_service_bf16: bfloat16, Serve's
+    default request path only, on a CPU with bf16 units)."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # always a private local cluster, never someone else's
     requests = ({(1, 1): 30, (8, 1): 80, (64, 1): 256, (8, 32): 16} if quick
                 else {(1, 1): 40, (8, 1): 120, (64, 1): 512, (8, 32): 24})
     config = {"sizes": ["tiny"] if quick else ["tiny", "small"], "repetitions": {"tiny": 1 if quick else 3, "small": 3},
-              "request_paths": PATHS,
+              "request_paths": PATHS if dtype == "float32" else {"default": {}},
               "requests_per_round": {_key(*k): v for k, v in requests.items()},
               "cases": [{"clients": n, "items_per_request": ipr} for n, ipr in CASES], "modes": MODES,
               "targets": {**TARGETS, "case": _key(*TARGET_CASE)},
-              "ray": "ray.init(address='local', num_cpus=4)", "dtype": "float32 (the served model and the raw forward)",
+              "ray": "ray.init(address='local', num_cpus=4)",
+              "dtype": f"{dtype} (the served model and the raw forward)",
               "service": "the reward application of configs/serve.yaml (its args: 1 replica, num_cpus 1, "
                          "max_ongoing_requests 64), deployed alone with serve.launch.deploy on 127.0.0.1; "
                          "models: the built-in reward model; follow_registry false. Batching is switched per "
@@ -391,13 +397,13 @@ def bench_reward_service(quick: bool) -> tuple[dict, list[dict]]:
                         "counted, never retried"}
     results = []
     for size in config["sizes"]:
-        for path, env in PATHS.items():  # a fresh Ray for each: the Serve actors read the settings when they start
+        for path, env in config["request_paths"].items():  # a fresh Ray for each: Serve reads them when it starts
             os.environ.update(env)
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
             try:
                 log(f"reward_service/{size}: request path {path} {env or ''}")
-                results.append(service_one_size(size, config["repetitions"][size], requests, config["limit_seconds"])
-                               | {"request_path": path, "env": env})
+                results.append(service_one_size(size, config["repetitions"][size], requests, config["limit_seconds"],
+                                                dtype) | {"request_path": path, "env": env, "dtype": dtype})
             finally:
                 ray.shutdown()
                 for k in env:
@@ -410,8 +416,8 @@ def readme_table(rec: dict) -> list[str]:
     c = rec["config"]
     modes = ", ".join(f"{m} = `max_batch_size` {v['max_batch_size']}, `batch_wait_timeout_s` "
                       f"{v['batch_wait_timeout_s']:g}" for m, v in c["modes"].items())
-    lines = [f"### reward_service — `/v1/score` over HTTP, batched vs unbatched, against the model's forward "
-             f"(`{rec['_file']}`)", "", *header(rec)]
+    lines = [f"### {rec['name']} — `/v1/score` over HTTP, batched vs unbatched, against the model's forward, "
+             f"{c['dtype'].split()[0]} (`{rec['_file']}`)", "", *header(rec)]
     for r in rec["results"]:
         t = r["ratios"][r["target_case"]]
         ok = r["targets"]

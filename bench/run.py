@@ -14,6 +14,7 @@
                      (bench/rl_step.py, TRL in a child process: bench/trl_grpo.py)
     rl_step_bf16     the same with both sides in bf16 (TRL bf16=True, the product precision=bf16), against
                      the bf16 matmul peak; only on a CPU with bf16 units (avx512_bf16 / amx_bf16)
+    reward_service_bf16  the reward service with the app's `dtype: bfloat16` (same CPUs only)
     memory           a reference rank's resident memory, full copy vs ZeRO-3 shards over 2 and 4 ranks
                      (`reference.partition`), on a ~300 M Llama built here, beside the memory plan (bench/memory.py)
     packing          padded vs packed (`max_tokens_per_micro_batch`) micro-batches on a mixed-length batch:
@@ -70,10 +71,11 @@ BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 BENCHMARKS = {"rollout_engines": rollout_engines.bench_rollout_engines, "weight_sync": weight_sync.bench_weight_sync,
               "reward_service": reward_service.bench_reward_service, "rl_step": rl_step.bench_rl_step,
               "packing": packing.bench_packing, "memory": memory.bench_memory,
-              "rl_step_bf16": lambda quick: rl_step.bench_rl_step(quick, "bfloat16")}
+              "rl_step_bf16": lambda quick: rl_step.bench_rl_step(quick, "bfloat16"),
+              "reward_service_bf16": lambda quick: reward_service.bench_reward_service(quick, "bfloat16")}
 TABLES = {"rollout_engines": rollout_engines.readme_table, "weight_sync": weight_sync.readme_table,
           "reward_service": reward_service.readme_table, "rl_step": rl_step.readme_table,
-          "rl_step_bf16": rl_step.readme_table,
+          "rl_step_bf16": rl_step.readme_table, "reward_service_bf16": reward_service.readme_table,
           "memory": memory.readme_table}
 
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         t0 = time.perf_counter()
         for name in BENCHMARKS:  # one subprocess each: isolation of vLLM/Ray state and memory
-            if name == "rl_step_bf16" and not cpu_bf16()["bf16"]:  # emulated bf16 would take hours, and say nothing
+            if name.endswith("_bf16") and not cpu_bf16()["bf16"]:  # emulated bf16 would take hours, and say nothing
                 log(f"{name}: skipped, this CPU has no bf16 units (no avx512_bf16 / amx_bf16)")
                 continue
             cmd = [sys.executable, "-m", "bench.run", "--only", name, "--child"]
