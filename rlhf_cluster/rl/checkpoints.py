@@ -21,41 +21,46 @@ class PoisonedState(RuntimeError):
     """Trainer weights went non-finite: the run rolls back instead of saving them."""
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint under <out>/checkpoints whose files match its manifest; partial or corrupt ones
-    are skipped."""
-    from rlhf_cluster.lib.registry import checkpoint_manifest
-
-    root = out / "checkpoints"
-    for path in sorted((p for p in root.glob("iter_*") if not p.name.endswith(".tmp")), reverse=True):
+def _newest_complete(candidates: list, stored_and_actual):
+    """The first of `candidates` (newest first) whose manifest matches what is stored, as `stored_and_actual`
+    reads them; partial or corrupt ones are skipped, saying why."""
+    for where in candidates:
         try:
-            stored = json.loads((path / "manifest.json").read_text())
-            actual = checkpoint_manifest(path)
-            actual.pop("manifest.json", None)
-            if stored == actual:
-                return path
-            print(f"skipping checkpoint {path}: files differ from its manifest", file=sys.stderr)
-        except (OSError, ValueError) as e:
-            print(f"skipping checkpoint {path}: {e}", file=sys.stderr)
-    return None
-
-
-def latest_stored_checkpoint(root: str) -> str | None:
-    """The newest checkpoint under a storage URI whose stored files are those its manifest lists, with their
-    sizes (each rank checks the hashes of what it downloads); incomplete ones are skipped."""
-    for name in reversed([n for n in storage.list_dirs(root) if n.startswith("iter_")]):
-        where = storage.join(root, name)
-        try:
-            manifest = storage.read_json(storage.join(where, "manifest.json"))
-            stored = {rel: meta["size"] for rel, meta in manifest.items()}
-            actual = storage.stored_sizes(where)
-            actual.pop("manifest.json", None)
+            stored, actual = stored_and_actual(where)
             if stored == actual:
                 return where
             print(f"skipping checkpoint {where}: files differ from its manifest", file=sys.stderr)
         except (OSError, ValueError) as e:
             print(f"skipping checkpoint {where}: {e}", file=sys.stderr)
     return None
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint under <out>/checkpoints whose files (their sha256) match its manifest."""
+    from rlhf_cluster.lib.registry import checkpoint_manifest
+
+    def read(path: Path):
+        stored = json.loads((path / "manifest.json").read_text())  # first: no hashing of a checkpoint without one
+        actual = checkpoint_manifest(path)
+        actual.pop("manifest.json", None)
+        return stored, actual
+
+    root = out / "checkpoints"
+    return _newest_complete(sorted((p for p in root.glob("iter_*") if not p.name.endswith(".tmp")), reverse=True),
+                            read)
+
+
+def latest_stored_checkpoint(root: str) -> str | None:
+    """The newest checkpoint under a storage URI whose stored files are those its manifest lists, with their
+    sizes (each rank checks the hashes of what it downloads)."""
+    def read(where: str):
+        stored = {rel: m["size"] for rel, m in storage.read_json(storage.join(where, "manifest.json")).items()}
+        actual = storage.stored_sizes(where)
+        actual.pop("manifest.json", None)
+        return stored, actual
+
+    names = [n for n in storage.list_dirs(root) if n.startswith("iter_")]
+    return _newest_complete([storage.join(root, n) for n in reversed(names)], read)
 
 
 def latest_of_run(cfg: PPOConfig, out: Path) -> Path | str | None:
