@@ -31,10 +31,39 @@ CASES = [(1, 1), (8, 1), (64, 1), (8, 32)]
 TARGET_CASE = (64, 1)  # where the issue's targets are checked
 POOL = 128  # distinct (prompt, response) items from the built-in held-out preferences, sent round-robin
 TARGETS = {"batched_over_limit": 0.8, "batched_over_unbatched": 5.0}
-# Serve's request paths: as shipped, and its throughput-optimised settings (RAY_SERVE_THROUGHPUT_OPTIMIZED: user code
-# on the replica's event loop instead of a thread, buffered request logs, gRPC between proxy and replica, direct
-# ingress, GC frozen after start), set in the environment before Ray starts so the controller, proxy and replica see it
-PATHS = {"default": {}, "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+# Serve's request paths: `env` is set before Ray starts (the controller, proxy and replica read it), `args` are the
+# reward app's args, `clients` says where the clients connect. As shipped; Serve's throughput-optimised settings
+# (RAY_SERVE_THROUGHPUT_OPTIMIZED: user code on the replica's event loop instead of a thread, buffered request logs,
+# gRPC between proxy and replica, direct ingress, GC frozen after start); the app's access log off; and clients on
+# the replica's own HTTP port (direct ingress: no proxy hop), with the access log off too.
+PATHS = {
+    "default": {"env": {}, "args": {}, "clients": "proxy"},
+    "throughput_optimized": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "args": {}, "clients": "proxy"},
+    "access_log_off": {"env": {}, "args": {"access_log": False}, "clients": "proxy"},
+    "direct_ingress": {"env": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "args": {"access_log": False},
+                       "clients": "replica"},
+}
+DIRECT_INGRESS_PORTS = range(30000, 31000)  # Serve's default RAY_SERVE_DIRECT_INGRESS_{MIN,MAX}_HTTP_PORT
+
+
+def _replica_port(replica_id: str) -> int:
+    """The HTTP port the reward replica `replica_id` listens on under direct ingress: Serve allocates it from
+    DIRECT_INGRESS_PORTS and logs it; asking each open port in the range for /healthz finds it."""
+    import socket
+
+    import httpx
+
+    for port in DIRECT_INGRESS_PORTS:
+        with socket.socket() as sock:
+            sock.settimeout(0.05)
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                continue
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json().get("replica") == replica_id:
+                return port
+        except (httpx.HTTPError, ValueError):
+            continue
+    raise RuntimeError(f"no direct-ingress HTTP port answers for replica {replica_id} in {DIRECT_INGRESS_PORTS}")
 
 
 def _items(assets, n: int) -> list[dict]:
@@ -241,7 +270,8 @@ def _key(clients: int, ipr: int) -> str:
 
 
 def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int], limit_seconds: float,
-                     dtype: str = "float32") -> dict:
+                     dtype: str = "float32", path_args: dict | None = None, clients_on: str = "proxy") -> dict:
+    """One reward model size on one request path (`path_args`: the path's app args over configs/serve.yaml's)."""
     import httpx
     from ray import serve
 
@@ -268,10 +298,13 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     tmp = tempfile.TemporaryDirectory(prefix="bench-reward-")
     t = time.perf_counter()
     deploy(cfg, http_port=port, arg_overrides={"reward": {
-        "models": {"reward": str(model_dir)}, "follow_registry": False, "registry": tmp.name, "dtype": dtype}})
+        "models": {"reward": str(model_dir)}, "follow_registry": False, "registry": tmp.name, "dtype": dtype,
+        **(path_args or {})}})
     start_s = time.perf_counter() - t
     base = f"http://127.0.0.1:{port}"
     handle = serve.get_deployment_handle("RewardModel", app_name="reward")
+    if clients_on == "replica":  # straight to the replica's own HTTP server, past the proxy
+        base = f"http://127.0.0.1:{_replica_port(httpx.get(base + '/healthz', timeout=30).json()['replica'])}"
     rounds: dict[tuple[str, int, int], list[dict]] = {}
     order = []
     try:
@@ -283,8 +316,10 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
             # bf16: batches padded to other widths round differently (one bf16 step near 2-4 is 0.016)
             tol = 1e-4 if dtype == "float32" else 0.02 * max(1.0, *(abs(x) for x in direct))
             if len(served) != 16 or max_diff > tol:
-                raise RuntimeError(f"served scores differ from the model's by {max_diff}")
-            log(f"reward_service/{size}: {which} at {model_dir}; Serve up in {start_s:.1f} s; scores match the "
+                raise RuntimeError(f"served scores differ from the model's by {max_diff}: served {served[:4]}, "
+                                   f"direct {direct[:4]}")
+            log(f"reward_service/{size}: {which} at {model_dir}; Serve up in {start_s:.1f} s; clients on {base}; "
+                f"scores match the "
                 f"model (max diff {max_diff:.1e}); items of {lengths[0]}-{lengths[-1]} tokens; {reps} reps")
             for clients, ipr in CASES:
                 per_client = max(1, requests[(clients, ipr)] // clients)
@@ -364,12 +399,13 @@ def bench_reward_service(quick: bool, dtype: str = "float32") -> tuple[dict, lis
     """`dtype`: what the served model and the in-process limit compute in (reward_service_bf16: bfloat16, Serve's
     default request path only, on a CPU with bf16 units)."""
     import ray
+    from ray import serve  # noqa: F401  (imported before any path's env: this driver's handles keep Serve's defaults)
 
     os.environ.pop("RAY_ADDRESS", None)  # always a private local cluster, never someone else's
     requests = ({(1, 1): 30, (8, 1): 80, (64, 1): 256, (8, 32): 16} if quick
                 else {(1, 1): 40, (8, 1): 120, (64, 1): 512, (8, 32): 24})
     config = {"sizes": ["tiny"] if quick else ["tiny", "small"], "repetitions": {"tiny": 1 if quick else 3, "small": 3},
-              "request_paths": PATHS if dtype == "float32" else {"default": {}},
+              "request_paths": PATHS if dtype == "float32" else {"default": PATHS["default"]},
               "requests_per_round": {_key(*k): v for k, v in requests.items()},
               "cases": [{"clients": n, "items_per_request": ipr} for n, ipr in CASES], "modes": MODES,
               "targets": {**TARGETS, "case": _key(*TARGET_CASE)},
@@ -397,13 +433,16 @@ def bench_reward_service(quick: bool, dtype: str = "float32") -> tuple[dict, lis
                         "counted, never retried"}
     results = []
     for size in config["sizes"]:
-        for path, env in config["request_paths"].items():  # a fresh Ray for each: Serve reads them when it starts
+        for path, spec in config["request_paths"].items():  # a fresh Ray for each: Serve reads env when it starts
+            env = spec["env"]
             os.environ.update(env)
             ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
             try:
-                log(f"reward_service/{size}: request path {path} {env or ''}")
+                log(f"reward_service/{size}: request path {path} {spec}")
                 results.append(service_one_size(size, config["repetitions"][size], requests, config["limit_seconds"],
-                                                dtype) | {"request_path": path, "env": env, "dtype": dtype})
+                                                dtype, spec["args"], spec["clients"])
+                               | {"request_path": path, "env": env, "app_args": spec["args"],
+                                  "clients_on": spec["clients"], "dtype": dtype})
             finally:
                 ray.shutdown()
                 for k in env:
@@ -422,7 +461,9 @@ def readme_table(rec: dict) -> list[str]:
         t = r["ratios"][r["target_case"]]
         ok = r["targets"]
         lim = ", ".join(f"{k}: {v:,.0f}" for k, v in r["limit_after_items_per_s"].items())
-        env = ", ".join(f"`{k}={v}`" for k, v in r.get("env", {}).items())
+        env = ", ".join([f"`{k}={v}`" for k, v in r.get("env", {}).items()]
+                        + [f"app arg `{k}: {json.dumps(v)}`" for k, v in r.get("app_args", {}).items()]
+                        + (["clients on the replica's own port"] if r.get("clients_on") == "replica" else []))
         path = f"**{r.get('request_path', 'default')}**" + (f" ({env})" if env else "")
         lines += [f"Model `{r['model']}` ({r['parameters'] / 1e6:.2f} M parameters, {r['model_kind']}), Serve's "
                   f"request path: {path}; items of "

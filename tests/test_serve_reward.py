@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -122,9 +123,21 @@ def test_other_bad_requests_are_4xx(service):
     assert "/" in c.get("/v1/checkpoints/openapi.json").json()["paths"]
 
 
+def _access_lines(app: str) -> list[str]:
+    """Serve's access log lines ("POST /<route> 200 ...") in the replica logs of `app`'s reward deployment."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return [line for f in logs.glob(f"replica_{app}_RewardModel_*.log")
+            for line in f.read_text(errors="replace").splitlines() if "POST /" in line and " 200 " in line]
+
+
 def test_scoring_can_require_the_token(service, builtin_assets):
+    """...and the app's `access_log: false` reaches Serve: this app's replica writes no access line, the shared
+    reward app (configs/serve.yaml: access_log true) one per request."""
     args = {**service["common"], "models": {"a": str(builtin_assets.reward_base), "b": str(builtin_assets.reward_base)},
-            "require_token": True, "follow_registry": False, "num_cpus": 0.5, "max_batch_size": 3}
+            "require_token": True, "follow_registry": False, "num_cpus": 0.5, "max_batch_size": 3,
+            "access_log": False}
     with reward_app("secure", args):
         c = service["client"]
         assert c.get("/secure/healthz").json()["batching"]["max_batch_size"] == 3  # args -> user_config
@@ -136,6 +149,11 @@ def test_scoring_can_require_the_token(service, builtin_assets):
         body = r.json()  # two models: their mean, and each one's scores
         assert body["per_model"]["a"] == body["per_model"]["b"]
         torch.testing.assert_close(body["scores"], body["per_model"]["a"])
+        assert service["client"].post("/v1/score", json=items(PAIRS[:1]), headers=auth()).status_code == 200
+        deadline = time.time() + 30  # Serve writes access lines through a buffered handler
+        while not _access_lines("reward") and time.time() < deadline:
+            time.sleep(0.5)
+        assert _access_lines("reward") and not _access_lines("secure")
 
 
 def test_reconfigure_can_load_other_models(service, second_rm, builtin_assets, tmp_path):
