@@ -319,8 +319,8 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
                 raise RuntimeError(f"served scores differ from the model's by {max_diff}: served {served[:4]}, "
                                    f"direct {direct[:4]}")
             log(f"reward_service/{size}: {which} at {model_dir}; Serve up in {start_s:.1f} s; clients on {base}; "
-                f"scores match the "
-                f"model (max diff {max_diff:.1e}); items of {lengths[0]}-{lengths[-1]} tokens; {reps} reps")
+                f"scores match the model (max diff {max_diff:.1e}); items of {lengths[0]}-{lengths[-1]} tokens; "
+                f"{reps} reps")
             for clients, ipr in CASES:
                 per_client = max(1, requests[(clients, ipr)] // clients)
                 for rep in range(reps):

@@ -133,8 +133,9 @@ def _access_lines(app: str) -> list[str]:
 
 
 def test_scoring_can_require_the_token(service, builtin_assets):
-    """...and the app's `access_log: false` reaches Serve: this app's replica writes no access line, the shared
-    reward app (configs/serve.yaml: access_log true) one per request."""
+    """Scoring behind the bearer token (401 without, 403 with a wrong one), and the app's `access_log: false`
+    reaches Serve: this app's replica writes no access line, the shared reward app (configs/serve.yaml:
+    access_log true) one per request."""
     args = {**service["common"], "models": {"a": str(builtin_assets.reward_base), "b": str(builtin_assets.reward_base)},
             "require_token": True, "follow_registry": False, "num_cpus": 0.5, "max_batch_size": 3,
             "access_log": False}
