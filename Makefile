@@ -67,7 +67,7 @@ results: install
 # GRPO and its stabilisers on the built-in arithmetic task over 3 seeds; writes docs/results/verifiable.json and
 # docs/results-verifiable.md.
 results-verifiable: install
-	$(PY) -m rlhf_cluster.results suite=verifiable results_file=docs/results/verifiable.json
+	$(PY) -m rlhf_cluster.results suite=verifiable precision=auto results_file=docs/results/verifiable.json
 
 results-quick: install
 	$(PY) -m rlhf_cluster.results --quick

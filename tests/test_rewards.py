@@ -243,14 +243,22 @@ def test_arithmetic_task_data(tmp_path, tokenizer):
                 or questions["val"] & questions["test"])  # disjoint by problem
     for name in ("val", "test"):
         assert sorted({p["level"] for p in splits[name]}) == [1, 2, 3, 4] and len(splits[name]) == 48
-    # level 1 has 100 distinct problems: 12 + 12 held out, 76 to train; level 3 has 81: 57 to train
-    assert sum(p["level"] == 1 for p in splits["train"]) == 76 and sum(p["level"] == 3 for p in splits["train"]) == 57
-    assert counts["prompts_train.jsonl"] == len(splits["train"]) == 76 + 400 + 57 + 400
+    # each level's first 48 shuffled problems (40 of level 3's 81) are the held-out candidates: level 1 trains on 52
+    assert sum(p["level"] == 1 for p in splits["train"]) == 52 and sum(p["level"] == 3 for p in splits["train"]) == 41
+    assert counts["prompts_train.jsonl"] == len(splits["train"]) == 52 + 400 + 41 + 400
+    # every fact a held-out question needs is a step of some training demonstration
+    taught = {f for p in splits["train"] for f in arithmetic.steps(p["question"], p["answer"])}
+    for name in ("val", "test"):
+        assert all(set(arithmetic.steps(p["question"], p["answer"])) <= taught for p in splits[name])
     # the demonstrations are what the shipped verifier accepts, for every problem of every split
     for rows in splits.values():
         demos = [arithmetic.solution(p["question"], p["answer"]) for p in rows]
         assert exact_match([p["question"] for p in rows], demos, [str(p["answer"]) for p in rows]) == [1.0] * len(rows)
-    assert arithmetic.solution("What is (6+7)*4?", 52) == "6+7 = 13, and 13*4 = 52. The answer is 52."
+    assert arithmetic.solution("What is 3+4?", 7) == "3+4 = 7. The answer is 7."
+    assert arithmetic.solution("What is 58+23?", 81) == "8+3 = 11, 5+2+1 = 8. The answer is 81."
+    assert arithmetic.solution("What is 78+53?", 131) == "8+3 = 11, 7+5+1 = 13. The answer is 131."
+    assert arithmetic.solution("What is 41+23?", 64) == "1+3 = 4, 4+2 = 6. The answer is 64."
+    assert arithmetic.solution("What is (6+7)*4?", 52) == "6+7 = 13, 13*4 = 52. The answer is 52."
     rows, report = load_tokenized(tmp_path / "prompts_test.jsonl", tokenizer, "prompts", 64, "error",
                                   require_label=True)
     assert len(rows) == 48 and rows[0]["label"] == str(splits["test"][0]["answer"])

@@ -1,15 +1,20 @@
 """A verifiable task: arithmetic problems with exact answers, in four levels of difficulty.
 
-    level 1  single-digit addition                "What is 3+4?"          7
-    level 2  two-digit addition and subtraction   "What is 58-23?"        35
-    level 3  single-digit by single-digit times   "What is 7*8?"          56
-    level 4  two steps                            "What is (6+7)*4?"      52
+    level 1  single-digit addition              "What is 3+4?"     "3+4 = 7. The answer is 7."
+    level 2  two-digit addition, digit by digit "What is 58+23?"   "8+3 = 11, 5+2+1 = 8. The answer is 81."
+    level 3  single-digit multiplication        "What is 7*8?"     "7*8 = 56. The answer is 56."
+    level 4  two steps                          "What is (6+7)*4?" "6+7 = 13, 13*4 = 52. The answer is 52."
 
 Every prompt record carries its answer as `label` (and its `level`), so the shipped verifier
-`rlhf_cluster.lib.reward_functions:exact_match` scores a response against it. Demonstrations state the
-answer as "The answer is N." (level 4 shows the intermediate step first), which is what exact_match reads.
-The splits are disjoint by problem; what trains (train), what chooses (val) and what is reported (test)
-never share a question.
+`rlhf_cluster.lib.reward_functions:exact_match` scores a response against it. A demonstration writes each step
+as an equation ("a fact") and ends with "The answer is N.", which is what exact_match reads.
+
+The splits are disjoint by question: what trains (train), what chooses (val) and what is reported (test) never
+share one. The base model starts from random weights and knows only what the train split shows it, so a held-out
+question is one whose every fact some training demonstration writes out (`facts`), in a combination no
+training question has: level 1's "3+4 = 7" is a step of a level 2 demonstration, level 4's two steps are the
+steps of other level 4 problems. The held-out splits measure how reliably a policy carries out the procedure on
+new questions, which is what RL on the train split can improve; a fact nothing taught, no policy could know.
 
 Build the data set:  python -m rlhf_cluster.lib.arithmetic build OUT [--seed 0]
 """
@@ -22,9 +27,9 @@ import os
 import random
 from pathlib import Path
 
-LEVELS = {1: "single-digit addition", 2: "two-digit addition and subtraction",
+LEVELS = {1: "single-digit addition", 2: "two-digit addition, digit by digit",
           3: "single-digit multiplication", 4: "two steps: (a+b)*c"}
-# problems per level and split (fewer where a level has fewer distinct problems: level 1 has 100, level 3 81)
+# held-out problems per level and split; train takes up to TRAIN_PER_LEVEL of the rest of each level
 SPLIT_SIZES = {"train": 400, "val": 12, "test": 12}
 
 
@@ -33,9 +38,7 @@ def all_problems(level: int) -> list[tuple[str, int]]:
     if level == 1:
         return [(f"What is {a}+{b}?", a + b) for a in range(10) for b in range(10)]
     if level == 2:
-        add = [(f"What is {a}+{b}?", a + b) for a in range(10, 100, 3) for b in range(10, 100, 7)]
-        sub = [(f"What is {a}-{b}?", a - b) for a in range(10, 100, 3) for b in range(10, 100, 7) if a >= b]
-        return add + sub
+        return [(f"What is {a}+{b}?", a + b) for a in range(10, 100) for b in range(10, 100)]
     if level == 3:
         return [(f"What is {a}*{b}?", a * b) for a in range(1, 10) for b in range(1, 10)]
     if level == 4:
@@ -44,28 +47,50 @@ def all_problems(level: int) -> list[tuple[str, int]]:
     raise ValueError(f"level must be one of {sorted(LEVELS)}, got {level}")
 
 
-def solution(question: str, answer: int) -> str:
-    """The demonstration: the answer stated the way exact_match reads it; level 4 shows its first step."""
-    if question.startswith("What is ("):
-        inner, _, factor = question.removeprefix("What is (").removesuffix("?").partition(")*")
+def steps(question: str, answer: int) -> list[str]:
+    """The facts a demonstration writes out, in order: "a+b = s" equations."""
+    expr = question.removeprefix("What is ").removesuffix("?")
+    if expr.startswith("("):  # (a+b)*c
+        inner, _, factor = expr[1:].partition(")*")
         a, b = inner.split("+")
-        return f"{inner} = {int(a) + int(b)}, and {int(a) + int(b)}*{factor} = {answer}. The answer is {answer}."
-    return f"The answer is {answer}."
+        s = int(a) + int(b)
+        return [f"{inner} = {s}", f"{s}*{factor} = {answer}"]
+    op = "*" if "*" in expr else "+"
+    a, b = expr.split(op)
+    if len(a) == 2 and len(b) == 2:  # two-digit addition: units, then tens with the carry
+        units = int(a[1]) + int(b[1])
+        tens = f"{a[0]}+{b[0]}+1" if units >= 10 else f"{a[0]}+{b[0]}"
+        return [f"{a[1]}+{b[1]} = {units}", f"{tens} = {int(a[0]) + int(b[0]) + units // 10}"]
+    return [f"{expr} = {answer}"]
+
+
+def solution(question: str, answer: int) -> str:
+    """The demonstration: its steps, then the answer the way exact_match reads it."""
+    return f"{', '.join(steps(question, answer))}. The answer is {answer}."
 
 
 def split_problems(seed: int) -> dict[str, list[dict]]:
-    """Each level's problems shuffled (seeded) and cut into train / val / test: val and test first, so the
-    small levels still have held-out problems; the rest, up to its size, trains."""
+    """Each level's problems shuffled (seeded); the first are candidates to hold out, the next (up to
+    SPLIT_SIZES['train']) train. A candidate is held out (val first, then test) only if every one of its facts is
+    a step of some training demonstration; candidates that are not covered are left out of every split."""
     rng = random.Random(seed)
-    out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    held = SPLIT_SIZES["val"] + SPLIT_SIZES["test"]
+    candidates, train = {}, []
     for level in LEVELS:
         problems = all_problems(level)
         rng.shuffle(problems)
-        held = SPLIT_SIZES["val"] + SPLIT_SIZES["test"]
-        parts = {"val": problems[:SPLIT_SIZES["val"]], "test": problems[SPLIT_SIZES["val"]:held],
-                 "train": problems[held:held + SPLIT_SIZES["train"]]}
-        for split, rows in parts.items():
-            out[split] += [{"question": q, "answer": a, "level": level} for q, a in rows]
+        n_candidates = min(2 * held, len(problems) // 2)
+        candidates[level] = problems[:n_candidates]
+        train += [{"question": q, "answer": a, "level": level}
+                  for q, a in problems[n_candidates:n_candidates + SPLIT_SIZES["train"]]]
+    taught = {f for p in train for f in steps(p["question"], p["answer"])}
+    out: dict[str, list[dict]] = {"train": train, "val": [], "test": []}
+    for level, problems in candidates.items():
+        covered = [(q, a) for q, a in problems if set(steps(q, a)) <= taught][:held]
+        if len(covered) < held:
+            raise RuntimeError(f"level {level}: only {len(covered)} of {held} held-out candidates are covered")
+        out["val"] += [{"question": q, "answer": a, "level": level} for q, a in covered[:SPLIT_SIZES["val"]]]
+        out["test"] += [{"question": q, "answer": a, "level": level} for q, a in covered[SPLIT_SIZES["val"]:]]
     for rows in out.values():
         rng.shuffle(rows)
     return out

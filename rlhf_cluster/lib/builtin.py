@@ -38,7 +38,7 @@ class BuiltinAssets:
 def cache_root(cfg: BuiltinConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("RLHF_CLUSTER_CACHE") or Path.home() / ".cache" / "rlhf-cluster"
     if cfg.task == "arithmetic":  # no preference labels, so no label noise in the key
-        return Path(root) / f"builtin-v1-arithmetic-{cfg.size}-seed{cfg.seed}"
+        return Path(root) / f"builtin-v2-arithmetic-{cfg.size}-seed{cfg.seed}"
     # v2: train/val/test splits, a tokenizer that never saw the test split
     return Path(root) / f"builtin-v2-{cfg.size}-seed{cfg.seed}-noise{cfg.label_noise:g}"
 

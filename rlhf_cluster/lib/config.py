@@ -1244,9 +1244,9 @@ class VerifiableSuiteConfig(Strict):
 
     variants: list[Literal[VERIFIABLE_VARIANTS]] = list(VERIFIABLE_VARIANTS)  # type: ignore[valid-type]
     """grpo (vanilla), clip_higher, dynamic_sampling, overlong (penalty and truncation mask), dr_grpo"""
-    iterations: int = Field(100, ge=1)
+    iterations: int = Field(300, ge=1)
     """iterations per run"""
-    eval_every: int = Field(25, ge=1)
+    eval_every: int = Field(50, ge=1)
     """iterations between held-out evaluations"""
     variant_seeds: list[int] | None = None
     """seeds of the stabiliser variants; null: every seed (vanilla grpo always runs every seed)"""
