@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from rlhf_cluster import scaffold
-from rlhf_cluster.lib.config import REPO_ROOT, ResultsConfig
+from rlhf_cluster.lib.config import REPO_ROOT, ConfigError, ResultsConfig
 
 DOCS = REPO_ROOT / "docs"
 RECORDED = DOCS / "results" / "results.json"  # the committed run that docs/results.md and README come from
@@ -635,6 +635,26 @@ def verifiable_run(cfg: ResultsConfig, sft: Path, variant: str, seed: int, log=p
             "skipped": summary["faults"]["skipped_iterations"], "seconds": round(seconds, 1)}
 
 
+def resumable_runs(previous: dict, fresh: dict, plan: list[tuple[str, int]]) -> dict:
+    """The runs of an earlier suite's JSON that a resumed suite keeps: those in `plan`, when the earlier suite ran
+    with the same settings (the variant lists aside), on the same CPU, from the same SFT policy (files written
+    before the policy's hash was recorded carry none, and are taken on the settings alone)."""
+    def settings(res: dict) -> dict:
+        cfg = json.loads(json.dumps(res["config"]))
+        for key in ("variants", "variant_seeds", "resume"):
+            cfg["verifiable"].pop(key, None)
+        return {"config": cfg, "quick": res["quick"], "cpu": res["cpu"], "overrides": res["overrides"]}
+
+    differ = [k for k, val in settings(fresh).items() if settings(previous)[k] != val]
+    if previous.get("sft_sha256", fresh["sft_sha256"]) != fresh["sft_sha256"]:
+        differ.append("the SFT policy")
+    if differ:
+        raise ConfigError(f"verifiable.resume: the results file's suite differs in {', '.join(differ)}; "
+                          "run without resume (or with another results_file)")
+    return {"runs": [r for r in previous["runs"] if (r["variant"], r["seed"]) in plan],
+            "started": previous["started"], "duration_s": previous.get("duration_s", 0.0)}
+
+
 def verifiable_aggregate(runs: list[dict]) -> dict:
     """Mean and std over seeds of a variant's final (and initial) test figures."""
     def ms(xs):
@@ -667,18 +687,35 @@ def run_verifiable(cfg: ResultsConfig, quick: bool = False, log=print) -> dict:
     v = cfg.verifiable
     plan = [(variant, seed) for variant in v.variants
             for seed in (cfg.seeds if variant == "grpo" or v.variant_seeds is None else v.variant_seeds)]
+    from rlhf_cluster.lib.registry import checkpoint_sha256
+
     results = {"started": started, "cpu": cpu_name(), "cores": _cores(), "quick": quick,
-               "config": cfg.model_dump(mode="json"), "overrides": VARIANT_OVERRIDES, "runs": [], "variants": {}}
+               "config": cfg.model_dump(mode="json"), "overrides": VARIANT_OVERRIDES,
+               "sft_sha256": checkpoint_sha256(sft), "runs": [], "variants": {}}
+    earlier_s = 0.0
+    if v.resume and results_file.exists():
+        kept = resumable_runs(json.loads(results_file.read_text()), results, plan)
+        results["runs"] = kept["runs"]
+        results["started"], earlier_s = kept["started"], kept["duration_s"]
+        log(f"resuming {results_file}: kept {len(kept['runs'])} runs, {len(plan) - len(kept['runs'])} to go")
+    done = {(r["variant"], r["seed"]) for r in results["runs"]}
+    for variant in {r["variant"] for r in results["runs"]}:
+        results["variants"][variant] = verifiable_aggregate([x for x in results["runs"] if x["variant"] == variant])
     for i, (variant, seed) in enumerate(plan, 1):
+        if (variant, seed) in done:
+            continue
         r = verifiable_run(cfg, sft, variant, seed, log)
         results["runs"].append(r)
         results["variants"][variant] = verifiable_aggregate([x for x in results["runs"] if x["variant"] == variant])
-        write_json_atomic(results_file, results | {"duration_s": round(time.time() - t_start)})  # progress survives
+        write_json_atomic(results_file, results | {"duration_s": round(earlier_s + time.time() - t_start)})  # survives
         pk = f"pass@{r['k']}"
         log(f"[{i}/{len(plan)}] {variant} seed {seed}: test pass@1 {r['initial']['pass@1']:.3f} -> "
             f"{r['final']['pass@1']:.3f}, {pk} {r['initial'][pk]:.3f} -> {r['final'][pk]:.3f}, "
             f"{r['seconds']:.0f} s  ({(time.time() - t_start) / 60:.1f} min in)")
-    results["duration_s"] = round(time.time() - t_start)
+    results["runs"].sort(key=lambda r: plan.index((r["variant"], r["seed"])))
+    results["variants"] = {vr: results["variants"][vr] for vr in dict.fromkeys(x for x, _ in plan)
+                           if vr in results["variants"]}
+    results["duration_s"] = round(earlier_s + time.time() - t_start)
     write_json_atomic(results_file, results)
     report_dir = out / "report"
     verifiable_figure(results, report_dir / "results")
@@ -714,11 +751,15 @@ def render_verifiable_md(results: dict) -> str:
         "`docs/results/verifiable.json`; do not edit by hand (`--report-only` regenerates it).", "",
         f"Recorded run: {results['started']}, {results['duration_s'] / 60:.0f} min on `{results['cpu']}` "
         f"({results['cores']} cores){', a --quick run' if results.get('quick') else ''}. Every run is "
-        f"`configs/verifiable-grpo.yaml` for {v['iterations']} iterations from the same built-in arithmetic SFT "
-        "policy, with the reward from the shipped `exact_match` verifier. Vanilla GRPO runs with seeds "
+        f"`configs/verifiable-grpo.yaml` for {v['iterations']} iterations (precision `{cfg['precision']}`) from the "
+        "same built-in arithmetic SFT policy, with the reward from the shipped `exact_match` verifier. Vanilla GRPO "
+        "runs with seeds "
         f"{cfg['seeds']}; the stabilisers run with seeds {v['variant_seeds'] or cfg['seeds']}. Each variant adds these "
         "switches: " + "; ".join(f"{name}: `{' '.join(o) or '(none)'}`" for name, o in results["overrides"].items()
                                     if name in results["variants"]) + ".", "",
+        "The task (`rlhf_cluster/lib/arithmetic.py`): every held-out question is a new combination of facts that "
+        "some training demonstration writes out as a step, since a model built from random weights cannot know a "
+        "fact nothing showed it. "
         "Test figures are on the 48 test problems (12 per level). **pass@1** and **pass@k** come from "
         f"{next(iter(results['variants'].values()))['k']} samples per problem at temperature 1, with Chen et al.'s "
         "unbiased estimator. **Greedy accuracy** is the share of greedy answers that are correct. **KL** is "
@@ -764,6 +805,16 @@ def verifiable_findings(results: dict) -> list[str]:
         else:
             out.append(f"- Vanilla GRPO did not raise pass@1 ({p1:+.3f}).")
     runs = results["runs"]
+    grpo_runs = [r for r in runs if r["variant"] == "grpo" and len(r["curve"]) >= 2]
+    if grpo_runs:
+        last = statistics.fmean(r["curve"][-1]["pass@1"] - r["curve"][-2]["pass@1"] for r in grpo_runs)
+        its = f"{grpo_runs[0]['curve'][-2]['iteration']} and {grpo_runs[0]['curve'][-1]['iteration']}"
+        if last > 0.02:
+            out.append(f"- **Still rising at the end.** Between its last two evaluations (iterations {its}) vanilla "
+                       f"GRPO's test pass@1 rose {last:+.3f} (mean over seeds): the runs stop before it levels off.")
+        else:
+            out.append(f"- **Levelled off.** Between its last two evaluations (iterations {its}) vanilla GRPO's test "
+                       f"pass@1 moved {last:+.3f} (mean over seeds): more iterations of this preset would add little.")
     stuck = [lv for lv in ("1", "2", "3", "4")
              if all(r["initial"]["by_level"].get(lv, 1.0) <= 0.05 and r["final"]["by_level"].get(lv, 1.0) <= 0.05
                     for r in runs)]

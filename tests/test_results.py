@@ -119,8 +119,31 @@ def test_verifiable_report_is_generated_from_its_results_alone(tmp_path):
     assert "+0.230 ± 0.028 over 2 seed(s), **not met**" in md  # the target asks for 3 seeds
     assert "| grpo | 0.90 (0.50) | 0.00 (0.00) | 0.40 (0.20) | 0.90 (0.60) |" in md
     # the commentary is read off the numbers: level 2 never moves; one seed of dynamic sampling is flagged
+    assert "Still rising at the end." in md and "iterations 0 and 100) vanilla GRPO's test pass@1 rose +0.230" in md
+    res["runs"][0]["curve"][-1]["pass@1"] = res["runs"][1]["curve"][-1]["pass@1"] = 0.21  # +0.01: not a rise
+    assert "**Levelled off.**" in "\n".join(R.verifiable_findings(res))
     assert "Level(s) 2 start and end at (almost) zero" in md and "beyond vanilla GRPO's seed spread (one seed)" in md
     assert (tmp_path / "results" / "verifiable.png").stat().st_size > 10_000
+
+
+def test_a_resumed_verifiable_suite_keeps_only_runs_of_the_same_suite():
+    previous = _verifiable_synthetic() | {"sft_sha256": "abc"}
+    fresh = {k: previous[k] for k in ("config", "quick", "cpu", "overrides")} | {"sft_sha256": "abc", "runs": []}
+    fresh["config"] = json.loads(json.dumps(fresh["config"]))
+    fresh["config"]["verifiable"]["variant_seeds"] = [0]  # the variant lists may differ
+    plan = [("grpo", 0), ("grpo", 1), ("dynamic_sampling", 0), ("overlong", 0)]
+    kept = R.resumable_runs(previous, fresh, plan)
+    assert [(r["variant"], r["seed"]) for r in kept["runs"]] == [("grpo", 0), ("grpo", 1), ("dynamic_sampling", 0)]
+    assert kept["started"] == previous["started"] and kept["duration_s"] == 900
+    assert len(R.resumable_runs(previous, fresh, [("grpo", 0)])["runs"]) == 1  # a run no longer planned is dropped
+    assert R.resumable_runs({k: v for k, v in previous.items() if k != "sft_sha256"}, fresh, plan)["runs"]
+    for change, named in ((lambda f: f["config"].update(precision="bf16"), "config"),
+                          (lambda f: f.update(cpu="Other CPU"), "cpu"),
+                          (lambda f: f.update(sft_sha256="def"), "the SFT policy")):
+        other = json.loads(json.dumps(fresh))
+        change(other)
+        with pytest.raises(ConfigError, match=f"verifiable.resume: the results file's suite differs in {named}"):
+            R.resumable_runs(previous, other, plan)
 
 
 def test_committed_verifiable_report_matches_its_json(tmp_path):

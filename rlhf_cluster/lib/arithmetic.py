@@ -29,7 +29,7 @@ from pathlib import Path
 
 LEVELS = {1: "single-digit addition", 2: "two-digit addition, digit by digit",
           3: "single-digit multiplication", 4: "two steps: (a+b)*c"}
-# held-out problems per level and split; train takes up to TRAIN_PER_LEVEL of the rest of each level
+# held-out problems per level and split; "train" is the most each level trains on (level 1 and 3 have fewer)
 SPLIT_SIZES = {"train": 400, "val": 12, "test": 12}
 
 

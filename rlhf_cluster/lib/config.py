@@ -1250,6 +1250,9 @@ class VerifiableSuiteConfig(Strict):
     """iterations between held-out evaluations"""
     variant_seeds: list[int] | None = None
     """seeds of the stabiliser variants; null: every seed (vanilla grpo always runs every seed)"""
+    resume: bool = False
+    """keep the runs `results_file` already holds from a suite with the same settings (the variant lists aside)
+    and the same SFT policy, and run only the missing ones: an interrupted suite loses one run, not hours"""
 
 
 class ResultsConfig(JobConfig):
