@@ -675,6 +675,7 @@ def verifiable_aggregate(runs: list[dict]) -> dict:
 
 def run_verifiable(cfg: ResultsConfig, quick: bool = False, log=print) -> dict:
     """Vanilla GRPO over every seed and each stabiliser over `variant_seeds`, from the arithmetic SFT policy."""
+    from rlhf_cluster.lib.registry import checkpoint_sha256
     from rlhf_cluster.sft import ensure_builtin_sft
 
     started, t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.time()
@@ -687,8 +688,6 @@ def run_verifiable(cfg: ResultsConfig, quick: bool = False, log=print) -> dict:
     v = cfg.verifiable
     plan = [(variant, seed) for variant in v.variants
             for seed in (cfg.seeds if variant == "grpo" or v.variant_seeds is None else v.variant_seeds)]
-    from rlhf_cluster.lib.registry import checkpoint_sha256
-
     results = {"started": started, "cpu": cpu_name(), "cores": _cores(), "quick": quick,
                "config": cfg.model_dump(mode="json"), "overrides": VARIANT_OVERRIDES,
                "sft_sha256": checkpoint_sha256(sft), "runs": [], "variants": {}}
@@ -699,22 +698,25 @@ def run_verifiable(cfg: ResultsConfig, quick: bool = False, log=print) -> dict:
         results["started"], earlier_s = kept["started"], kept["duration_s"]
         log(f"resuming {results_file}: kept {len(kept['runs'])} runs, {len(plan) - len(kept['runs'])} to go")
     done = {(r["variant"], r["seed"]) for r in results["runs"]}
-    for variant in {r["variant"] for r in results["runs"]}:
-        results["variants"][variant] = verifiable_aggregate([x for x in results["runs"] if x["variant"] == variant])
+
+    def collect():  # runs in plan order, and each variant's aggregate over its runs so far
+        results["runs"].sort(key=lambda x: plan.index((x["variant"], x["seed"])))
+        runs = results["runs"]
+        results["variants"] = {n: verifiable_aggregate([x for x in runs if x["variant"] == n])
+                               for n in dict.fromkeys(x["variant"] for x in runs)}
+
+    collect()
     for i, (variant, seed) in enumerate(plan, 1):
         if (variant, seed) in done:
             continue
         r = verifiable_run(cfg, sft, variant, seed, log)
         results["runs"].append(r)
-        results["variants"][variant] = verifiable_aggregate([x for x in results["runs"] if x["variant"] == variant])
+        collect()
         write_json_atomic(results_file, results | {"duration_s": round(earlier_s + time.time() - t_start)})  # survives
         pk = f"pass@{r['k']}"
         log(f"[{i}/{len(plan)}] {variant} seed {seed}: test pass@1 {r['initial']['pass@1']:.3f} -> "
             f"{r['final']['pass@1']:.3f}, {pk} {r['initial'][pk]:.3f} -> {r['final'][pk]:.3f}, "
             f"{r['seconds']:.0f} s  ({(time.time() - t_start) / 60:.1f} min in)")
-    results["runs"].sort(key=lambda r: plan.index((r["variant"], r["seed"])))
-    results["variants"] = {vr: results["variants"][vr] for vr in dict.fromkeys(x for x, _ in plan)
-                           if vr in results["variants"]}
     results["duration_s"] = round(earlier_s + time.time() - t_start)
     write_json_atomic(results_file, results)
     report_dir = out / "report"

@@ -11,7 +11,7 @@ as an equation ("a fact") and ends with "The answer is N.", which is what exact_
 
 The splits are disjoint by question: what trains (train), what chooses (val) and what is reported (test) never
 share one. The base model starts from random weights and knows only what the train split shows it, so a held-out
-question is one whose every fact some training demonstration writes out (`facts`), in a combination no
+question is one whose every fact some training demonstration writes out (`steps`), in a combination no
 training question has: level 1's "3+4 = 7" is a step of a level 2 demonstration, level 4's two steps are the
 steps of other level 4 problems. The held-out splits measure how reliably a policy carries out the procedure on
 new questions, which is what RL on the train split can improve; a fact nothing taught, no policy could know.
@@ -48,7 +48,7 @@ def all_problems(level: int) -> list[tuple[str, int]]:
 
 
 def steps(question: str, answer: int) -> list[str]:
-    """The facts a demonstration writes out, in order: "a+b = s" equations."""
+    """The facts a demonstration writes out, in order, as equations ("8+3 = 11", "13*4 = 52")."""
     expr = question.removeprefix("What is ").removesuffix("?")
     if expr.startswith("("):  # (a+b)*c
         inner, _, factor = expr[1:].partition(")*")
