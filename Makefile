@@ -64,8 +64,9 @@ test-fast: install
 results: install
 	$(PY) -m rlhf_cluster.results results_file=docs/results/results.json
 
-# GRPO on the built-in arithmetic task over 3 seeds, each stabiliser over seed 0; writes docs/results/verifiable.json
-# and docs/results-verifiable.md (about 90 min on 2 cores; RESUME=true continues an interrupted suite).
+# Vanilla GRPO and the preset (GRPO + dynamic sampling) on the built-in arithmetic task over 3 seeds, each other
+# stabiliser over seed 0; writes docs/results/verifiable.json and docs/results-verifiable.md (about 2 hours on
+# 2 cores; RESUME=true continues an interrupted suite).
 results-verifiable: install
 	$(PY) -m rlhf_cluster.results suite=verifiable precision=auto "verifiable.variant_seeds=[0]" \
 		verifiable.resume=$(or $(RESUME),false) results_file=docs/results/verifiable.json

@@ -586,7 +586,9 @@ def write_report(results: dict, docs: Path = DOCS, readme: Path = README) -> Non
 
 # --------------------------------------------------------------------------- the verifiable suite
 RECORDED_VERIFIABLE = DOCS / "results" / "verifiable.json"
-# each variant's switches on top of configs/verifiable-grpo.yaml (the values DAPO and Dr. GRPO report)
+# vanilla GRPO: configs/verifiable-grpo.yaml with the stabiliser validation chose for it switched off
+VANILLA = ["dynamic_sampling.enabled=false"]
+# each variant's switches on top of vanilla (the values DAPO and Dr. GRPO report); dynamic_sampling is the preset
 VARIANT_OVERRIDES = {
     "grpo": [],
     "clip_higher": ["clip_eps_high=0.28"],
@@ -599,7 +601,7 @@ VERIFIABLE_TARGET_GAIN = 0.20  # GRPO's mean test pass@1 over the SFT policy's (
 
 def verifiable_run(cfg: ResultsConfig, sft: Path, variant: str, seed: int, log=print) -> dict:
     """One GRPO run of `variant`; what it reports on the test split (at its start, the SFT policy, and at its
-    end), and its cost. Validation chose nothing here but is recorded (best_val_iteration)."""
+    end), and its cost; and its validation pass@1, which chooses the preset (`preset_choice`)."""
     from rlhf_cluster import ppo
     from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, load_config
 
@@ -613,26 +615,40 @@ def verifiable_run(cfg: ResultsConfig, sft: Path, variant: str, seed: int, log=p
         f"precision={cfg.precision}", f"iterations={v.iterations}", f"eval_every={v.eval_every}",
         f"checkpoint_every={v.iterations}", "keep_checkpoints=1",
         *(f"builtin.{k}={val}" for k, val in cfg.builtin.model_dump().items() if val is not None and k != "task"),
-        *VARIANT_OVERRIDES[variant]])
+        *VANILLA, *VARIANT_OVERRIDES[variant]])
     t0 = time.time()
     summary = ppo.run(run_cfg, log=lambda m: (fh.write(str(m) + "\n"), fh.flush()))
     seconds = time.time() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if "test/pass@1" in r]
-    k = run_cfg.eval_samples_per_prompt
+    curve = run_curve(out, run_cfg.eval_samples_per_prompt)
     filtered = [r["rollout/filtered_frac"] for r in rows if "rollout/filtered_frac" in r]
-
-    def point(r: dict) -> dict:
-        return {"iteration": r["iteration"], "pass@1": r["test/pass@1"], f"pass@{k}": r[f"test/pass@{k}"],
-                "accuracy": r["test/gold"], "val_accuracy": r["val/gold"], "kl": r["test/sampled_kl"],
-                "length": r["test/sampled_length"],
-                "by_level": {key.rsplit("_", 1)[1]: val for key, val in r.items()
-                             if key.startswith("test/accuracy/level_")}}
-
-    return {"variant": variant, "seed": seed, "k": k, "initial": point(evals[0]), "final": point(evals[-1]),
-            "curve": [point(r) for r in evals], "best_val_iteration": summary["best_val_iteration"],
+    return {"variant": variant, "seed": seed, "k": run_cfg.eval_samples_per_prompt, "initial": curve[0],
+            "final": curve[-1], "curve": curve, "best_val_iteration": summary["best_val_iteration"],
             "filtered_frac": statistics.fmean(filtered) if filtered else None,
             "skipped": summary["faults"]["skipped_iterations"], "seconds": round(seconds, 1)}
+
+
+def run_curve(out: Path, k: int) -> list[dict]:
+    """A run's held-out evaluations, read from its metrics.jsonl: the test figures the page reports, and the
+    validation pass@1 that chooses the preset."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{"iteration": r["iteration"], "pass@1": r["test/pass@1"], f"pass@{k}": r[f"test/pass@{k}"],
+             "accuracy": r["test/gold"], "val_accuracy": r["val/gold"], "val_pass@1": r["val/pass@1"],
+             "kl": r["test/sampled_kl"], "length": r["test/sampled_length"],
+             "by_level": {key.rsplit("_", 1)[1]: val for key, val in r.items()
+                          if key.startswith("test/accuracy/level_")}}
+            for r in rows if "test/pass@1" in r]
+
+
+def with_current_curve(run: dict, out: Path) -> dict:
+    """A kept run, its curve re-read from its directory when that still holds it (so the record gains the fields
+    added since it ran) and the test figures there are the recorded ones; else as recorded."""
+    where = out / "verifiable" / run["variant"] / f"seed{run['seed']}"
+    if not (where / "metrics.jsonl").exists():
+        return run
+    curve = run_curve(where, run["k"])
+    same = [(p["iteration"], p["pass@1"]) for p in curve] == [(p["iteration"], p["pass@1"]) for p in run["curve"]]
+    return run | {"curve": curve, "initial": curve[0], "final": curve[-1]} if same else run
 
 
 def resumable_runs(previous: dict, fresh: dict, plan: list[tuple[str, int]]) -> dict:
@@ -641,11 +657,14 @@ def resumable_runs(previous: dict, fresh: dict, plan: list[tuple[str, int]]) -> 
     before the policy's hash was recorded carry none, and are taken on the settings alone)."""
     def settings(res: dict) -> dict:
         cfg = json.loads(json.dumps(res["config"]))
-        for key in ("variants", "variant_seeds", "resume"):
+        for key in ("variants", "variant_seeds", "every_seed", "resume"):
             cfg["verifiable"].pop(key, None)
         return {"config": cfg, "quick": res["quick"], "cpu": res["cpu"], "overrides": res["overrides"]}
 
     differ = [k for k, val in settings(fresh).items() if settings(previous)[k] != val]
+    if previous.get("vanilla", fresh["vanilla"]) != fresh["vanilla"]:  # files from before the preset had a
+        differ.append("vanilla")  # stabiliser on carry none: its yaml was vanilla then
+
     if previous.get("sft_sha256", fresh["sft_sha256"]) != fresh["sft_sha256"]:
         differ.append("the SFT policy")
     if differ:
@@ -653,6 +672,20 @@ def resumable_runs(previous: dict, fresh: dict, plan: list[tuple[str, int]]) -> 
                           "run without resume (or with another results_file)")
     return {"runs": [r for r in previous["runs"] if (r["variant"], r["seed"]) in plan],
             "started": previous["started"], "duration_s": previous.get("duration_s", 0.0)}
+
+
+def preset_choice(results: dict) -> dict | None:
+    """Which variant configs/verifiable-grpo.yaml should be: of those run over every seed, the one with the
+    highest mean validation pass@1 at the runs' end. Validation only; None while a run lacks it."""
+    every = results["config"]["verifiable"].get("every_seed", ["grpo"])
+    runs = [r for r in results["runs"] if r["variant"] in every]
+    if not runs or any(r["final"].get("val_pass@1") is None for r in runs):
+        return None
+    finals = {name: [r["final"]["val_pass@1"] for r in runs if r["variant"] == name]
+              for name in dict.fromkeys(r["variant"] for r in runs)}
+    means = {name: statistics.fmean(xs) for name, xs in finals.items()}
+    spread = {name: statistics.stdev(xs) if len(xs) > 1 else 0.0 for name, xs in finals.items()}
+    return {"val_pass@1": means, "std": spread, "chosen": max(means, key=means.get)}
 
 
 def verifiable_aggregate(runs: list[dict]) -> dict:
@@ -674,7 +707,8 @@ def verifiable_aggregate(runs: list[dict]) -> dict:
 
 
 def run_verifiable(cfg: ResultsConfig, quick: bool = False, log=print) -> dict:
-    """Vanilla GRPO over every seed and each stabiliser over `variant_seeds`, from the arithmetic SFT policy."""
+    """Vanilla GRPO (and the `every_seed` variants) over every seed and each other stabiliser over `variant_seeds`,
+    from the arithmetic SFT policy."""
     from rlhf_cluster.lib.registry import checkpoint_sha256
     from rlhf_cluster.sft import ensure_builtin_sft
 
@@ -687,14 +721,14 @@ def run_verifiable(cfg: ResultsConfig, quick: bool = False, log=print) -> dict:
     sft = ensure_builtin_sft(builtin)
     v = cfg.verifiable
     plan = [(variant, seed) for variant in v.variants
-            for seed in (cfg.seeds if variant == "grpo" or v.variant_seeds is None else v.variant_seeds)]
+            for seed in (cfg.seeds if variant in v.every_seed or v.variant_seeds is None else v.variant_seeds)]
     results = {"started": started, "cpu": cpu_name(), "cores": _cores(), "quick": quick,
-               "config": cfg.model_dump(mode="json"), "overrides": VARIANT_OVERRIDES,
+               "config": cfg.model_dump(mode="json"), "vanilla": VANILLA, "overrides": VARIANT_OVERRIDES,
                "sft_sha256": checkpoint_sha256(sft), "runs": [], "variants": {}}
     earlier_s = 0.0
     if v.resume and results_file.exists():
         kept = resumable_runs(json.loads(results_file.read_text()), results, plan)
-        results["runs"] = kept["runs"]
+        results["runs"] = [with_current_curve(r, out) for r in kept["runs"]]
         results["started"], earlier_s = kept["started"], kept["duration_s"]
         log(f"resuming {results_file}: kept {len(kept['runs'])} runs, {len(plan) - len(kept['runs'])} to go")
     done = {(r["variant"], r["seed"]) for r in results["runs"]}
@@ -753,10 +787,11 @@ def render_verifiable_md(results: dict) -> str:
         "`docs/results/verifiable.json`; do not edit by hand (`--report-only` regenerates it).", "",
         f"Recorded run: {results['started']}, {results['duration_s'] / 60:.0f} min on `{results['cpu']}` "
         f"({results['cores']} cores){', a --quick run' if results.get('quick') else ''}. Every run is "
-        f"`configs/verifiable-grpo.yaml` for {v['iterations']} iterations (precision `{cfg['precision']}`) from the "
-        "same built-in arithmetic SFT policy, with the reward from the shipped `exact_match` verifier. Vanilla GRPO "
-        "runs with seeds "
-        f"{cfg['seeds']}; the stabilisers run with seeds {v['variant_seeds'] or cfg['seeds']}. Each variant adds these "
+        f"`configs/verifiable-grpo.yaml`"
+        + (f" with `{' '.join(results['vanilla'])}` (vanilla GRPO)" if results.get("vanilla") else "")
+        + f" for {v['iterations']} iterations (precision `{cfg['precision']}`) from the "
+        "same built-in arithmetic SFT policy, with the reward from the shipped `exact_match` verifier. Seeds: "
+        + "; ".join(f"{name} {a['seeds']}" for name, a in results["variants"].items()) + ". Each variant adds these "
         "switches: " + "; ".join(f"{name}: `{' '.join(o) or '(none)'}`" for name, o in results["overrides"].items()
                                     if name in results["variants"]) + ".", "",
         "The task (`rlhf_cluster/lib/arithmetic.py`): every held-out question is a new combination of facts that "
@@ -771,12 +806,22 @@ def render_verifiable_md(results: dict) -> str:
         "![test pass@1 along the runs](results/verifiable.png)", "",
         "## Target", "",
     ]
-    if grpo:
-        met = grpo["gain"]["mean"] >= VERIFIABLE_TARGET_GAIN and len(grpo["seeds"]) >= 3
-        lines.append(f"GRPO raises test pass@1 over its SFT policy by ≥ {VERIFIABLE_TARGET_GAIN:.2f} "
-                     f"(mean of 3 seeds): {grpo['gain']['mean']:+.3f} ± {grpo['gain']['std']:.3f} "
-                     f"over {len(grpo['seeds'])} seed(s), "
+    choice = preset_choice(results)
+    preset = results["variants"].get(choice["chosen"]) if choice else grpo
+    if preset:
+        name = choice["chosen"] if choice else "grpo"
+        met = preset["gain"]["mean"] >= VERIFIABLE_TARGET_GAIN and len(preset["seeds"]) >= 3
+        lines.append(f"GRPO (the preset: {name}) raises test pass@1 over its SFT policy by ≥ "
+                     f"{VERIFIABLE_TARGET_GAIN:.2f} (mean of 3 seeds): {preset['gain']['mean']:+.3f} ± "
+                     f"{preset['gain']['std']:.3f} over {len(preset['seeds'])} seed(s), "
                      + ("met." if met else "**not met**."))
+    if choice:
+        lines += ["", "## The preset, chosen on validation", "",
+                  "`configs/verifiable-grpo.yaml` is, of the variants run over every seed, the one with the highest "
+                  "mean validation pass@1 at the runs' end (48 validation problems, 8 samples each; the test split "
+                  "chooses nothing), mean ± std over seeds: "
+                  + ", ".join(f"{n} {m:.3f} ± {choice['std'][n]:.3f}" for n, m in choice["val_pass@1"].items())
+                  + f" → **{choice['chosen']}**."]
     lines += ["", "## What the numbers show", "", *verifiable_findings(results)]
     lines += ["", "## Accuracy per level (greedy, test, the runs' end; SFT in brackets)", "",
               "| variant | " + " | ".join(f"level {lv}" for lv in ("1", "2", "3", "4")) + " |", "|---|---|---|---|---|"]
@@ -807,16 +852,20 @@ def verifiable_findings(results: dict) -> list[str]:
         else:
             out.append(f"- Vanilla GRPO did not raise pass@1 ({p1:+.3f}).")
     runs = results["runs"]
-    grpo_runs = [r for r in runs if r["variant"] == "grpo" and len(r["curve"]) >= 2]
-    if grpo_runs:
-        last = statistics.fmean(r["curve"][-1]["pass@1"] - r["curve"][-2]["pass@1"] for r in grpo_runs)
-        its = f"{grpo_runs[0]['curve'][-2]['iteration']} and {grpo_runs[0]['curve'][-1]['iteration']}"
+    choice = preset_choice(results)
+    for name in dict.fromkeys(["grpo", choice["chosen"] if choice else "grpo"]):
+        along = [r for r in runs if r["variant"] == name and len(r["curve"]) >= 2]
+        if not along:
+            continue
+        label = "vanilla GRPO" if name == "grpo" else f"the preset ({name})"
+        last = statistics.fmean(r["curve"][-1]["pass@1"] - r["curve"][-2]["pass@1"] for r in along)
+        its = f"{along[0]['curve'][-2]['iteration']} and {along[0]['curve'][-1]['iteration']}"
         if last > 0.02:
-            out.append(f"- **Still rising at the end.** Between its last two evaluations (iterations {its}) vanilla "
-                       f"GRPO's test pass@1 rose {last:+.3f} (mean over seeds): the runs stop before it levels off.")
+            out.append(f"- **Still rising at the end.** Between its last two evaluations (iterations {its}) {label}'s "
+                       f"test pass@1 rose {last:+.3f} (mean over seeds): the runs stop before it levels off.")
         else:
-            out.append(f"- **Levelled off.** Between its last two evaluations (iterations {its}) vanilla GRPO's test "
-                       f"pass@1 moved {last:+.3f} (mean over seeds): more iterations of this preset would add little.")
+            out.append(f"- **Levelled off.** Between its last two evaluations (iterations {its}) {label}'s test "
+                       f"pass@1 moved {last:+.3f} (mean over seeds): more iterations would add little.")
     stuck = [lv for lv in ("1", "2", "3", "4")
              if all(r["initial"]["by_level"].get(lv, 1.0) <= 0.05 and r["final"]["by_level"].get(lv, 1.0) <= 0.05
                     for r in runs)]

@@ -104,7 +104,8 @@ def _verifiable_synthetic() -> dict:
                      "seconds": 300.0})
     variants = {v: R.verifiable_aggregate([r for r in runs if r["variant"] == v]) for v in ("grpo", "dynamic_sampling")}
     return {"started": "2026-12-03 10:00 UTC", "cpu": "Test CPU", "cores": 2, "quick": False, "config": cfg,
-            "overrides": R.VARIANT_OVERRIDES, "runs": runs, "variants": variants, "duration_s": 900}
+            "vanilla": R.VANILLA, "overrides": R.VARIANT_OVERRIDES, "runs": runs, "variants": variants,
+            "duration_s": 900}
 
 
 def test_verifiable_report_is_generated_from_its_results_alone(tmp_path):
@@ -128,22 +129,76 @@ def test_verifiable_report_is_generated_from_its_results_alone(tmp_path):
 
 def test_a_resumed_verifiable_suite_keeps_only_runs_of_the_same_suite():
     previous = _verifiable_synthetic() | {"sft_sha256": "abc"}
-    fresh = {k: previous[k] for k in ("config", "quick", "cpu", "overrides")} | {"sft_sha256": "abc", "runs": []}
+    fresh = {k: previous[k] for k in ("config", "quick", "cpu", "vanilla", "overrides")} | {"sft_sha256": "abc",
+                                                                                           "runs": []}
     fresh["config"] = json.loads(json.dumps(fresh["config"]))
     fresh["config"]["verifiable"]["variant_seeds"] = [0]  # the variant lists may differ
+    fresh["config"]["verifiable"]["every_seed"] = ["grpo"]
     plan = [("grpo", 0), ("grpo", 1), ("dynamic_sampling", 0), ("overlong", 0)]
     kept = R.resumable_runs(previous, fresh, plan)
     assert [(r["variant"], r["seed"]) for r in kept["runs"]] == [("grpo", 0), ("grpo", 1), ("dynamic_sampling", 0)]
     assert kept["started"] == previous["started"] and kept["duration_s"] == 900
     assert len(R.resumable_runs(previous, fresh, [("grpo", 0)])["runs"]) == 1  # a run no longer planned is dropped
-    assert R.resumable_runs({k: v for k, v in previous.items() if k != "sft_sha256"}, fresh, plan)["runs"]
+    for older in ("sft_sha256", "vanilla"):  # files from before these were recorded are taken on the rest
+        assert R.resumable_runs({k: v for k, v in previous.items() if k != older}, fresh, plan)["runs"]
     for change, named in ((lambda f: f["config"].update(precision="bf16"), "config"),
+                          (lambda f: f.update(vanilla=[]), "vanilla"),
                           (lambda f: f.update(cpu="Other CPU"), "cpu"),
                           (lambda f: f.update(sft_sha256="def"), "the SFT policy")):
         other = json.loads(json.dumps(fresh))
         change(other)
         with pytest.raises(ConfigError, match=f"verifiable.resume: the results file's suite differs in {named}"):
             R.resumable_runs(previous, other, plan)
+
+
+def test_validation_chooses_the_preset_and_the_target_is_read_on_it(tmp_path):
+    res = _verifiable_synthetic()
+    assert R.preset_choice(res) is None  # a run without validation pass@1 chooses nothing
+    res["config"]["verifiable"]["every_seed"] = ["grpo", "dynamic_sampling"]
+    for run, val in zip(res["runs"], (0.40, 0.44, 0.45)):  # grpo seeds 0, 1; dynamic_sampling seed 0
+        run["final"]["val_pass@1"] = val
+    choice = R.preset_choice(res)
+    assert choice["chosen"] == "dynamic_sampling" and choice["val_pass@1"]["grpo"] == pytest.approx(0.42)
+    assert choice["std"]["grpo"] == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+    md = R.render_verifiable_md(res)
+    assert "GRPO (the preset: dynamic_sampling) raises test pass@1" in md and "+0.300 ± 0.000 over 1 seed(s)" in md
+    assert "grpo 0.420 ± 0.028, dynamic_sampling 0.450 ± 0.000 → **dynamic_sampling**" in md
+    res["runs"][2]["final"]["val_pass@1"] = 0.41  # the test figures unchanged: validation alone decides
+    assert R.preset_choice(res)["chosen"] == "grpo"
+
+
+def test_the_preset_config_is_the_variant_validation_chose():
+    """configs/verifiable-grpo.yaml is vanilla GRPO plus the chosen variant's switches, and the recorded suite's
+    vanilla plus each variant's switches is that variant (so its `grpo` row is vanilla GRPO)."""
+    from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig
+
+    recorded = json.loads(R.RECORDED_VERIFIABLE.read_text())
+    chosen = R.preset_choice(recorded)["chosen"]
+    preset = load_config(PPOConfig, CONFIG_DIR / "verifiable-grpo.yaml", [])
+    as_run = load_config(PPOConfig, CONFIG_DIR / "verifiable-grpo.yaml", [*R.VANILLA, *R.VARIANT_OVERRIDES[chosen]])
+    assert as_run == preset, f"the preset is not the variant validation chose ({chosen})"
+    assert recorded["vanilla"] == R.VANILLA and recorded["overrides"] == R.VARIANT_OVERRIDES
+    vanilla = load_config(PPOConfig, CONFIG_DIR / "verifiable-grpo.yaml", R.VANILLA)
+    assert not vanilla.dynamic_sampling.enabled and vanilla.clip_eps_high is None and not vanilla.overlong.buffer
+
+
+def test_a_kept_run_gains_the_fields_its_directory_holds(tmp_path):
+    res = _verifiable_synthetic()
+    run = res["runs"][0]
+    where = tmp_path / "verifiable" / "grpo" / "seed0"
+    where.mkdir(parents=True)
+
+    def row(it, p1):
+        return {"iteration": it, "test/pass@1": p1, "test/pass@8": 0.6, "test/gold": 0.5, "val/gold": 0.4,
+                "val/pass@1": 0.33, "test/sampled_kl": 0.1, "test/sampled_length": 15.0, "test/accuracy/level_1": 0.5}
+    rows = [row(0, 0.20), {"iteration": 1, "train/loss": 0.1}, row(100, 0.45)]
+    (where / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    kept = R.with_current_curve(run, tmp_path)
+    assert kept["final"]["val_pass@1"] == 0.33 and [p["iteration"] for p in kept["curve"]] == [0, 100]
+    assert R.with_current_curve(res["runs"][1], tmp_path) is res["runs"][1]  # no directory: as recorded
+    rows[-1]["test/pass@1"] = 0.5  # another run's directory (its test figures differ): as recorded
+    (where / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert R.with_current_curve(run, tmp_path) is run
 
 
 def test_committed_verifiable_report_matches_its_json(tmp_path):

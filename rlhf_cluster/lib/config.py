@@ -1249,7 +1249,10 @@ class VerifiableSuiteConfig(Strict):
     eval_every: int = Field(50, ge=1)
     """iterations between held-out evaluations"""
     variant_seeds: list[int] | None = None
-    """seeds of the stabiliser variants; null: every seed (vanilla grpo always runs every seed)"""
+    """seeds of the variants not in `every_seed`; null: every seed"""
+    every_seed: list[Literal[VERIFIABLE_VARIANTS]] = ["grpo", "dynamic_sampling"]  # type: ignore[valid-type]
+    """variants that run with every seed (`seeds`): vanilla grpo and the candidates for the preset, which
+    validation chooses among (configs/verifiable-grpo.yaml is dynamic_sampling)"""
     resume: bool = False
     """keep the runs `results_file` already holds from a suite with the same settings (the variant lists aside)
     and the same SFT policy, and run only the missing ones: an interrupted suite loses one run, not hours"""
