@@ -653,8 +653,9 @@ def with_current_curve(run: dict, out: Path) -> dict:
 
 def resumable_runs(previous: dict, fresh: dict, plan: list[tuple[str, int]]) -> dict:
     """The runs of an earlier suite's JSON that a resumed suite keeps: those in `plan`, when the earlier suite ran
-    with the same settings (the variant lists aside), on the same CPU, from the same SFT policy (files written
-    before the policy's hash was recorded carry none, and are taken on the settings alone)."""
+    with the same settings (the variant lists aside), on the same vanilla GRPO, on the same CPU, from the same SFT
+    policy. Files written before the policy's hash or vanilla's switches were recorded carry none and are taken on
+    the rest (vanilla was then the yaml itself, which had no stabiliser on)."""
     def settings(res: dict) -> dict:
         cfg = json.loads(json.dumps(res["config"]))
         for key in ("variants", "variant_seeds", "every_seed", "resume"):
@@ -662,9 +663,8 @@ def resumable_runs(previous: dict, fresh: dict, plan: list[tuple[str, int]]) -> 
         return {"config": cfg, "quick": res["quick"], "cpu": res["cpu"], "overrides": res["overrides"]}
 
     differ = [k for k, val in settings(fresh).items() if settings(previous)[k] != val]
-    if previous.get("vanilla", fresh["vanilla"]) != fresh["vanilla"]:  # files from before the preset had a
-        differ.append("vanilla")  # stabiliser on carry none: its yaml was vanilla then
-
+    if previous.get("vanilla", fresh["vanilla"]) != fresh["vanilla"]:
+        differ.append("vanilla")
     if previous.get("sft_sha256", fresh["sft_sha256"]) != fresh["sft_sha256"]:
         differ.append("the SFT policy")
     if differ:
