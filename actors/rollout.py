@@ -59,6 +59,15 @@ class WeightSyncExtension:
         """Per-layer (sum, sum of squares) of the weights loaded by the last sync."""
         return getattr(self, "_loaded", {})
 
+    def clear_kv_cache(self) -> int:
+        """Zero every KV cache tensor. Freed blocks keep their old contents, and attention multiplies the unused
+        slots of a block by zero: a NaN left there by a forward on non-finite weights stays NaN and spreads into
+        every later sample, whatever weights are loaded since. Returns the number of tensors zeroed."""
+        caches = [t for t in getattr(self.model_runner, "kv_caches", []) if t is not None]
+        for t in caches:
+            t.zero_()
+        return len(caches)
+
 
 def _timed(samples: list[dict], seconds: float) -> list[dict]:
     """Every sample of one engine call carries the call's seconds (`engine_seconds`): how long the
@@ -153,6 +162,12 @@ class RolloutEngine:
 
     def checksum(self) -> dict:
         return self.llm.collective_rpc("weight_checksums")[0]
+
+    def clear_kv_cache(self) -> int:
+        """After a rollback: no block computed with the weights rolled back from is reused or read (see
+        WeightSyncExtension.clear_kv_cache)."""
+        self.llm.reset_prefix_cache()
+        return sum(self.llm.collective_rpc("clear_kv_cache"))
 
     # -- GPU transports: vLLM's weight-transfer engine in the workers, driven by the trainer's rank 0
     def transfer_init(self, init_info: dict) -> None:
@@ -270,6 +285,10 @@ class HFRolloutEngine(RolloutEngine):
 
     def checksum(self) -> dict:
         return self._loaded
+
+    def clear_kv_cache(self) -> int:
+        """Nothing to clear: HF `generate` keeps no cache between calls."""
+        return 0
 
 
 def engine_class(name: str):

@@ -188,6 +188,7 @@ class PPORun:
         bad = [name for name, x in (("reward", raw_scores), ("reference log-prob", s.ref_logprobs),
                                     ("log-prob", old_lp), ("advantage", advantages)) if not torch.isfinite(x).all()]
         if bad:  # no update from poisoned numbers: the iteration is skipped and counted
+            self.weights.clear_kv_caches()  # a NaN the engines computed must not reach the next samples
             return {"skipped": 1, "skip_reason": "non-finite " + ", ".join(bad),
                     "reward/rm_score": raw_scores[torch.isfinite(raw_scores)].mean().item() if
                     torch.isfinite(raw_scores).any() else None, **timing}
@@ -290,7 +291,7 @@ class PPORun:
 
     def load_checkpoint(self, path: Path | str) -> None:
         self.load_state_dict(self.store.load(path))
-        self.weights.sync(policy_version=self.iteration)
+        self.weights.sync(policy_version=self.iteration, clear_kv_cache=True)
         self.log(f"resumed from {path} (iteration {self.iteration})")
 
     # ---------------------------------------------------------------- faults
@@ -330,7 +331,7 @@ class PPORun:
         faults = dict(self.faults)
         self.load_state_dict(self.start_state)
         self.faults.update(faults)
-        self.weights.sync(policy_version=0)
+        self.weights.sync(policy_version=0, clear_kv_cache=True)
         self.log("restarted from the initial models (no checkpoint yet)")
 
     # ---------------------------------------------------------------- the loop

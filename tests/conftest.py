@@ -18,10 +18,11 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 @pytest.fixture(scope="session")
 def builtin_cfg(tmp_path_factory):
-    """The built-in task's settings, with a cache private to this test session."""
+    """The built-in task's settings, with a cache private to this test session, or the one in $RLHF_TEST_CACHE
+    (.ci/run: `make test` and `make test-long` build the built-in models and policies once per CI run)."""
     from rlhf_cluster.lib.config import BuiltinConfig
 
-    return BuiltinConfig(cache_dir=str(tmp_path_factory.mktemp("builtin")))
+    return BuiltinConfig(cache_dir=os.environ.get("RLHF_TEST_CACHE") or str(tmp_path_factory.mktemp("builtin")))
 
 
 @pytest.fixture(scope="session")

@@ -56,6 +56,7 @@ def test_colocated_groups_share_bundles(ray_cluster):
         remove_placement_group(pg)
 
 
+@pytest.mark.long
 def test_a_group_whose_port_was_taken_starts_again_on_another(ray_cluster, tmp_path):
     """EADDRINUSE from rank 0's rendezvous restarts the group on a new port (the make test run of
     2026-12-04 lost a critic group, and with it every later PPO test, to such a race); two groups of one name
@@ -410,6 +411,7 @@ def test_lora_policy_syncs_its_adapted_weights_into_vllm(ray_cluster, engine, bu
         lora.shutdown()
 
 
+@pytest.mark.long
 def test_gradient_checkpointing_and_offload_give_the_same_step(ray_cluster, builtin_assets, sft_items):
     """trainer.gradient_checkpointing recomputes activations in backward; trainer.offload (ZeRO-Offload under
     ZeRO-3: optimizer state and parameter shards in host memory, DeepSpeed's CPU Adam) moves the step off the
@@ -430,3 +432,38 @@ def test_gradient_checkpointing_and_offload_give_the_same_step(ray_cluster, buil
     finally:
         for g in groups.values():
             g.shutdown()
+
+
+def test_an_engine_samples_exactly_again_after_poisoned_weights_and_a_rollback(engine, builtin_assets, tokenizer):
+    """Poisoned (NaN) weights synced into an engine and sampled from, then the rollback's re-sync of the good weights
+    with the KV cache cleared (`clear_kv_cache`, as PPORun.load_checkpoint does): the engine samples exactly what
+    it sampled before, token for token and log-prob for log-prob. Without the clear, the NaN that the poisoned
+    forward left in freed KV blocks reaches later samples, whatever weights are loaded (chaos seed 5 on a CPU
+    without AVX-512: the rolled-back iteration sampled differently)."""
+    import math
+
+    from safetensors.torch import load_file, save
+
+    actor = engine.actors[0]
+    good = load_file(builtin_assets.base / "model.safetensors")
+    poisoned = {k: v.clone().fill_(float("nan")) if k == "model.embed_tokens.weight" else v for k, v in good.items()}
+
+    def load(state: dict, version: int) -> None:
+        assert ray.get(actor.update_weights.remote([ray.put(save(state))], version)) == len(state)
+
+    def sample() -> list[dict]:
+        return ray.get(actor.generate.remote(_prompt_ids(tokenizer), None, 7))
+
+    load(good, 200)
+    ray.get(actor.clear_kv_cache.remote())
+    before = sample()
+    load(poisoned, 201)
+    assert all(math.isnan(lp) for s in sample() for lp in s["logprobs"])  # the poisoned forward fills the cache
+    load(good, 202)
+    stale = sample()
+    print("reloaded good weights, KV cache not cleared: same tokens as before the poison:",
+          [s["response_ids"] for s in stale] == [s["response_ids"] for s in before])
+    assert ray.get(actor.clear_kv_cache.remote()) >= 1
+    after = sample()
+    assert [s["response_ids"] for s in after] == [s["response_ids"] for s in before]
+    assert [s["logprobs"] for s in after] == [s["logprobs"] for s in before]

@@ -4,9 +4,10 @@ stages on real actors: SFT (Ray Train + DeepSpeed ZeRO-3), a reward model of the
 iterations with vLLM sampling and the trainer's weights synced into the engine after every step. The engine's
 sampled log-probs must equal the trainer's recomputed ones (`old_logprobs: recompute` measures the gap each
 iteration), which holds only if every synced tensor landed where vLLM's model reads it. Llama runs in every other
-test. Kept small for `make test`: 64 training rows per stage, one rank, two PPO iterations, about a minute a family
-here (each Ray Train stage starts its worker group, ~15 s, of which training is 1 s). DPO on each family is the
-`make test-archs` part (one more stage start per family).
+test. Kept small: 64 training rows per stage, one rank, two PPO iterations, 100 s a family on a 2-core CPU (each Ray
+Train stage starts its worker group, ~15 s, of which training is 1 s). Qwen2 runs in `make test`, the other families
+in `make test-long` (CI runs both); DPO on each family is the `make test-archs` part (one more stage start per
+family).
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ from rlhf_cluster.lib.tiny_models import FAMILIES, build_tiny
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.slow]
 
 TESTED = [f for f in FAMILIES if f != "llama"]
+# make test takes Qwen2 (tied embeddings: the export and sync case that once lost a head); the other families run in
+# make test-long (CI runs both)
+IN_MAKE_TEST = "qwen2"
+SYNC_FAMILIES = [pytest.param(f, marks=() if f == IN_MAKE_TEST else pytest.mark.long) for f in TESTED]
 ONE_RANK = ["trainer.num_ranks=1", "trainer.num_cpus_per_rank=1", "trainer.micro_batch_size=16", "epochs=1",
             "eval_every=100", "checkpoint_every=100"]
 # fp32 on both sides: Llama's gap is below 1e-4 (tests/test_ppo.py); a tensor synced to the wrong place, a missing
@@ -47,7 +52,7 @@ def _rows(builtin_assets, tmp_path) -> dict:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family", TESTED)
+@pytest.mark.parametrize("family", SYNC_FAMILIES)
 def test_a_family_trains_through_sft_rm_and_ppo_and_its_engine_agrees_with_the_trainer(family, ray_cluster,
                                                                                      builtin_assets, tmp_path):
     from rlhf_cluster import ppo

@@ -415,6 +415,7 @@ def ray_head(num_cpus: int = 4):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.long
 def test_ppo_rayjob_runs_unchanged_on_a_local_ray_cluster(overlays, builtin_assets, tmp_path):
     """The manifest's entrypoint and runtime env, submitted with `ray job submit` as KubeRay's submitter does.
 

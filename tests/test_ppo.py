@@ -89,48 +89,6 @@ def test_corrupt_checkpoint_is_skipped(smoke_run, tmp_path):
     assert latest_checkpoint(copy) == copy / "checkpoints" / "iter_000002"
 
 
-@pytest.mark.ray
-def test_killed_job_resumes_like_the_uninterrupted_run(smoke_run, builtin_assets, tmp_path):
-    """The job's driver (as under `ray job submit`) is SIGKILLed once checkpoint 2 exists; run again
-    with --resume it continues from the last complete checkpoint, and iteration 3 and the final
-    weights match the uninterrupted run of the same seed."""
-    import ray
-
-    from rlhf_cluster.ppo import main
-
-    full_out, _ = smoke_run
-    out = tmp_path / "killed"
-    args = ["--config", str(CONFIG_DIR / "smoke.yaml"), f"policy.path={builtin_assets.base}",
-            f"reward.path={builtin_assets.reward_base}", f"output_dir={out}", f"registry={out / 'registry'}"]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    with (tmp_path / "driver.log").open("w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "rlhf_cluster.ppo", *args], cwd=REPO, env=env,
-                                  stdout=log, stderr=log)
-        try:
-            deadline = time.time() + 600
-            while not (out / "checkpoints" / "iter_000002").exists():
-                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-                assert time.time() < deadline, "the job never wrote checkpoint 2"
-                time.sleep(0.1)
-            driver.send_signal(signal.SIGKILL)
-        finally:
-            driver.kill()
-            driver.wait(30)
-    assert latest_checkpoint(out).name == "iter_000002"  # a checkpoint 3 in flight is never chosen
-
-    main([*args, "--resume"])
-    full = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
-    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in resumed] == [0, 1, 2, 3]  # no gap, no duplicate
-    for key in ("reward/rm_score", "kl/mean_sequence_kl", "policy/loss", "response/length", "val/gold", "test/gold"):
-        assert resumed[3][key] == pytest.approx(full[3][key], rel=1e-4, abs=1e-5), key
-    a = load_file(full_out / "checkpoints" / "iter_000003" / "hf" / "model.safetensors")
-    b = load_file(out / "checkpoints" / "iter_000003" / "hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert not torch.equal(a["lm_head.weight"], load_file(builtin_assets.base / "model.safetensors")["lm_head.weight"])
-
-
 @pytest.fixture(scope="module")
 def async_run(ray_cluster, builtin_assets, tmp_path_factory):
     """configs/smoke.yaml with asynchronous rollout (max_staleness 1), 4 iterations, uninterrupted."""
@@ -164,25 +122,53 @@ def test_async_run_trains_no_sample_older_than_the_bound(async_run):
 
 
 @pytest.mark.ray
-def test_async_run_resumes_exactly(async_run, builtin_assets, tmp_path):
-    """A session that ends after iteration 2 stores the batch in flight (sampled by version 1) in its
-    checkpoint; --resume trains on exactly it, and iterations 3-4 and the final weights match the
-    uninterrupted asynchronous run."""
+def test_killed_job_resumes_like_the_uninterrupted_run(async_run, builtin_assets, tmp_path):
+    """The job's driver (as under `ray job submit`), asynchronous, is SIGKILLed once checkpoint 2 exists. That
+    checkpoint holds the batch in flight (sampled by version 1); run again with --resume, the job continues from
+    the last complete checkpoint and trains on exactly that batch, and iterations 3-4 and the final weights match
+    the uninterrupted asynchronous run of the same seed. (A synchronous job has nothing in flight: the same path
+    with an empty queue; tests/test_multinode.py resumes one across nodes.)"""
+    import ray
+
+    from rlhf_cluster.ppo import main
+
     full_out, _ = async_run
-    out = tmp_path / "stopped"
-    run(_smoke(builtin_assets, out, *ASYNC, "stop_after_iterations=2"))
+    out = tmp_path / "killed"
+    args = ["--config", str(CONFIG_DIR / "smoke.yaml"), f"policy.path={builtin_assets.base}",
+            f"reward.path={builtin_assets.reward_base}", f"output_dir={out}", f"registry={out / 'registry'}", *ASYNC]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "rlhf_cluster.ppo", *args], cwd=REPO, env=env,
+                                  stdout=log, stderr=log)
+        try:
+            deadline = time.time() + 600
+            while not (out / "checkpoints" / "iter_000002").exists():
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                assert time.time() < deadline, "the job never wrote checkpoint 2"
+                time.sleep(0.1)
+            driver.send_signal(signal.SIGKILL)
+        finally:
+            driver.kill()
+            driver.wait(30)
+    assert latest_checkpoint(out).name == "iter_000002"  # a checkpoint 3 in flight is never chosen
     state = json.loads((out / "checkpoints" / "iter_000002" / "coordinator.json").read_text())
     assert [(b["index"], b["policy_version"], len(b["samples"])) for b in state["in_flight"]] == [(2, 1, 16)]
-    run(_smoke(builtin_assets, out, *ASYNC), resume=True)
+
+    main([*args, "--resume"])
     full = [json.loads(line) for line in (full_out / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]  # no gap, no duplicate
     for i in (3, 4):
-        for key in ("reward/rm_score", "policy/loss", "rollout/policy_version", "rollout/is_weight_mean"):
+        for key in ("reward/rm_score", "kl/mean_sequence_kl", "policy/loss", "response/length",
+                    "rollout/policy_version", "rollout/is_weight_mean"):
             assert resumed[i][key] == pytest.approx(full[i][key], rel=1e-4, abs=1e-5), (i, key)
+    for key in ("val/gold", "test/gold"):
+        assert resumed[4][key] == pytest.approx(full[4][key], rel=1e-4, abs=1e-5), key
     a = load_file(full_out / "checkpoints" / "iter_000004" / "hf" / "model.safetensors")
     b = load_file(out / "checkpoints" / "iter_000004" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert not torch.equal(a["lm_head.weight"], load_file(builtin_assets.base / "model.safetensors")["lm_head.weight"])
 
 
 def _scripted_producer(scores_by_prompt: dict[int, list[float]], max_extra: int, want: int = 3):

@@ -17,7 +17,7 @@ from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, load_config
 from rlhf_cluster.ppo import latest_checkpoint, run
 from tests.conftest import free_port, start_redis
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.long]
 
 
 def _smoke(builtin_assets, out, *extra):

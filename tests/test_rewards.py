@@ -320,6 +320,7 @@ def test_preference_stages_refuse_the_arithmetic_task(builtin_cfg, arithmetic_as
 
 
 @pytest.mark.ray
+@pytest.mark.long
 def test_arithmetic_run_reports_pass_at_k_per_level(ray_cluster, builtin_cfg, arithmetic_assets, tmp_path):
     """configs/verifiable-grpo.yaml on the built-in arithmetic task, shortened and from the random base model:
     the evaluation judges with exact_match (greedy accuracy as gold, per level, pass@1 and pass@k), the summary
@@ -351,6 +352,7 @@ def test_arithmetic_run_reports_pass_at_k_per_level(ray_cluster, builtin_cfg, ar
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_rejection_sampling_round_keeps_what_a_reward_function_scores_best(ray_cluster, builtin_assets, tmp_path):
     """`rewards:` in a rejection-sampling round: the reward actors score every sample with the function (here:
     shorter is better), given its prompt and label, and the round keeps per prompt the sample it scored highest."""

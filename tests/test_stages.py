@@ -178,6 +178,7 @@ def test_reward_model_heldout_accuracy(builtin_sft_rm):
 @pytest.mark.ray
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.long
 def test_dpo_raises_heldout_logratio_and_gold(sft_run, vllm_engine, builtin_cfg, tmp_path):
     from rlhf_cluster.dpo import run_dpo
 
@@ -202,6 +203,7 @@ def test_dpo_raises_heldout_logratio_and_gold(sft_run, vllm_engine, builtin_cfg,
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.long
 def test_lora_sft_trains_adapters_and_exports_a_plain_model(builtin_assets, builtin_cfg, ray_cluster, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -230,6 +232,7 @@ def test_lora_sft_trains_adapters_and_exports_a_plain_model(builtin_assets, buil
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.long
 def test_killed_worker_resumes_from_last_checkpoint(builtin_assets, builtin_cfg, ray_cluster, tmp_path):
     """Rank 1 exits (os._exit) at step 13 once; Ray Train restarts the group from the last checkpoint
     it registered (step 10, or 5 when the step-10 report was still in flight) and the run ends at the

@@ -65,13 +65,27 @@ class WeightSync:
         if self.engines_asleep:
             gather([e.wake.remote(tags) for e in self.groups.rollout.actors])
 
-    def sync(self, policy_version: int | None = None, wait: bool = True) -> None:
+    def sync(self, policy_version: int | None = None, wait: bool = True, clear_kv_cache: bool = False) -> None:
         """The weight sync (`_sync`), with sleeping engines woken around it: their weights first, the KV cache
-        once the new weights are in."""
+        once the new weights are in. Weights that are not finite are never sent (PoisonedState: the run rolls
+        back). `clear_kv_cache` (after a rollback): the engines zero their KV caches, so nothing computed with
+        the weights rolled back from (NaN from a poisoned forward) reaches a later sample."""
+        from rlhf_cluster.rl.checkpoints import PoisonedState
+
+        if not all(self.groups.policy.run("weights_finite")):
+            raise PoisonedState("the policy weights are not finite; not synced to the engines")
         self._wake(["weights"])
         self._sync(policy_version, wait)
         self._wake(["kv_cache"])
         self.engines_asleep = False
+        if clear_kv_cache:
+            self.clear_kv_caches()
+
+    def clear_kv_caches(self) -> None:
+        """Every engine zeroes its KV cache (actors/rollout.py, `clear_kv_cache`)."""
+        from actors.group import gather
+
+        gather([e.clear_kv_cache.remote() for e in self.groups.rollout.actors])
 
     def _sync(self, policy_version: int | None = None, wait: bool = True) -> None:
         """Trainer -> every engine, in place: ZeRO-3 partitions gathered, then vLLM's NCCL / CUDA IPC
