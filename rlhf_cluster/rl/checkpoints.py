@@ -14,11 +14,7 @@ from pathlib import Path
 
 from rlhf_cluster.lib import storage
 from rlhf_cluster.lib.config import PPOConfig
-from rlhf_cluster.rl.weights import short
-
-
-class PoisonedState(RuntimeError):
-    """Trainer weights went non-finite: the run rolls back instead of saving them."""
+from rlhf_cluster.rl.weights import PoisonedState, short
 
 
 def _newest_complete(candidates: list, stored_and_actual):

@@ -12,6 +12,10 @@ from ray.exceptions import RayActorError
 from rlhf_cluster.lib.config import PPOConfig
 
 
+class PoisonedState(RuntimeError):
+    """Trainer weights went non-finite: the run rolls back instead of syncing or saving them."""
+
+
 def short(e: Exception) -> str:
     """First line of an error, for a log line."""
     text = str(e).strip().splitlines()
@@ -70,8 +74,6 @@ class WeightSync:
         once the new weights are in. Weights that are not finite are never sent (PoisonedState: the run rolls
         back). `clear_kv_cache` (after a rollback): the engines zero their KV caches, so nothing computed with
         the weights rolled back from (NaN from a poisoned forward) reaches a later sample."""
-        from rlhf_cluster.rl.checkpoints import PoisonedState
-
         if not all(self.groups.policy.run("weights_finite")):
             raise PoisonedState("the policy weights are not finite; not synced to the engines")
         self._wake(["weights"])
