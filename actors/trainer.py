@@ -18,6 +18,7 @@ import torch
 
 from actors.group import Worker
 from rlhf_cluster.lib import algorithms as A
+from rlhf_cluster.lib import faults
 from rlhf_cluster.lib.config import TrainerConfig
 from rlhf_cluster.lib.packing import Packed, micro_batch_rows, packed_batch, place, take
 
@@ -64,6 +65,15 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
     """True when `value` is finite on every rank. All ranks agree before anyone calls backward, so a
     NaN on one rank cannot leave the others waiting in a collective."""
     return all_reduce(1.0 if torch.isfinite(value).all() else 0.0, "min") == 1.0
+
+
+def master_partitions(engine) -> list[torch.Tensor]:
+    """The optimiser's fp32 master copy of this rank's weights, where it keeps one apart from the module's
+    (ZeRO-3, ZeRO-1/2, DeepSpeed's bf16 optimiser); empty where the module's weights are the master."""
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(engine.optimizer, name):
+            return list(getattr(engine.optimizer, name))
+    return []
 
 
 def _layer_key(name: str) -> str:
@@ -161,6 +171,7 @@ class _DeepSpeedRank(Worker):
         sums: dict[str, float] = {}
         counted, counted_units, skipped_micro = 0, 0, 0
         optimizer_skips, optimizer_steps = self.engine.skipped_steps, self.engine.global_steps
+        faults.at("before_forward")
         for mb, n in zip(batches, units):
             value, metrics = loss_fn(mb.ids, mb.att, mb.pos, mb.fields, **loss_kwargs)
             if not all_ranks_finite(value.detach()):
@@ -172,8 +183,10 @@ class _DeepSpeedRank(Worker):
                 counted, counted_units = counted + mb.n_real, counted_units + n
                 for k, v in {"loss": value.item(), **metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * n
+        faults.at("before_optimizer_step")
         if skipped_micro < len(batches):  # the same on every rank (all_ranks_finite agrees)
             self.engine.step()  # DeepSpeed skips the optimiser step itself when the gradient norm is not finite
+        faults.at("after_optimizer_step")
         self.steps += 1
         out = {k: v / max(1, counted_units) for k, v in sums.items()}
         out.update(lr=self.engine.get_lr()[0], seconds=time.time() - t0, items=counted, units=counted_units,
@@ -196,13 +209,35 @@ class _DeepSpeedRank(Worker):
 
         param.register_hook(poison)
 
+    def arm_fault(self, point: str, fault: str) -> None:
+        """Fault drill: when this rank next passes `point` (lib/faults.py), its weights are poisoned
+        (`poison_weights`) or its process is killed (SIGKILL: a crash, not a polite exit)."""
+        import os
+        import signal
+
+        actions = {"poison": self.poison_weights, "kill": lambda: os.kill(os.getpid(), signal.SIGKILL)}
+        if fault not in actions:
+            raise ValueError(f"unknown fault {fault!r}; one of {', '.join(actions)}")
+        faults.arm(point, actions[fault])
+
+    def poison_weights(self) -> None:
+        """Fault drill: this rank's ZeRO-3 partition of one matrix (without ZeRO-3: the matrix), and the
+        optimiser's master copy of its first group, become NaN in place, as a diverged update or corrupted memory
+        would leave them."""
+        p = next(p for p in self.engine.module.parameters() if getattr(p, "ds_tensor", p).numel())
+        getattr(p, "ds_tensor", p).data.fill_(float("nan"))
+        for master in master_partitions(self.engine)[:1]:
+            master.data.fill_(float("nan"))
+
     def weights_finite(self) -> bool:
         """Every rank's parameters (its ZeRO-3 partition) are finite: checked before a checkpoint,
         so a poisoned state is never saved."""
         self.wake()
         local = torch.tensor([1.0])
-        for p in self.engine.module.parameters():
-            t = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps this rank's partition in ds_tensor
+        # ZeRO-3 keeps this rank's partition in ds_tensor; the optimiser's master copy is what the next step
+        # writes the weights from and what a checkpoint saves
+        held = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()] + master_partitions(self.engine)
+        for t in held:
             if t.numel() and not torch.isfinite(t.detach()).all():
                 local[0] = 0.0
                 break
@@ -241,6 +276,7 @@ class _DeepSpeedRank(Worker):
         with staged(path) as (local, manifest):
             self.engine.save_checkpoint(str(local), tag=tag,
                                         client_state={"steps": self.steps, **(client_state or {})})
+            faults.at("checkpoint_write")
         return manifest
 
     def load(self, path: str, tag: str = "state", manifest: dict | None = None) -> dict:
@@ -291,6 +327,7 @@ class _DeepSpeedRank(Worker):
     def send_weights(self) -> None:
         for engine in getattr(self, "_transfers", []):
             engine.send_weights()
+        faults.at("export")
 
     def save_pretrained(self, path: str) -> dict:
         """HF-format export (rank 0 writes; every rank must call, ZeRO-3 gathers) to a directory, or to a storage
@@ -369,6 +406,7 @@ class PolicyTrainer(_DeepSpeedRank):
         from safetensors.torch import save
 
         state = self.full_state_dict()
+        faults.at("export")
         if self.rank != 0:
             return []
         refs, bucket, size = [], {}, 0

@@ -92,9 +92,7 @@ class CheckpointStore:
         Never from a poisoned state: non-finite weights raise PoisonedState (the run rolls back)."""
         from rlhf_cluster.lib.registry import checkpoint_manifest
 
-        for group in self.groups.trainers():
-            if not all(group.run("weights_finite")):
-                raise PoisonedState(f"the {group.name} weights are not finite; no checkpoint written")
+        self._check_finite("no checkpoint written")
         name = f"iter_{iteration:06d}"
         if self.remote:  # no atomic rename in object stores: the manifest, written last, completes it
             target = final = storage.join(self.remote, name)
@@ -121,6 +119,7 @@ class CheckpointStore:
             self.tokenizer.save_pretrained(local / "hf")
             (local / "coordinator.json").write_text(json.dumps(state))
         manifest |= uploaded
+        self._check_finite("the checkpoint being written is left incomplete")  # poisoned while written
         if self.remote:
             storage.write_bytes(storage.join(target, "manifest.json"), json.dumps(manifest).encode())
         else:
@@ -133,6 +132,11 @@ class CheckpointStore:
             self._register(final, iteration,
                            {k.replace("/", "_"): row[k] for k in ("val/gold", "test/gold") if k in row})
         return final
+
+    def _check_finite(self, consequence: str) -> None:
+        for group in self.groups.trainers():
+            if not all(group.run("weights_finite")):
+                raise PoisonedState(f"the {group.name} weights are not finite; {consequence}")
 
     def load(self, path: Path | str) -> dict:
         """Restore the trainer groups from `path`; returns the coordinator's state."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ray.exceptions import RayActorError
 
+from rlhf_cluster.lib import faults
 from rlhf_cluster.lib.config import PPOConfig
 
 
@@ -117,11 +118,14 @@ class WeightSync:
         if not wait:
             self.settle()
             self.pending += [e.update_weights.remote(buckets, version) for e in rollout.actors]
+            faults.at("engine_load")
             self.version = version
             return
         for attempt in range(ft.actor_restarts + 1):
             try:
-                gather([e.update_weights.remote(buckets, version) for e in rollout.actors])
+                loads = [e.update_weights.remote(buckets, version) for e in rollout.actors]
+                faults.at("engine_load")
+                gather(loads)
                 break
             except RayActorError as e:
                 if attempt == ft.actor_restarts:
