@@ -88,6 +88,25 @@ def test_committed_report_matches_its_json(tmp_path):
     assert (tmp_path / "README.md").read_text() == R.README.read_text()
 
 
+# the learning claims `make results` measures over seeds and make test-long no longer re-runs: each trained method's
+# mean test gold above the SFT policy's by 0.05 and by twice its seed spread; the PPO family's KL bounded
+TRAINED = ("rejection_sampling", "ppo", "grpo", "rloo", "reinforce_pp", "dpo", "ipo", "rs_ppo")
+
+
+def test_the_committed_results_show_every_trained_method_above_sft():
+    """GAE's 20-iteration learning run left make test-long (GRPO's stays there, the PPO family's run in CI); its
+    claim lives here, on the committed 3-seed run: measured 2026-12, GAE +0.18 test gold over SFT with a seed std of
+    0.023, the smallest margin RS's +0.13 with 0.055."""
+    res = json.loads(R.RECORDED.read_text())
+    assert len(res["config"]["seeds"]) >= 3 and not res["quick"], "a learning record needs 3 seeds of the full preset"
+    sft = res["methods"]["sft"]["aggregate"]["test_gold"]["mean"]
+    for method in TRAINED:
+        gold = res["methods"][method]["aggregate"]["test_gold"]
+        assert gold["mean"] - sft > max(0.05, 2 * gold["std"]), (method, gold, sft)
+    for method in R.PPO_FAMILY:
+        assert res["methods"][method]["aggregate"]["kl"]["mean"] < 2.0, method
+
+
 def _verifiable_synthetic() -> dict:
     cfg = ResultsConfig(suite="verifiable", seeds=[0, 1]).model_dump(mode="json")
 
