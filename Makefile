@@ -88,7 +88,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	touch $@
 
 lint: install
-	$(PY) -m ruff check rlhf_cluster actors serve deploy tests bench
+	$(PY) -m ruff check rlhf_cluster deploy tests bench scripts
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache bench/out

@@ -67,8 +67,8 @@ def ranks_memory(path: str, ranks: int, partition: bool, sequences: list[list[in
     """Resident memory of each rank of a reference group on `path`: after loading, after a forward, and peak."""
     import ray
 
-    from actors.group import ActorGroup
-    from actors.scorers import ReferenceModel
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.scorers import ReferenceModel
     from rlhf_cluster.lib.config import ScorerConfig
 
     res = ScorerConfig(num_ranks=ranks, num_cpus_per_rank=0.1, micro_batch_size=BATCH, partition=partition)
@@ -87,8 +87,8 @@ def trainer_memory(path: str, sequences: list[list[int]]) -> list[dict]:
     """Each rank of a 2-rank ZeRO-3 policy trainer on `path`, after one optimiser step (every state allocated)."""
     import ray
 
-    from actors.group import ActorGroup
-    from actors.trainer import PolicyTrainer
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.trainer import PolicyTrainer
     from rlhf_cluster.lib.config import TrainerConfig
 
     t = TrainerConfig(num_ranks=2, num_cpus_per_rank=0.1, zero_stage=3, micro_batch_size=BATCH)
@@ -107,8 +107,8 @@ def engine_memory(path: str, sequences: list[list[int]]) -> dict:
     """One vLLM rollout engine on `path` (KV cache 1 GiB), after sampling from the batch's prompts."""
     import ray
 
-    from actors.group import ActorGroup
-    from actors.rollout import RolloutEngine
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.rollout import RolloutEngine
     from rlhf_cluster.lib.config import GroupResources, RolloutConfig
 
     rollout = RolloutConfig(kv_cache_gib=1.0, max_new_tokens=16)

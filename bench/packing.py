@@ -49,9 +49,9 @@ def mixed_batch(assets, seed: int = 0) -> list[dict]:
 def one_size(size: str, reps: int) -> dict:
     import ray
 
-    from actors.group import ActorGroup
-    from actors.scorers import ReferenceModel, RewardModel
-    from actors.trainer import PolicyTrainer
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.scorers import ReferenceModel, RewardModel
+    from rlhf_cluster.actors.trainer import PolicyTrainer
     from rlhf_cluster.lib.config import ScorerConfig, TrainerConfig
     from rlhf_cluster.lib.packing import micro_batch_rows
 

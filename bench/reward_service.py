@@ -1,4 +1,4 @@
-"""Benchmark `reward_service`: the reward app (serve/reward_app.py) on a private local Ray Serve,
+"""Benchmark `reward_service`: the reward app (rlhf_cluster/serve/reward_app.py) on a private local Ray Serve,
 loaded over real HTTP on loopback by 1, 8 and 64 concurrent clients sending one item per request (and
 8 clients sending 32), batched vs unbatched, against the same model's raw batched forward throughput
 in-process (the limit). Also records the CPU time the Serve proxy, the replica, the rest of Ray and the
@@ -208,12 +208,12 @@ def _health(client) -> dict:
 
 
 def _limit(rm, encoded: list[list[int]], batch_sizes: list[int], seconds: float, threads: int) -> dict:
-    """Raw forward throughput (items/s) of serve.reward_app.forward in this process with `threads` torch
+    """Raw forward throughput (items/s) of rlhf_cluster.serve.reward_app.forward in this process with `threads` torch
     threads, same items in the same order, for each batch size: as many batches as fit in about `seconds`
     (at least 3) after one untimed batch."""
     import torch
 
-    from serve.reward_app import forward
+    from rlhf_cluster.serve.reward_app import forward
 
     out, before = {}, torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -275,10 +275,10 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     import httpx
     from ray import serve
 
-    from actors.group import free_port
+    from rlhf_cluster.actors.group import free_port
     from rlhf_cluster.lib.tiny_models import count_parameters
-    from serve.launch import deploy, load_serve_config
-    from serve.reward_app import encode_messages, forward, load_reward_model
+    from rlhf_cluster.serve.launch import deploy, load_serve_config
+    from rlhf_cluster.serve.reward_app import encode_messages, forward, load_reward_model
 
     model_dir, which, assets = _model_dir(size)
     pool = _items(assets, POOL)
@@ -358,7 +358,8 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     # the model's forward by batch size, after Serve is gone (a reference curve; the ratios use the
     # limits measured right after each batched round)
     limit = _limit(rm, encoded, [1, 8, 16, 32, 64], limit_seconds, replica_threads)
-    log(f"reward_service/{size}: limit (serve.reward_app.forward in-process, {replica_threads} torch thread) "
+    log(f"reward_service/{size}: limit (rlhf_cluster.serve.reward_app.forward in-process, "
+        f"{replica_threads} torch thread) "
         + ", ".join(f"batch {k}: {v:.0f}" for k, v in limit.items()) + " items/s")
     ratios = {}
     for n, ipr in CASES:
@@ -412,7 +413,7 @@ def bench_reward_service(quick: bool, dtype: str = "float32") -> tuple[dict, lis
               "ray": "ray.init(address='local', num_cpus=4)",
               "dtype": f"{dtype} (the served model and the raw forward)",
               "service": "the reward application of configs/serve.yaml (its args: 1 replica, num_cpus 1, "
-                         "max_ongoing_requests 64), deployed alone with serve.launch.deploy on 127.0.0.1; "
+                         "max_ongoing_requests 64), deployed alone with rlhf_cluster.serve.launch.deploy on 127.0.0.1; "
                          "models: the built-in reward model; follow_registry false. Batching is switched per "
                          "mode by reconfigure(user_config) on the running replica",
               "clients": "asyncio in the benchmark process: one httpx.AsyncClient (one keep-alive connection) per "
@@ -423,7 +424,7 @@ def bench_reward_service(quick: bool, dtype: str = "float32") -> tuple[dict, lis
               "throughput": "scored items / wall time of a round (common start to last response); median of rounds",
               "cpu": "user+system CPU seconds of the Serve proxy, the replica, the rest of this Ray cluster and "
                      "this process (clients + driver), per scored item; others = the rest of the machine",
-              "limit": "serve.reward_app.forward in the benchmark process on the same items (right-padded "
+              "limit": "rlhf_cluster.serve.reward_app.forward in the benchmark process on the same items (right-padded "
                        "batches in pool order), torch threads = the replica's (1); measured for ~limit_seconds "
                        "right after each batched round at that round's mean batch size (Serve idle), "
                        "batched/limit = median of those paired ratios; plus a curve over batch sizes after "
@@ -491,7 +492,7 @@ def readme_table(rec: dict) -> list[str]:
                              f"{x['mean_batch'] or 0:.1f} | {cpu['proxy']:.1f} | {cpu['replica']:.1f} | "
                              f"{cpu['clients']:.1f} | {cpu['ray_rest']:.1f} | {x['other_cpu_ms_per_item']:.1f} | "
                              f"{extra} |")
-        lines += ["", "Limit = the same model's `serve.reward_app.forward` in the benchmark process, "
+        lines += ["", "Limit = the same model's `rlhf_cluster.serve.reward_app.forward` in the benchmark process, "
                       f"{r['limit_torch_threads']} torch thread like the replica, at the batched round's mean batch "
                       "size, measured right after each batched round; batched / limit is the median of those paired "
                       "ratios, batched / unbatched the ratio of median throughputs. The same forward after Serve was "

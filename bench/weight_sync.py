@@ -21,9 +21,9 @@ def sync_one_size(size: str, reps: int, bucket_bytes: int, pgs: tuple = (None, N
     import ray
     from safetensors.torch import load
 
-    from actors.group import ActorGroup
-    from actors.rollout import RolloutEngine
-    from actors.trainer import PolicyTrainer
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.rollout import RolloutEngine
+    from rlhf_cluster.actors.trainer import PolicyTrainer
     from rlhf_cluster.lib.config import GroupResources, RolloutConfig, TrainerConfig
 
     assets = builtin_assets(size)

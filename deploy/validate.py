@@ -217,7 +217,7 @@ def split_commands(entrypoint: str) -> list[list[str]]:
 
 
 def parse_command(argv: list[str]) -> JobCommand:
-    """Check one `python -m MODULE --config /app/configs/X.yaml [flags] key=value...` against the code."""
+    """Check one `python -m MODULE --config PRESET [flags] key=value...` against the code."""
     from rlhf_cluster.lib import config as C
 
     if argv[:2] != ["python", "-m"] or len(argv) < 3:
@@ -245,12 +245,10 @@ def parse_command(argv: list[str]) -> JobCommand:
             overrides.append(arg)
         else:
             raise DeployError(f"entrypoint: {module}: unexpected argument {arg!r}")
-    if config is None or not config.startswith(f"{APP_DIR}/configs/"):
-        raise DeployError(f"entrypoint: {module}: --config must name a file under {APP_DIR}/configs/ "
-                          f"(the image's copy of configs/), got {config!r}")
-    path = ROOT / PurePosixPath(config).relative_to(APP_DIR)
-    if not path.is_file():
-        raise DeployError(f"entrypoint: {module}: config file {config} does not exist (no {path.relative_to(ROOT)})")
+    if config is None or config not in C.presets():
+        raise DeployError(f"entrypoint: {module}: --config must name a preset shipped in the package (the image "
+                          f"installs the wheel: {', '.join(C.presets())}), got {config!r}")
+    path = C.preset_or_path(config)
     try:
         cfg = C.load_config(cls, path, overrides)
     except C.ConfigError as e:
@@ -353,8 +351,9 @@ def first_difference(a, b, path: str = "") -> str | None:
 
 
 def check_rayservice(obj: dict) -> dict:
-    """serveConfigV2 == configs/serve.yaml (host 0.0.0.0), loads with serve.launch, import paths resolve."""
-    from serve.launch import load_serve_config
+    """serveConfigV2 == configs/serve.yaml (host 0.0.0.0), loads with rlhf_cluster.serve.launch, import paths
+    resolve."""
+    from rlhf_cluster.serve.launch import load_serve_config
 
     text = obj["spec"].get("serveConfigV2", "")
     cfg = yaml.safe_load(text)
@@ -539,9 +538,14 @@ def check_dockerfile(path: Path, extra: str, uninstall: list[str] | None = None)
             raise DeployError(f"{path.name}: must `pip uninstall -y {' '.join(uninstall)}` as the Makefile does "
                               f"(found {removed})")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    installed = re.findall(r"pip install [^&]*?-e '\.\[([\w,-]+)\]'", " ".join(a for i, a in ins if i == "RUN"))
+    runs = " ".join(a for i, a in ins if i == "RUN")
+    if "pip wheel --no-deps -w /tmp/dist ." not in runs:
+        raise DeployError(f"{path.name}: no `pip wheel --no-deps -w /tmp/dist .` (the image installs the wheel)")
+    installed = re.findall(r'pip install [^&]*?"\$\(ls /tmp/dist/rlhf_cluster-\*\.whl\)\[([\w,-]+)\]"', runs)
     if not installed:
-        raise DeployError(f"{path.name}: no `pip install ... -e '.[EXTRA]'`")
+        raise DeployError(f'{path.name}: no `pip install ... "$(ls /tmp/dist/rlhf_cluster-*.whl)[EXTRA]"`')
+    if "-e " in runs:
+        raise DeployError(f"{path.name}: an editable install (`pip install -e`): the image must run the wheel")
     for names in installed:
         for name in names.split(","):
             if name not in extras:
@@ -549,7 +553,7 @@ def check_dockerfile(path: Path, extra: str, uninstall: list[str] | None = None)
     if extra not in installed[0].split(","):
         raise DeployError(f"{path.name}: installs .[{installed[0]}], expected the {extra!r} extra")
     if [a for i, a in ins if i == "WORKDIR"][-1:] != [APP_DIR]:
-        raise DeployError(f"{path.name}: WORKDIR must be {APP_DIR} (the manifests use {APP_DIR}/configs)")
+        raise DeployError(f"{path.name}: WORKDIR must be {APP_DIR} (the manifests' working directory)")
     copied = []
     for i, a in ins:
         if i == "COPY":
@@ -558,8 +562,11 @@ def check_dockerfile(path: Path, extra: str, uninstall: list[str] | None = None)
                 if not (ROOT / s).exists():
                     raise DeployError(f"{path.name}: COPY {s}: no such file in the repository")
                 copied.append(s.rstrip("/"))
-    if "configs" not in copied:
-        raise DeployError(f"{path.name}: configs/ is not copied into the image")
+    if "rlhf_cluster" not in copied:
+        raise DeployError(f"{path.name}: rlhf_cluster/ (the package, its presets inside) is not copied into the image")
+    if f"rm -rf /tmp/dist {APP_DIR}/rlhf_cluster" not in runs:
+        raise DeployError(f"{path.name}: the sources must be removed after the wheel is installed "
+                          f"(`rm -rf /tmp/dist {APP_DIR}/rlhf_cluster`): from {APP_DIR} they would shadow it")
     ignore = (path.parent / f"{path.name}.dockerignore").read_text().split()
     for s in copied:
         if f"!{s}" not in ignore:

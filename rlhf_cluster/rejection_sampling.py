@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from actors.group import gather
 from rlhf_cluster import scaffold
+from rlhf_cluster.actors.group import gather
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig
 from rlhf_cluster.ppo import resolve_models
@@ -209,9 +209,9 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
     `run_name`: the `run` of this job's registry entries (default: the output directory's name).
     """
 
-    from actors.group import ActorGroup
-    from actors.scorers import RewardModel
     from rlhf_cluster import ppo
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.scorers import RewardModel
     from rlhf_cluster.lib.registry import make_entry, open_registry
     from rlhf_cluster.lib.report import learning_curves
     from rlhf_cluster.lib.tracking import track_finished

@@ -74,7 +74,7 @@ def main(name: str, config_cls: type[JobConfig], run: Callable, argv: list[str] 
                                  epilog=keys_help(config_cls), formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = f" (default: {default_config.name})" if default_config else "; keys not given take their defaults"
     ap.add_argument("--config", default=str(default_config) if default_config else None,
-                    help=f"YAML config (see configs/){shown}")
+                    help=f"YAML config: a file, or a preset's name (smoke, tiny-cpu, ...: configs/){shown}")
     if add_flags:
         add_flags(ap)
     ap.add_argument("--print-config", action="store_true",

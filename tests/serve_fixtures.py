@@ -1,11 +1,11 @@
 """What the tests of the reward and checkpoints apps share (tests/test_serve_*.py): the running service, the
 checkpoints it serves, and the helpers that call it.
 
-configs/serve.yaml is deployed through serve.launch (the same code as `python -m serve`) with a temporary
-registry, token and checkpoint roots. A test module takes the fixtures with `name = serve_fixtures.name`:
-each module then has its own service (started for its first test, shut down after its last), so no state
-crosses files. Inside a module the service is shared, and a test that needs particular registry contents or a
-particular served model sets them up itself (see tests/test_serve_checkpoints.py).
+configs/serve.yaml is deployed through rlhf_cluster.serve.launch (the same code as `python -m rlhf_cluster.serve`)
+with a temporary registry, token and checkpoint roots. A test module takes the fixtures with `name =
+serve_fixtures.name`: each module then has its own service (started for its first test, shut down after its last), so
+no state crosses files. Inside a module the service is shared, and a test that needs particular registry contents or
+a particular served model sets them up itself (see tests/test_serve_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def service(ray_cluster, builtin_assets, second_rm, tmp_path_factory):
     (following the registry's pointer), the checkpoints app over an empty registry, both behind TOKEN."""
     from ray import serve
 
-    from serve.launch import deploy, load_serve_config
+    from rlhf_cluster.serve.launch import deploy, load_serve_config
 
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "token").write_text(TOKEN + "\n")
@@ -134,13 +134,13 @@ def service(ray_cluster, builtin_assets, second_rm, tmp_path_factory):
 
 @contextlib.contextmanager
 def reward_app(name: str, args: dict):
-    """A reward app of this test's own (serve.reward_app:app_builder with `args`) at /<name> next to the shared
-    ones, deleted afterwards: for tests that change a reward app in ways no later test should see."""
+    """A reward app of this test's own (rlhf_cluster.serve.reward_app:app_builder with `args`) at /<name> next to the
+    shared ones, deleted afterwards: for tests that change a reward app in ways no later test should see."""
     from ray import serve
 
-    from serve.launch import build_application, run_application
+    from rlhf_cluster.serve.launch import build_application, run_application
 
-    run_application(build_application("serve.reward_app:app_builder", args), name, f"/{name}")
+    run_application(build_application("rlhf_cluster.serve.reward_app:app_builder", args), name, f"/{name}")
     try:
         yield serve.get_deployment_handle("RewardModel", app_name=name)
     finally:

@@ -6,10 +6,17 @@ import pytest
 import ray
 import torch
 
-from actors.group import ActorGroup, Worker, colocated_bundle, colocated_placement_group, gather, split_evenly
-from actors.rollout import RolloutEngine
-from actors.scorers import ReferenceModel, RewardModel
-from actors.trainer import Critic, PolicyTrainer
+from rlhf_cluster.actors.group import (
+    ActorGroup,
+    Worker,
+    colocated_bundle,
+    colocated_placement_group,
+    gather,
+    split_evenly,
+)
+from rlhf_cluster.actors.rollout import RolloutEngine
+from rlhf_cluster.actors.scorers import ReferenceModel, RewardModel
+from rlhf_cluster.actors.trainer import Critic, PolicyTrainer
 from rlhf_cluster.lib.config import GroupResources, RolloutConfig, TrainerConfig
 from rlhf_cluster.lib.data import encode_prompt, load_tokenized
 from tests.workers import PortTakenOnce, parameter_elements
@@ -362,7 +369,7 @@ def test_critic_values_and_value_step(ray_cluster, builtin_assets, sft_items):
 def test_hf_engine_behind_the_same_interface(policy, ray_cluster, builtin_assets, tokenizer, sft_items):
     """rollout.engine=hf: same samples contract, seeded samples independent of the engine split,
     the same in-place weight sync, log-probs equal to the trainer's."""
-    from actors.rollout import HFRolloutEngine, generate_across
+    from rlhf_cluster.actors.rollout import HFRolloutEngine, generate_across
 
     res = GroupResources(num_ranks=2, num_cpus_per_rank=0.25)
     hf = ActorGroup(HFRolloutEngine, res, str(builtin_assets.base), ROLLOUT.model_dump(), name="rollout-hf")

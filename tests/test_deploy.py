@@ -54,8 +54,8 @@ def test_overlays_render_the_expected_objects(overlays):
     cpu, gpu = (get(overlays[n], "RayJob", "rlhf-ppo") for n in ("cpu-dev", "gpu"))
     assert get(overlays["cpu-dev"], "PersistentVolumeClaim", "rlhf-checkpoints")["spec"]["accessModes"] == [
         "ReadWriteOnce"]
-    assert "--config /app/configs/tiny-cpu.yaml" in cpu["spec"]["entrypoint"]
-    assert "--config /app/configs/llama-8b-gpu.yaml" in gpu["spec"]["entrypoint"]
+    assert "--config tiny-cpu " in cpu["spec"]["entrypoint"]
+    assert "--config llama-8b-gpu " in gpu["spec"]["entrypoint"]
     assert [g["groupName"] for g in workers(gpu)] == ["policy", "rollout", "scoring"]
     assert all(V.pod_resources(g)[1] > 0 for g in workers(gpu))
     assert sum(V.pod_resources(g)[1] * g["replicas"] for g in workers(gpu)) == 8
@@ -157,8 +157,8 @@ def test_entrypoints_validate_against_the_job_configs(overlays):
     ("--resume", "--resume rollout.temprature=0.5", r"rollout\.temprature: unknown key"),
     ("--resume", "--resume trainer.zero_stage=5", r"trainer\.zero_stage"),
     ("--resume", "--resume estimator=grpo rollout.samples_per_prompt=1", "needs rollout.samples_per_prompt >= 2"),
-    ("tiny-cpu.yaml", "tiny-gpu.yaml", "config file /app/configs/tiny-gpu.yaml does not exist"),
-    ("/app/configs/tiny-cpu.yaml", "configs/tiny-cpu.yaml", "must name a file under /app/configs/"),
+    ("--config tiny-cpu", "--config tiny-gpu", "must name a preset shipped in the package"),
+    ("--config tiny-cpu", "--config /app/configs/tiny-cpu.yaml", "must name a preset shipped in the package"),
     ("--resume", "--resum", "has no option --resum"),
     ("--resume", "--resume ; rm -rf /", "unsupported shell syntax"),
     ("output_dir=/mnt/checkpoints/ppo-tiny", "output_dir=runs/ppo", "output_dir 'runs/ppo' is relative"),
@@ -227,8 +227,10 @@ def test_serve_config_v2_is_configs_serve_yaml(overlays):
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ("serve.reward_app:app_builder", "serve.reward_app:build", "module serve.reward_app has no attribute 'build'"),
-    ("serve.checkpoints_app:app_builder", "serve.checkpoint_app:app_builder", "No module named 'serve.checkpoint_app'"),
+    ("rlhf_cluster.serve.reward_app:app_builder", "rlhf_cluster.serve.reward_app:build",
+     "module rlhf_cluster.serve.reward_app has no attribute 'build'"),
+    ("rlhf_cluster.serve.checkpoints_app:app_builder", "rlhf_cluster.serve.checkpoint_app:app_builder",
+     "No module named 'rlhf_cluster.serve.checkpoint_app'"),
     ("max_batch_size: 16", "max_batch_size: 32", r"applications\.0\.args\.max_batch_size: 32 in serveConfigV2"),
     ("host: 0.0.0.0", "host: 127.0.0.1", r"http_options\.host"),
     ("port: 8000", "port: 8100", r"http_options\.port"),
@@ -453,7 +455,7 @@ def test_ppo_rayjob_runs_unchanged_on_a_local_ray_cluster(overlays, builtin_asse
 
 
 def test_deploying_an_application_the_config_lacks_fails_before_serve_starts():
-    from serve.launch import deploy, load_serve_config
+    from rlhf_cluster.serve.launch import deploy, load_serve_config
 
     with pytest.raises(ValueError, match=r"no application named \['polcy'\].*'policy', 'feedback'"):
         deploy(load_serve_config(), only=["reward", "polcy"])

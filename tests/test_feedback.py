@@ -199,7 +199,7 @@ def test_the_feedback_apps_round_config_is_checked_when_it_starts(tmp_path):
     """The app's round (args.rounds) is loaded when the app starts: a bad key fails the deployment, naming it; a
     good one becomes the job's entrypoint with the app's own store and an absolute output directory."""
     from rlhf_cluster.lib.config import ConfigError
-    from serve.feedback_app import FeedbackAppArgs, RoundArgs, Rounds
+    from rlhf_cluster.serve.feedback_app import FeedbackAppArgs, RoundArgs, Rounds
 
     with pytest.raises(ConfigError, match="min_pairs"):
         Rounds(RoundArgs(overrides=["min_pairs=0"]), str(tmp_path / "f.sqlite3"))

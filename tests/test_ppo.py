@@ -42,11 +42,40 @@ def _smoke(builtin_assets, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(ray_cluster, builtin_assets, tmp_path_factory):
-    """configs/smoke.yaml, uninterrupted: every group, 3 iterations, a checkpoint each."""
+def installed_wheel(tmp_path_factory) -> Path:
+    """The package as a user installs it: a wheel built from this checkout, installed into a new virtual environment
+    that sees this one's dependencies (a path file) but not the checkout. Returns the new environment's python."""
+    where = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(where / "dist"), str(REPO)], check=True, cwd=where)
+    (wheel,) = (where / "dist").glob("rlhf_cluster-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where / "venv")], check=True)
+    python = where / "venv" / "bin" / "python"
+    (site,) = (where / "venv" / "lib").glob("python3*/site-packages")
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "dependencies.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+                   check=True)
+    probe = "import rlhf_cluster.rl, rlhf_cluster.actors.rollout as r; print(r.__file__)"
+    found = subprocess.run([python, "-c", probe], cwd="/", capture_output=True, text=True, check=True).stdout.strip()
+    assert found.startswith(str(site)), found  # the wheel's copy, not the checkout's
+    return python
+
+
+@pytest.fixture(scope="module")
+def smoke_run(installed_wheel, builtin_assets, tmp_path_factory):
+    """`python -m rlhf_cluster.ppo --config smoke` (configs/smoke.yaml, uninterrupted: every group, 3 iterations, a
+    checkpoint each), run as a user runs it: from the installed wheel, in a directory outside the checkout, on a local
+    Ray cluster of its own (whose workers import the wheel's code too)."""
     out = tmp_path_factory.mktemp("ppo-smoke")
-    summary = run(_smoke(builtin_assets, out))
-    return out, summary
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    job = subprocess.run([installed_wheel, "-m", "rlhf_cluster.ppo", "--config", "smoke",
+                          f"policy.path={builtin_assets.base}", f"reward.path={builtin_assets.reward_base}",
+                          f"output_dir={out}", f"registry={out / 'registry'}"],
+                         cwd="/", env=env, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+    assert "=== PPO summary ===" in job.stdout
+    return out, json.loads((out / "summary.json").read_text())
 
 
 @pytest.mark.ray
@@ -98,7 +127,8 @@ SUB_PHASE_FAULTS = [(point, fault, (i + (fault == "poison")) % 2) for i, point i
 
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
-def test_a_fault_at_any_point_of_a_step_rolls_back_to_the_clean_run(smoke_run, builtin_assets, tmp_path, monkeypatch):
+def test_a_fault_at_any_point_of_a_step_rolls_back_to_the_clean_run(ray_cluster, smoke_run, builtin_assets, tmp_path,
+                                                                    monkeypatch):
     """The smoke run again: a policy rank killed before the forward of iteration 1 (no checkpoint yet: the run restarts
     from the initial models), then a fault in each attempt at iteration 2 until every one in SUB_PHASE_FAULTS has
     rolled it back: a policy rank's weights poisoned or the rank SIGKILLed before the forward, between backward and

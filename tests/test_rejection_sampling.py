@@ -10,20 +10,38 @@ from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, RSConfig, load_conf
 from rlhf_cluster.rejection_sampling import run
 
 
+def _rounds_config(builtin_cfg, builtin_sft_rm, out):
+    """RS, RS, PPO from the built-in SFT policy, one run (each round costs a minute here)."""
+    sft, rm = builtin_sft_rm
+    return load_config(RSConfig, CONFIG_DIR / "rejection-sampling-tiny.yaml", [
+        f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
+        f"builtin.cache_dir={builtin_cfg.cache_dir}", "rounds=[rejection_sampling, rejection_sampling, ppo]",
+        "rs.prompts_per_round=64", "iterations=4", "eval_every=2", "checkpoint_every=2", "keep_checkpoints=1",
+        "best_of_k_eval=[1,4,8]", "best_of_k_seeds=3"])
+
+
+def _chosen(out, summary) -> dict:
+    """What the rounds chose: the promoted round, the PPO round's kept checkpoints, the registry's serving step."""
+    from rlhf_cluster.lib.registry import open_registry
+
+    kept = sorted(p.name for p in (out / "round_3" / "checkpoints").iterdir())
+    return {"best_round": summary["best_round"], "kept": kept, "serving": open_registry(out / "registry").serving(
+        "policy").step}
+
+
+@pytest.fixture(scope="module")
+def rounds_run(builtin_cfg, builtin_sft_rm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rs")
+    return out, run(_rounds_config(builtin_cfg, builtin_sft_rm, out))
+
+
 @pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.slow
-def test_rounds_improve_gold_promote_the_best_and_best_of_k_grows(builtin_cfg, builtin_sft_rm, tmp_path):
-    """RS, RS, PPO from the built-in SFT policy, one run (each round costs a minute here)."""
+def test_rounds_improve_gold_promote_the_best_and_best_of_k_grows(rounds_run):
     from rlhf_cluster.lib.registry import open_registry
 
-    sft, rm = builtin_sft_rm
-    out = tmp_path / "rs"
-    summary = run(load_config(RSConfig, CONFIG_DIR / "rejection-sampling-tiny.yaml", [
-        f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
-        f"builtin.cache_dir={builtin_cfg.cache_dir}", "rounds=[rejection_sampling, rejection_sampling, ppo]",
-        "rs.prompts_per_round=64", "iterations=4", "eval_every=2", "checkpoint_every=4",
-        "best_of_k_eval=[1,4,8]", "best_of_k_seeds=3"]))
+    out, summary = rounds_run
     gold = summary["gold_per_round"]  # on the test split (46 prompts: one standard error is ~0.05)
     assert len(gold) == 4
     # Margins against the seed spread measured by the results harness (docs/results.md, 3 seeds): two rounds of
@@ -62,14 +80,13 @@ def test_bad_rounds_config_fails_early():
 @pytest.mark.long
 @pytest.mark.ray
 @pytest.mark.slow
-def test_test_split_gold_cannot_change_what_is_promoted_or_kept(builtin_cfg, builtin_sft_rm, tmp_path, monkeypatch):
-    """Two runs of RS -> PPO rounds, the second with the test split's gold labels inverted (in the
-    driver, where every gold score is computed): the same round is promoted, the registry serves the
-    same step and the PPO round keeps the same checkpoints; only the reported test numbers differ."""
+def test_test_split_gold_cannot_change_what_is_promoted_or_kept(rounds_run, builtin_cfg, builtin_sft_rm, tmp_path,
+                                                                monkeypatch):
+    """The RS, RS, PPO rounds again, with the test split's gold labels inverted (in the driver, where every gold
+    score is computed): the same round is promoted, the registry serves the same step and the PPO round keeps the
+    same checkpoints (chosen by validation gold every 2 iterations); only the reported test numbers differ."""
     from rlhf_cluster.lib import task
-    from rlhf_cluster.lib.registry import open_registry
 
-    sft, rm = builtin_sft_rm
     test_prompts = set(task.split_prompts(builtin_cfg.seed)["test"])
     true_gold = task.gold_score
 
@@ -77,21 +94,11 @@ def test_test_split_gold_cannot_change_what_is_promoted_or_kept(builtin_cfg, bui
         g = true_gold(prompt, response)
         return task.GoldScore(1 - g.helpfulness, 1 - g.safety) if prompt in test_prompts else g
 
-    def rounds(out, invert: bool) -> dict:
-        if invert:
-            monkeypatch.setattr(task, "gold_score", inverted_on_test)
-        summary = run(load_config(RSConfig, CONFIG_DIR / "rejection-sampling-tiny.yaml", [
-            f"policy.path={sft}", f"reward.path={rm}", f"output_dir={out}", f"registry={out / 'registry'}",
-            f"builtin.cache_dir={builtin_cfg.cache_dir}", "rounds=[rejection_sampling, ppo]", "best_of_k_eval=[]",
-            "rs.prompts_per_round=8", "rs.samples_per_prompt=4", "rs.epochs=1", "estimator=grpo",
-            "rollout.samples_per_prompt=2", "prompts_per_iteration=8", "iterations=2", "eval_every=1",
-            "checkpoint_every=1", "keep_checkpoints=1"]))
-        monkeypatch.setattr(task, "gold_score", true_gold)
-        kept = sorted(p.name for p in (out / "round_2" / "checkpoints").iterdir())
-        return {**summary, "kept": kept, "serving": open_registry(out / "registry").serving("policy").step}
-
-    clean, flipped = rounds(tmp_path / "clean", False), rounds(tmp_path / "flipped", True)
+    monkeypatch.setattr(task, "gold_score", inverted_on_test)
+    out = tmp_path / "flipped"
+    flipped = run(_rounds_config(builtin_cfg, builtin_sft_rm, out))
+    monkeypatch.setattr(task, "gold_score", true_gold)
+    clean_out, clean = rounds_run
     assert flipped["gold_per_round"] != clean["gold_per_round"]  # the test labels did change
     assert flipped["val_gold_per_round"] == pytest.approx(clean["val_gold_per_round"], abs=1e-9)
-    for key in ("best_round", "kept", "serving"):
-        assert flipped[key] == clean[key], key
+    assert _chosen(out, flipped) == _chosen(clean_out, clean)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import ray
 
-from actors.group import ActorGroup
-from actors.scorers import RemoteRewardModel, RewardModel
+from rlhf_cluster.actors.group import ActorGroup
+from rlhf_cluster.actors.scorers import RemoteRewardModel, RewardModel
 from rlhf_cluster.lib.config import GroupResources
 from rlhf_cluster.lib.data import encode_conversation
 from tests.conftest import free_port
@@ -24,7 +24,7 @@ def reward_url(ray_cluster, builtin_assets, tmp_path_factory):
     """The reward app of configs/serve.yaml alone, scoring behind the bearer token."""
     from ray import serve
 
-    from serve.launch import deploy, load_serve_config
+    from rlhf_cluster.serve.launch import deploy, load_serve_config
 
     tmp = tmp_path_factory.mktemp("remote-reward")
     (tmp / "token").write_text(TOKEN + "\n")
@@ -66,7 +66,7 @@ def test_a_served_verifier_scores_prompts_and_labels(reward_url, builtin_assets,
     (RemoteRewardModel with the samples' context), and the verdicts come back. Redeploys the app, so last."""
     import httpx
 
-    from serve.launch import deploy, load_serve_config
+    from rlhf_cluster.serve.launch import deploy, load_serve_config
 
     (tmp_path / "token").write_text(TOKEN + "\n")
     cfg = load_serve_config()

@@ -109,8 +109,8 @@ def _samples(tokenizer, rows):
 
 @pytest.mark.ray
 def test_reward_sources_sum_models_functions_and_endpoints(ray_cluster, builtin_assets, tokenizer, endpoint):
-    from actors.group import ActorGroup
-    from actors.scorers import RewardModel, RewardSources
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.scorers import RewardModel, RewardSources
     from rlhf_cluster.lib.config import GroupResources
     from rlhf_cluster.rl.rollout import reward_context
 
@@ -147,8 +147,8 @@ def test_llama2_rule_over_sources_and_their_tracked_metrics(ray_cluster, builtin
     """combine=llama2 takes the safety term where the prompt is flagged or the safety score is below the threshold,
     else helpfulness; training calls (track=True) leave per-source means and the functions' extra metrics for
     the coordinator, evaluation calls none."""
-    from actors.group import ActorGroup
-    from actors.scorers import RewardSources
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.scorers import RewardSources
     from rlhf_cluster.lib.config import GroupResources
     from rlhf_cluster.rl.rollout import reward_context
 
@@ -185,8 +185,8 @@ def test_llama2_rule_over_sources_and_their_tracked_metrics(ray_cluster, builtin
 ])
 def test_a_failing_function_is_a_clear_error_and_the_actor_lives_on(ray_cluster, builtin_assets, tokenizer, fn,
                                                                      message):
-    from actors.group import ActorGroup
-    from actors.scorers import RewardSources
+    from rlhf_cluster.actors.group import ActorGroup
+    from rlhf_cluster.actors.scorers import RewardSources
     from rlhf_cluster.lib.config import GroupResources
     from rlhf_cluster.lib.reward_functions import RewardFunctionError
     from rlhf_cluster.rl.rollout import reward_context

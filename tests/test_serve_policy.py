@@ -1,7 +1,7 @@
-"""The service loop on a real local Ray Serve (configs/serve.yaml through serve.launch), called over HTTP, the policy
-through the official OpenAI client: answers kept for feedback, feedback validated and stored, scoped tokens,
-generated requests (schemathesis), a kill -9 of redis-server while feedback is coming in, rounds started over HTTP
-as Ray jobs, two feedback rounds driven by simulated annotators (`long`: make test-long), and a promotion under
+"""The service loop on a real local Ray Serve (configs/serve.yaml through rlhf_cluster.serve.launch), called over HTTP,
+the policy through the official OpenAI client: answers kept for feedback, feedback validated and stored, scoped
+tokens, generated requests (schemathesis), a kill -9 of redis-server while feedback is coming in, rounds started over
+HTTP as Ray jobs, two feedback rounds driven by simulated annotators (`long`: make test-long), and a promotion under
 concurrent chat load.
 
 The module's service serves the built-in SFT policy as "pol-v1" and the built-in reward model as "rm" (promoted in
@@ -41,7 +41,7 @@ def loop(ray_cluster, builtin_assets, builtin_sft_rm, tmp_path_factory):
     from ray import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serve.launch import deploy, load_serve_config
+    from rlhf_cluster.serve.launch import deploy, load_serve_config
 
     tmp = tmp_path_factory.mktemp("policy")
     (tmp / "token").write_text(TOKEN + "\n")
@@ -211,12 +211,12 @@ def test_redis_kill_during_feedback_ingestion_loses_no_acknowledged_record(loop,
     afterwards; during the outage the answer is a 503 naming the store (or the retry succeeds), never another 5xx."""
     from ray import serve
 
-    from serve.launch import build_application, run_application
+    from rlhf_cluster.serve.launch import build_application, run_application
 
     port = free_port()
     redis = {"proc": start_redis(port, tmp_path)}
     url = f"redis://127.0.0.1:{port}/0"
-    run_application(build_application("serve.feedback_app:app_builder", {
+    run_application(build_application("rlhf_cluster.serve.feedback_app:app_builder", {
         "feedback": url, "token_file": str(loop["tmp"] / "token")}), "feedback_redis", "/fbredis")
     acked, others, stop = [], [], threading.Event()
 
@@ -364,7 +364,7 @@ def test_every_rounds_call_is_503_when_the_jobs_api_stops_answering(loop):
     """A failing Jobs API is the cluster's fault, not the request's: once the app has reached the dashboard and it
     stops answering, each Rounds call (list, start, get, stop: the four routes) raises JobsUnavailable naming the
     call, which the routes answer as 503 (never 500); on a live API an unknown id is None (404)."""
-    from serve.feedback_app import JobsUnavailable, RoundArgs, Rounds
+    from rlhf_cluster.serve.feedback_app import JobsUnavailable, RoundArgs, Rounds
 
     rounds = Rounds(RoundArgs(), str(loop["store_path"]))
     assert rounds.list() is not None and rounds.get("feedback-round-20260101-000000-abcdef") is None

@@ -217,7 +217,7 @@ def test_health_check_fails_when_a_served_model_stops_scoring(builtin_assets, na
     import asyncio
     import dataclasses
 
-    from serve.reward_app import RewardDeployment, load_reward_model
+    from rlhf_cluster.serve.reward_app import RewardDeployment, load_reward_model
 
     cls = RewardDeployment.func_or_class.__mro__[1]  # the class under @serve.ingress's wrapper
     replica = cls({"models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False})
@@ -274,8 +274,8 @@ def test_a_reward_app_whose_model_cannot_load_fails_clearly(service):
     and requests to the app get a 503 from the proxy, never a 500 or a traceback; the other apps go on."""
     from ray import serve
 
-    from serve.launch import run_application
-    from serve.reward_app import RewardDeployment
+    from rlhf_cluster.serve.launch import run_application
+    from rlhf_cluster.serve.reward_app import RewardDeployment
 
     c = service["client"]
     args = {**service["common"], "models": {"rm": "/nonexistent/reward-model"}, "follow_registry": False}
@@ -297,7 +297,7 @@ def test_requests_in_flight_survive_a_redeploy(service, builtin_assets):
     replica; the old one first finishes what it has, and requests arriving meanwhile wait, up to ~10 s here):
     no request fails, and the replica changed. With graceful_shutdown_timeout_s=0 the same redeploy cuts the
     requests in flight off: 4 of 29 were 500s when tried."""
-    from serve.launch import build_application, run_application
+    from rlhf_cluster.serve.launch import build_application, run_application
 
     args = {**service["common"], "models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False,
             "num_cpus": 0.25}
@@ -321,8 +321,8 @@ def test_requests_in_flight_survive_a_redeploy(service, builtin_assets):
         try:
             while len(results) < 8:
                 time.sleep(0.05)
-            run_application(build_application("serve.reward_app:app_builder", {**args, "max_body_bytes": 1 << 19}),
-                            "drain", "/drain")
+            app = build_application("rlhf_cluster.serve.reward_app:app_builder", {**args, "max_body_bytes": 1 << 19})
+            run_application(app, "drain", "/drain")
             during = len(results)
             deadline = time.monotonic() + 60
             while c.get("/drain/healthz").json()["replica"] == first or len(results) < during + 8:
@@ -525,7 +525,7 @@ def test_a_service_given_no_models_serves_the_trained_reward_model(tmp_path):
     said as such (the registry's promoted checkpoint, when there is one, replaces either at start)."""
     from rlhf_cluster.lib.builtin import cache_root
     from rlhf_cluster.lib.config import BuiltinConfig
-    from serve.reward_app import default_model
+    from rlhf_cluster.serve.reward_app import default_model
 
     cfg = BuiltinConfig(cache_dir=str(tmp_path))
     root = cache_root(cfg)
@@ -547,7 +547,13 @@ def test_the_app_scores_in_bfloat16_when_asked(builtin_assets):
     In this process, on the deployment's own class; an unknown dtype is refused by the app's arguments."""
     from pydantic import ValidationError
 
-    from serve.reward_app import RewardAppArgs, RewardDeployment, encode_messages, forward, load_reward_model
+    from rlhf_cluster.serve.reward_app import (
+        RewardAppArgs,
+        RewardDeployment,
+        encode_messages,
+        forward,
+        load_reward_model,
+    )
 
     cls = RewardDeployment.func_or_class.__mro__[1]
     replica = cls({"models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False, "dtype": "bfloat16"})

@@ -1,4 +1,4 @@
-"""The CPU-testable half of the GPU weight transports (actors/weight_transfer.py): the trainer's
+"""The CPU-testable half of the GPU weight transports (rlhf_cluster/actors/weight_transfer.py): the trainer's
 weight source as vLLM's trainer engines read it, the IPC-handle encoding vLLM's workers decode,
 and the config checks. The NCCL / CUDA IPC data planes themselves are vLLM's and need GPUs."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.weight_transfer import TrainerSource, rpc_safe
+from rlhf_cluster.actors.weight_transfer import TrainerSource, rpc_safe
 from rlhf_cluster.lib.config import ConfigError, PPOConfig, load_config
 
 

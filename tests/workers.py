@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.group import Worker
+from rlhf_cluster.actors.group import Worker
 
 
 class PortTakenOnce(Worker):

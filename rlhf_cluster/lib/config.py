@@ -16,8 +16,8 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (docs/, bench/): not part of an installed package
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the presets, shipped inside the package
 
 
 class ConfigError(ValueError):
@@ -869,12 +869,27 @@ def _describe(err: ValidationError, cls: type[BaseModel] | None = None) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def presets() -> list[str]:
+    """The names of the configs shipped in the package (`--config smoke` is configs/smoke.yaml)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_or_path(name: str | Path) -> Path:
+    """A file that exists, else a preset of that name (a bare name, or a name ending in .yaml); else `name`."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    preset = CONFIG_DIR / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return preset if preset.is_file() else path
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()) -> C:
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        path = preset_or_path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist (a preset is named without its .yaml: "
+                              f"{', '.join(presets())})")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")

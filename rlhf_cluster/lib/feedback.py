@@ -1,8 +1,8 @@
 """Feedback: the answers the policy service gave, and what people said about them.
 
-The policy app (serve/policy_app.py) keeps every answer it gives: its id (the completion's own id), the
+The policy app (rlhf_cluster/serve/policy_app.py) keeps every answer it gives: its id (the completion's own id), the
 prompt as chat messages, each choice's response, the sampling settings and the policy version (the registry
-entry it was served from). The feedback app (serve/feedback_app.py) takes what the seeds' annotation
+entry it was served from). The feedback app (rlhf_cluster/serve/feedback_app.py) takes what the seeds' annotation
 protocols produce about answers, or about any responses sent as text with their prompt:
 
     comparison  two responses to one prompt: which is better and by how much (Llama 2's strengths;
@@ -378,7 +378,8 @@ def default_feedback_path() -> Path:
     return default_registry_dir().parent / "feedback.sqlite3"
 
 
-# feedback rounds (rlhf_cluster/feedback_round.py), as the feedback app starts and reads them (serve/feedback_app.py)
+# feedback rounds (rlhf_cluster/feedback_round.py), as the feedback app starts and reads them
+# (rlhf_cluster/serve/feedback_app.py)
 ROUND_SUMMARY_LINE = "feedback round summary: "  # the round's last line: its summary as JSON
 ROUND_ID_ENV = "RLHF_FEEDBACK_ROUND_ID"            # the Ray job's id, recorded in the summary and rounds.json
 

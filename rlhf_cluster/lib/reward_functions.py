@@ -9,7 +9,7 @@ removed), `labels` the data's label values (any JSON value: a reference answer, 
 It may instead return `{"rewards": [...], "metrics": {"name": [one float per response], ...}}`: the
 metrics are logged as `reward/<source>/<name>` means (OpenRLHF's `extra_logs`). A config names one as
 `fn: "package.module:function"` in `rewards:`; the reward actors import it and call it batched, with a
-timeout (actors/scorers.py). `exact_match` below is the one the built-in
+timeout (rlhf_cluster/actors/scorers.py). `exact_match` below is the one the built-in
 verifiable task uses.
 """
 

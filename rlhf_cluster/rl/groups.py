@@ -45,10 +45,10 @@ class RLGroups:
                 + f" (the cluster has {len(alive)} nodes)")
 
     def _start(self, cfg: PPOConfig, policy_path, reward_path, trainer, train_steps, with_critic, log):
-        from actors.group import ActorGroup, colocated_placement_group
-        from actors.rollout import engine_class
-        from actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel, RewardSources
-        from actors.trainer import Critic, PolicyTrainer
+        from rlhf_cluster.actors.group import ActorGroup, colocated_placement_group
+        from rlhf_cluster.actors.rollout import engine_class
+        from rlhf_cluster.actors.scorers import ReferenceModel, RemoteRewardModel, RewardModel, RewardSources
+        from rlhf_cluster.actors.trainer import Critic, PolicyTrainer
 
         # each actor picks DeepSpeed's accelerator itself (rlhf_cluster.lib.deepspeed_setup), unless the driver says
         env = {"RLHF_TORCH_THREADS": "1"} | {k: os.environ[k] for k in ("DS_ACCELERATOR",) if k in os.environ}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from actors.group import gather
+from rlhf_cluster.actors.group import gather
 from rlhf_cluster.lib.config import PPOConfig
 
 

@@ -164,7 +164,7 @@ class RolloutProducer:
                 "rollout/informative_prompts": len(prompts)}
 
     def _send(self, batch: Batch) -> Batch:
-        from actors.rollout import submit_across
+        from rlhf_cluster.actors.rollout import submit_across
 
         # nothing here waits on an engine (a restarting one would raise outside _collect's recovery)
         batch.calls = submit_across(self.groups.rollout, [p["prompt_ids"] for p in batch.prompts], self.overrides,
@@ -197,8 +197,8 @@ class RolloutProducer:
     def _collect(self, batch: Batch) -> None:
         """Wait for a batch. An engine that died (or came back with the initial weights) is waited for,
         every engine is re-synced, and this batch and those queued behind it are sent again."""
-        from actors.group import gather
-        from actors.rollout import StaleWeights, collect_across
+        from rlhf_cluster.actors.group import gather
+        from rlhf_cluster.actors.rollout import StaleWeights, collect_across
 
         ft = self.cfg.fault_tolerance
         if batch.samples is not None:
@@ -247,7 +247,7 @@ class RolloutProducer:
                  seed: int | None = None) -> list[dict]:
         """Sample with the latest weights (after the batches in flight). An engine that died is
         restarted by Ray with the initial weights: wait for it, re-sync every engine, send again."""
-        from actors.rollout import StaleWeights, generate_across
+        from rlhf_cluster.actors.rollout import StaleWeights, generate_across
 
         ft = self.cfg.fault_tolerance
         for attempt in range(ft.actor_restarts + 1):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.group import gather
+from rlhf_cluster.actors.group import gather
 from rlhf_cluster.rl.batch import padded, response_part, trainer_item
 
 

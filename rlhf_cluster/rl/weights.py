@@ -53,7 +53,7 @@ class WeightSync:
         """colocate.sleep: before "generate" the trainers move their states to host memory; before "train" the
         engines sleep. Returns the device GiB each side freed (the trainers wake themselves when a call needs
         their states; the engines wake in `sync`)."""
-        from actors.group import gather
+        from rlhf_cluster.actors.group import gather
 
         if not self.cfg.colocate.sleep:
             return {}
@@ -65,7 +65,7 @@ class WeightSync:
         return {"memory/engines_slept_gib": freed / 2**30}
 
     def _wake(self, tags: list[str]) -> None:
-        from actors.group import gather
+        from rlhf_cluster.actors.group import gather
 
         if self.engines_asleep:
             gather([e.wake.remote(tags) for e in self.groups.rollout.actors])
@@ -85,8 +85,8 @@ class WeightSync:
             self.clear_kv_caches()
 
     def clear_kv_caches(self) -> None:
-        """Every engine zeroes its KV cache (actors/rollout.py, `clear_kv_cache`)."""
-        from actors.group import gather
+        """Every engine zeroes its KV cache (rlhf_cluster/actors/rollout.py, `clear_kv_cache`)."""
+        from rlhf_cluster.actors.group import gather
 
         gather([e.clear_kv_cache.remote() for e in self.groups.rollout.actors])
 
@@ -95,7 +95,7 @@ class WeightSync:
         transport on GPUs, or buckets in the object store. `wait=False` (object store only): the
         engines load the weights after the calls already queued on them, and the caller goes on; a
         failure surfaces as StaleWeights or RayActorError at the engine's next call."""
-        from actors.group import gather
+        from rlhf_cluster.actors.group import gather
 
         ft = self.cfg.fault_tolerance
         rollout = self.groups.rollout

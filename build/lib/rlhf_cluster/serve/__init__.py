@@ -1,0 +1,1 @@
+"""Ray Serve applications (FastAPI ingress): reward scoring and checkpoints, over a registry."""

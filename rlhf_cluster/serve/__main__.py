@@ -1,0 +1,77 @@
+"""python -m rlhf_cluster.serve [--config configs/serve.yaml] [--port 8000] [--apps reward policy ...]: run the service.
+
+The apps of configs/serve.yaml: reward (/v1/score, /get_reward), checkpoints (/v1/checkpoints), policy
+(OpenAI-compatible at /policy/v1) and feedback (/v1/feedback); --apps deploys only those named.
+
+Joins the cluster of $RAY_ADDRESS or starts a local one, deploys the config and blocks until Ctrl-C.
+The bearer token comes from $RLHF_SERVE_TOKEN or $RLHF_SERVE_TOKEN_FILE; without either, one is
+generated into ~/.cache/rlhf-cluster/serve_token (mode 0600) and its path printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import time
+
+from rlhf_cluster.lib.registry import default_registry_dir
+from rlhf_cluster.serve.common import TOKEN_ENV, TOKEN_FILE_ENV
+from rlhf_cluster.serve.launch import DEFAULT_CONFIG, deploy, load_serve_config
+
+
+def ensure_token() -> None:
+    if os.environ.get(TOKEN_ENV) or os.environ.get(TOKEN_FILE_ENV):
+        return
+    path = default_registry_dir().parent / "serve_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    os.environ[TOKEN_FILE_ENV] = str(path)  # inherited by a local cluster's workers
+    print(f"bearer token: {path} (curl -H \"Authorization: Bearer $(cat {path})\" ...)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_cluster.serve")
+    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--port", type=int, default=None, help="override http_options.port")
+    ap.add_argument("--apps", nargs="+", default=None, help="deploy only these applications of the config")
+    ap.add_argument("--num-cpus", type=float, default=4,
+                    help="logical CPUs of the local cluster this starts (as the jobs' ray.num_cpus): the apps and a "
+                         "feedback round started over HTTP share it (ignored when joining $RAY_ADDRESS's cluster)")
+    args = ap.parse_args(argv)
+    cfg = load_serve_config(args.config)
+    ensure_token()
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address) if address else ray.init(num_cpus=args.num_cpus)
+    deploy(cfg, http_port=args.port, only=args.apps)
+    port = args.port or (cfg.http_options.port if cfg.http_options else 8000)
+    routes = {"reward": "/v1/score, /get_reward", "checkpoints": "/v1/checkpoints", "policy": "/policy/v1 (OpenAI)",
+              "feedback": "/v1/feedback"}
+    shown = [routes.get(a.name, a.route_prefix) for a in cfg.applications if not args.apps or a.name in args.apps]
+    print(f"serving on http://127.0.0.1:{port}  ({'; '.join(shown)}); Ctrl-C stops")
+    import httpx
+
+    for app in cfg.applications:  # say what each reward app scores with (its /healthz "source")
+        if app.import_path.startswith("rlhf_cluster.serve.reward_app") and (not args.apps or app.name in args.apps):
+            route = (app.route_prefix or "/").rstrip("/")
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}{route}/healthz", timeout=30).json()
+                print(f"{app.name}: serving {health.get('source', '?')}")
+            except (httpx.HTTPError, ValueError) as e:
+                print(f"{app.name}: /healthz did not answer ({e})")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
