@@ -541,11 +541,11 @@ def check_dockerfile(path: Path, extra: str, uninstall: list[str] | None = None)
     runs = " ".join(a for i, a in ins if i == "RUN")
     if "pip wheel --no-deps -w /tmp/dist ." not in runs:
         raise DeployError(f"{path.name}: no `pip wheel --no-deps -w /tmp/dist .` (the image installs the wheel)")
+    if re.search(r"pip install [^&]*-e ", runs):
+        raise DeployError(f"{path.name}: an editable install (`pip install -e`): the image must run the wheel")
     installed = re.findall(r'pip install [^&]*?"\$\(ls /tmp/dist/rlhf_cluster-\*\.whl\)\[([\w,-]+)\]"', runs)
     if not installed:
         raise DeployError(f'{path.name}: no `pip install ... "$(ls /tmp/dist/rlhf_cluster-*.whl)[EXTRA]"`')
-    if "-e " in runs:
-        raise DeployError(f"{path.name}: an editable install (`pip install -e`): the image must run the wheel")
     for names in installed:
         for name in names.split(","):
             if name not in extras:

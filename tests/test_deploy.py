@@ -349,8 +349,10 @@ def test_dockerfiles_install_existing_extras_and_files():
 
 
 @pytest.mark.parametrize("old, new, message", [
-    ("-e '.[cpu]'", "-e '.[cpu-only]'", "extra 'cpu-only' is not in pyproject.toml"),
-    ("COPY serve ./serve", "COPY server ./server", "COPY server: no such file"),
+    ('whl)[cpu]"', 'whl)[cpu-only]"', "extra 'cpu-only' is not in pyproject.toml"),
+    ('"$(ls /tmp/dist/rlhf_cluster-*.whl)[cpu]"', "-e '.[cpu]'", "an editable install"),
+    ("rm -rf /tmp/dist /app/rlhf_cluster", "rm -rf /tmp/dist", "the sources must be removed"),
+    ("COPY rlhf_cluster ./rlhf_cluster", "COPY rlhf_clusters ./rlhf_cluster", "COPY rlhf_clusters: no such file"),
     ("USER 1000", "USER root", "non-root USER"),
     ("WORKDIR /app", "WORKDIR /srv", "WORKDIR must be /app"),
     ("torchaudio torchcodec", "torchaudio", "must `pip uninstall -y torchvision torchaudio torchcodec`"),

@@ -339,12 +339,11 @@ class PPORun:
         from tqdm import tqdm
 
         cfg = self.cfg
-        metrics_file = (self.out / "metrics.jsonl").open("a")
         tracker = self.tracker = Tracker(cfg, self.out, "ppo")
         if self.iteration == 0 and not self.history:
             initial = self.evaluate()
             self.history.append({"iteration": 0, **initial})
-            metrics_file.write(json.dumps(self.history[-1]) + "\n")
+            self.append_metrics(self.history[-1])
             tracker.log(initial, 0)
             self.log(f"initial policy: validation gold {initial['val/gold']:.3f}, RM {initial['val/rm_score']:.3f}")
         if self.start_state is None:
@@ -356,7 +355,7 @@ class PPORun:
             # a dead rank or a poisoned state, met by the step or by the checkpoint after it, rolls back
             failed = None  # the next iteration
             try:
-                row = self.iterate(metrics_file, tracker)
+                row = self.iterate(tracker)
                 failed = f"checkpoint {self.iteration}"
                 self.conclude(row, bar, stop_at)
             except (RayActorError, PoisonedState) as e:
@@ -368,7 +367,6 @@ class PPORun:
                 self.recover(e, failed)
                 bar.n = self.iteration
         bar.close()
-        metrics_file.close()
         return self.finish()
 
     def conclude(self, row: dict, bar, stop_at: int) -> None:
@@ -403,7 +401,7 @@ class PPORun:
             path = self.store.save(self.iteration, self.state_dict(), row)
             self.log(f"checkpoint {path}")
 
-    def iterate(self, metrics_file, tracker) -> dict:
+    def iterate(self, tracker) -> dict:
         """One iteration: step, evaluation when due, the metrics row."""
         metrics = self.step()
         self.iteration += 1
@@ -415,10 +413,15 @@ class PPORun:
             metrics["val/overoptimising"] = int(overoptimising(evals, self.cfg.overoptimisation_patience))
         row = {"iteration": self.iteration, **metrics}
         self.history.append(row)
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        self.append_metrics(row)
         tracker.log(metrics, self.iteration)
         return row
+
+    def append_metrics(self, row: dict) -> None:
+        """One row onto metrics.jsonl, the file closed after it: no handle holds a buffered row that would land
+        after a rollback has rewritten the file from the restored history (a row 0 twice, seen once)."""
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def finish(self) -> dict:
         from rlhf_cluster.lib.report import learning_curves
