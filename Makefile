@@ -48,7 +48,7 @@ chaos: install
 	$(PY) -m pytest -m chaos -s
 
 # Qwen2 (tied embeddings), Qwen3, Mistral, Gemma 2 and Gemma 3, built tiny: each through SFT, RM and PPO with vLLM
-# weight sync (Qwen2 in make test, the others in make test-long; 97-109 s a family on a 2-core CPU without AVX-512),
+# weight sync (make test-long; 97-109 s a family on a 2-core CPU without AVX-512),
 # and DPO (tests/test_architectures.py).
 test-archs: install
 	$(PY) -m pytest tests/test_architectures.py -s

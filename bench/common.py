@@ -53,10 +53,9 @@ def percentile(xs: list[float], q: float) -> float:
 
 def write_json(path: Path, obj) -> None:
     """`obj` as indented JSON at `path`, replaced atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from rlhf_cluster.lib.files import write_json as write
+
+    write(path, obj)
 
 
 # --------------------------------------------------------------------------- environment records

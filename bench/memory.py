@@ -15,9 +15,8 @@ Run through bench.run (`python -m bench.run --only memory [--quick]`). Module-le
 
 from __future__ import annotations
 
-import os
-
 from bench.common import builtin_assets, header, log
+from rlhf_cluster.lib.files import replaced_dir
 
 GIB = 1 << 30
 BATCH, LENGTH = 8, 128
@@ -56,10 +55,9 @@ def build_large(out, tokenizer_from) -> str:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **LARGE)
     model = LlamaForCausalLM(config)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with replaced_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return str(out)
 
 

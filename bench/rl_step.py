@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import BENCH_DIR, REPO_ROOT, builtin_assets, cpu_bf16, header, log, matmul_peak, median, read_jsonl
+from rlhf_cluster.lib.files import replaced_dir
 
 WORK = BENCH_DIR / "out" / "rl_step"  # git-ignored: model copies, prompts, run directories
 PHASES = ["generate", "score", "advantages", "train", "sync"]
@@ -47,11 +48,9 @@ def prepare(size: str, n_prompts: int) -> dict:
         cfg = llama_config(size, tokenizer, num_labels=1)
         cfg.num_hidden_layers = 2
         rm = LlamaForSequenceClassification(cfg)
-        tmp = reward.with_name(reward.name + ".tmp")
-        rm.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(reward, ignore_errors=True)
-        os.replace(tmp, reward)
+        with replaced_dir(reward) as tmp:
+            rm.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     rows = read_jsonl(assets.file("prompts_test.jsonl"))[:n_prompts]
     prompts = WORK / f"prompts_eval_{n_prompts}.jsonl"
     prompts.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))

@@ -109,7 +109,8 @@ def train_loop(config: dict) -> None:
         stages.export_model(engine, out, AutoModelForCausalLM, paths["model"], cfg.trainer.lora, TASK_TYPE)
 
     stages.fit(cfg, engine, len(train), train_step, evaluate if held else None, export,
-               config.get("fail_at_step"), config.get("marker"))
+               config.get("fail_at_step"), config.get("marker"), [stages.sample_tokens(s) for s in train],
+               config.get("progress"))
 
 
 def run_dpo(cfg: DPOConfig, llm=None, fail_at_step: int | None = None) -> Path:

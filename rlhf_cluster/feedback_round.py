@@ -26,11 +26,11 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
 from rlhf_cluster import scaffold
+from rlhf_cluster.lib import files
 from rlhf_cluster.lib.config import CONFIG_DIR, FeedbackRoundConfig, RewardConfig, RSConfig
 from rlhf_cluster.lib.feedback import ROUND_ID_ENV, ROUND_SUMMARY_LINE
 from rlhf_cluster.stages import global_batch
@@ -73,15 +73,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     keys = ("prompt", "chosen", "rejected", "strength", "edited")  # one shape for feedback and replay rows
     path.write_text("".join(json.dumps({k: r.get(k) for k in keys}) + "\n" for r in rows))
     return path
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def served(registry, kind: str, builtin_cfg) -> tuple[str, str | None]:
@@ -174,11 +165,12 @@ def _round(cfg: FeedbackRoundConfig, out: Path, log) -> dict:
                f"{rl['reported_split']}_gold_per_round": rl["gold_per_round"],
                "val_gold_per_round": rl["val_gold_per_round"], "report": rl["report"],
                "cursor": records[-1]["cursor"], "seconds": round(time.time() - t0, 1)}
-    write_atomic(where / "summary.json", summary)
+    files.write_json(where / "summary.json", summary, durable=True)
     book["rounds"].append({k: summary[k] for k in ("id", "round", "records", "pairs", "reward_entry", "policy_entry",
                                                     "heldout_feedback_accuracy", "cursor")})
     book["cursor"] = summary["cursor"]
-    write_atomic(book_path, book)  # last: a round that failed before here takes the same feedback again
+    # last: a round that failed before here takes the same feedback again
+    files.write_json(book_path, book, durable=True)
     log(f"\n=== feedback round {number} ===\n{len(rows)} pairs from {len(records)} records; reward model accuracy "
         f"on held-out feedback {accuracy['before']} -> {accuracy['after']}; policy {rl['best_entry']} promoted "
         f"(best round {rl['best_round']}, {rl['reported_split']} gold {rl['gold_per_round']}); "

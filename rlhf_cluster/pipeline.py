@@ -43,6 +43,7 @@ from rlhf_cluster.lib.config import (
     check_resources,
     local_resources,
 )
+from rlhf_cluster.lib.files import write_json
 
 DEFAULT_CONFIG = CONFIG_DIR / "pipeline-tiny.yaml"
 
@@ -175,9 +176,7 @@ class Book:
         return None
 
     def _save(self) -> None:
-        tmp = self.file.with_name(self.file.name + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1) + "\n")
-        os.replace(tmp, self.file)
+        write_json(self.file, self.state, indent=1)
 
 
 def _summary_next_to(model_dir: str | Path) -> dict:

@@ -418,8 +418,8 @@ class PPORun:
         return row
 
     def append_metrics(self, row: dict) -> None:
-        """One row onto metrics.jsonl, the file closed after it: no handle holds a buffered row that would land
-        after a rollback has rewritten the file from the restored history (a row 0 twice, seen once)."""
+        """One row onto metrics.jsonl, the file closed after it: no open handle keeps a buffered row that would
+        land after a rollback has rewritten the file from the restored history."""
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -111,7 +111,8 @@ def train_loop(config: dict) -> None:
                             TASK_TYPE, {"num_labels": 1})
 
     stages.fit(cfg, engine, len(train), train_step, evaluate if held else None, export,
-               config.get("fail_at_step"), config.get("marker"))
+               config.get("fail_at_step"), config.get("marker"), [stages.sample_tokens(s) for s in train],
+               config.get("progress"))
 
 
 def run_reward(cfg: RewardConfig, fail_at_step: int | None = None) -> Path:

@@ -13,6 +13,7 @@ a checkpoint holding the exported model.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib.config import ConfigError, LoraConfig, StageConfig
 from rlhf_cluster.lib.data import DataError
+from rlhf_cluster.lib.files import replaced_dir, write_atomic, write_json
 from rlhf_cluster.lib.gold import gold_eval
 from rlhf_cluster.lib.report import loss_curves
 
@@ -40,11 +42,14 @@ def train(stage: str, loop: Callable, cfg: StageConfig, loop_config: dict):
     from ray.train.torch import TorchTrainer
 
     t = cfg.trainer
+    progress = Path(cfg.output_dir).resolve() / "progress.jsonl"
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.unlink(missing_ok=True)
     use_gpu = t.num_gpus_per_rank > 0
     resources = {"CPU": t.num_cpus_per_rank, **({"GPU": t.num_gpus_per_rank} if use_gpu else {})}
     trainer = TorchTrainer(
         loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), **loop_config},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "progress": str(progress), **loop_config},
         scaling_config=ScalingConfig(num_workers=t.num_ranks, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",  # a new run never resumes an old one
@@ -53,28 +58,55 @@ def train(stage: str, loop: Callable, cfg: StageConfig, loop_config: dict):
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
-    return trainer.fit()
+    with follow_progress(stage, progress):
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def follow_progress(stage: str, path: Path, every_s: float = 1.0):
+    """Print the lines rank 0 appends to `path` (`fit`) while the stage trains: the workers' own output does not
+    reach a driver started with log_to_driver=False (a PPO job training the built-in models first)."""
+    import threading
+
+    stop, seen = threading.Event(), [0]
+
+    def show():
+        if path.exists():
+            text = path.read_text()
+            lines = text[:text.rfind("\n") + 1].splitlines()  # complete lines only: rank 0 may be writing one
+            for line in lines[seen[0]:]:
+                print(progress_line(stage, json.loads(line)), flush=True)
+            seen[0] = len(lines)
+
+    def follow():
+        while not stop.wait(every_s):
+            show()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show()
+
+
+def progress_line(stage: str, p: dict) -> str:
+    return (f"{stage}: step {p['step']}/{p['total']} | loss {p['loss']:.4f} | {p['tokens_per_s']:,.0f} tokens/s | "
+            f"{p['elapsed_s']:.0f} s, about {p['left_s']:.0f} s left")
+
+
+def sample_tokens(sample) -> int:
+    """Tokens in one training sample: its sequence, or every sequence of a pair (chosen, rejected, edited)."""
+    if hasattr(sample, "input_ids"):
+        return len(sample.input_ids)
+    if isinstance(sample, dict):
+        return sum(sample_tokens(v) for v in sample.values() if isinstance(v, dict) or hasattr(v, "input_ids"))
+    return 0
 
 
 # --------------------------------------------------------------------------- driver: outputs
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Copy `src` to a temporary sibling of `dst`, then rename: readers never see half a model."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_stage(stage: str, cfg: StageConfig, resolve: Callable, load_data: Callable, train_loop: Callable,
@@ -137,16 +169,17 @@ def publish(result, out: Path) -> tuple[Path, list[dict]]:
         d = Path(d)
         if not (d / "model" / "config.json").exists():
             raise RuntimeError(f"the last checkpoint {result.checkpoint.path} holds no exported model")
-        replace_dir(d / "model", out / "model")
+        with replaced_dir(out / "model") as tmp:
+            shutil.copytree(d / "model", tmp, dirs_exist_ok=True)
         history = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     loss_curves(history, out / "loss.png")
     return out / "model", history
 
 
 def summarize(stage: str, out: Path, summary: dict) -> None:
     """Write out/summary.json and print the few numbers and paths a person wants to see."""
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print(f"\n== {stage} done in {summary.get('seconds', 0):.0f} s")
     for key, value in summary.items():
         if key != "seconds":
@@ -347,11 +380,14 @@ def _restore(engine) -> tuple[int, list[dict]]:
 
 
 def fit(cfg: StageConfig, engine, n_train: int, train_step: Callable, evaluate: Callable | None,
-        export: Callable, fail_at_step: int | None = None, marker: str | None = None) -> None:
+        export: Callable, fail_at_step: int | None = None, marker: str | None = None,
+        tokens: list[int] | None = None, progress: str | None = None) -> None:
     """The shared worker loop.
 
     train_step(indices) -> (loss, metrics) on one micro-batch of training-sample indices;
     evaluate() -> held-out metrics (collective); export(dir) writes the HF model (collective).
+    `tokens`: each training sample's token count; `progress`: the file rank 0 appends a progress line to about
+    every twentieth of the steps (step/total, loss, tokens/s, time left), which the driver prints.
     """
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")  # DeepSpeed's collectives
     rank, world = rank_world()
@@ -363,6 +399,7 @@ def fit(cfg: StageConfig, engine, n_train: int, train_step: Callable, evaluate: 
     if step == 0 and evaluate is not None:
         history.append({"step": 0, **evaluate()})
     t0 = time.time()
+    every, seen_tokens = max(1, total // 20), 0.0
     while step < total:
         _maybe_fail(step, fail_at_step, marker)
         epoch, k = divmod(step, per_epoch)
@@ -377,14 +414,19 @@ def fit(cfg: StageConfig, engine, n_train: int, train_step: Callable, evaluate: 
             for key, value in {"loss": loss.item(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value / t.grad_accumulation
         step += 1
-        row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0],
-               **{f"train_{k}": v for k, v in all_mean(sums).items()}}
+        sums["tokens"] = float(sum(tokens[i] for i in mine)) if tokens else 0.0
+        means = all_mean(sums)
+        seen_tokens += means.pop("tokens") * world
+        row = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0], **{f"train_{k}": v for k, v in means.items()}}
         if evaluate is not None and (step % cfg.eval_every == 0 or step == total):
             row.update(evaluate())
         history.append(row)
-        if rank == 0 and (step % 10 == 0 or step == total):
-            shown = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
-            print(f"step {step}/{total} {shown} ({time.time() - t0:.1f} s)", flush=True)
+        if rank == 0 and progress and (step % every == 0 or step == total):
+            elapsed = time.time() - t0
+            line = {"step": step, "total": total, "loss": row["train_loss"], "tokens_per_s": seen_tokens / elapsed,
+                    "elapsed_s": elapsed, "left_s": elapsed / (step - resumed_from) * (total - step)}
+            with open(progress, "a") as f:
+                f.write(json.dumps(line) + "\n")
         if step % cfg.checkpoint_every == 0 and step < total:
             _checkpoint(engine, step, history, row)
     final = {**history[-1], "resumed_from_step": resumed_from, "train_seconds": time.time() - t0}

@@ -46,8 +46,12 @@ def installed_wheel(tmp_path_factory) -> Path:
     """The package as a user installs it: a wheel built from this checkout, installed into a new virtual environment
     that sees this one's dependencies (a path file) but not the checkout. Returns the new environment's python."""
     where = tmp_path_factory.mktemp("wheel")
+    src = where / "src"  # what the images copy (deploy/Dockerfile): the build's leftovers stay out of the checkout
+    shutil.copytree(REPO / "rlhf_cluster", src / "rlhf_cluster", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(where / "dist"), str(REPO)], check=True, cwd=where)
+                    str(where / "dist"), str(src)], check=True, cwd=where)
     (wheel,) = (where / "dist").glob("rlhf_cluster-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where / "venv")], check=True)
     python = where / "venv" / "bin" / "python"
@@ -336,6 +340,7 @@ def test_dynamic_sampling_fills_the_batch_and_stops_at_its_bound():
 
 
 @pytest.mark.ray
+@pytest.mark.long
 def test_grpo_with_dapo_stabilisers_runs_in_bf16(ray_cluster, builtin_assets, tmp_path):
     """Clip-higher, Dr. GRPO (no std scaling, constant normaliser), the overlong penalty and filter, dynamic
     sampling and the KL in the loss together through the real groups: every iteration trains, with their

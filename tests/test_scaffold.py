@@ -101,3 +101,58 @@ def test_a_malformed_prompt_file_exits_2_before_any_actor_starts(builtin_assets,
     assert code == 2 and str(bad) in err and "messages" in err
     assert "train prompts" not in capsys.printed and "starting actor groups" not in capsys.printed
     assert f"policy: {builtin_assets.base}" in capsys.printed  # it did get as far as the run
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_the_service_stops_within_10_s_of_ctrl_c_and_leaves_no_process(tmp_path):
+    """`python -m rlhf_cluster.serve --apps checkpoints`, on a local cluster of its own: once it says it is serving,
+    Ctrl-C (SIGINT). It exits within 10 s, and every process it started (Ray's daemons, the Serve controller, proxy
+    and replicas) is gone by then."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from tests.conftest import free_port
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"RLHF_SERVE_TOKEN": "t" * 32, "RLHF_CLUSTER_CACHE": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cluster.serve", "--apps", "checkpoints", "--port",
+                             str(free_port()), "--num-cpus", "2"], cwd=Path(__file__).parent.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any(x.startswith("serving on") for x in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-40:])
+            time.sleep(0.5)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in started), [p.name() for p in started]
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        proc.wait(10)
+        left = [p for p in started if alive(p)]
+        while left and time.monotonic() - t0 < 10:
+            time.sleep(0.2)
+            left = [p for p in left if alive(p)]
+        took = time.monotonic() - t0
+        assert proc.returncode == 0 and not left and took < 10, (took, [p.cmdline()[:3] for p in left],
+                                                                 "".join(lines[-20:]))
+        print(f"stopped in {took:.1f} s; {len(started)} processes it had started all gone")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -344,15 +344,10 @@ class _DeepSpeedRank(Worker):
             with staged(path) as (local, manifest):
                 module.save_pretrained(local, state_dict=state, safe_serialization=True)
             return manifest
-        import os
-        import shutil
+        from rlhf_cluster.lib.files import replaced_dir
 
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with replaced_dir(path) as tmp:
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         return {}
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from pathlib import Path
+
+from rlhf_cluster.lib.files import write_atomic
 
 LEVELS = {1: "single-digit addition", 2: "two-digit addition, digit by digit",
           3: "single-digit multiplication", 4: "two steps: (a+b)*c"}
@@ -115,9 +116,7 @@ def build(out: Path, seed: int = 0) -> dict[str, int]:
     files["sft_val.jsonl"] = [demo(p) for p in splits["train"][:n_sft_val]]
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in files.items():
-        tmp = out / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out / name)
+        write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in rows))
     (out / "task.json").write_text(json.dumps({"task": "arithmetic", "seed": seed, "levels": LEVELS,
                                                "split_sizes": SPLIT_SIZES}) + "\n")
     return {name: len(rows) for name, rows in files.items()}

@@ -25,13 +25,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rlhf_cluster.lib.files import write_json
 
 KINDS = ("policy", "critic", "reward")
 Kind = Literal["policy", "critic", "reward"]
@@ -200,16 +201,7 @@ class FileRegistry(Registry):
             raise RegistryError(f"registry file {self.file} is corrupt: {e}") from None
 
     def _write(self, state: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".registry.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(state, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(self.file, state, indent=1, durable=True, sort_keys=True)
 
     def register(self, entry: Entry) -> Entry:
         with self._locked(True):

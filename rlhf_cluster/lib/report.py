@@ -3,13 +3,14 @@ rejection-sampling learning curves, a stage's loss curve, the pipeline's overvie
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from rlhf_cluster.lib.files import replaced_file
 
 PANELS = [
     ("gold score (truth): validation, test", ["val/gold", "test/gold"]),
@@ -114,8 +115,7 @@ def pipeline_figure(out: Path, curves: list[tuple[str, list[dict]]], rounds: lis
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / "pipeline.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with replaced_file(out / "pipeline.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out / "pipeline.png")
     return out / "pipeline.png"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -121,15 +120,12 @@ def model_config(size: str, tokenizer: PreTrainedTokenizerFast, family: str = "l
 
 
 def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
-    """Write to a temporary sibling, then rename: a crash never leaves half a model."""
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
+    """Written beside `out`, then renamed: a crash never leaves half a model."""
+    from rlhf_cluster.lib.files import replaced_dir
 
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with replaced_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def build_tiny(out: Path, size: str = "tiny", seed: int = 0, corpus: list[str] | None = None,

@@ -3,7 +3,9 @@
 The apps of configs/serve.yaml: reward (/v1/score, /get_reward), checkpoints (/v1/checkpoints), policy
 (OpenAI-compatible at /policy/v1) and feedback (/v1/feedback); --apps deploys only those named.
 
-Joins the cluster of $RAY_ADDRESS or starts a local one, deploys the config and blocks until Ctrl-C.
+Joins the cluster of $RAY_ADDRESS or starts a local one, deploys the config and blocks until Ctrl-C (or SIGTERM).
+Then a local cluster is stopped at once, every process it started with it (the replicas' graceful shutdown is for
+redeploys, not for an operator stopping the service); on a joined cluster the apps are shut down gracefully.
 The bearer token comes from $RLHF_SERVE_TOKEN or $RLHF_SERVE_TOKEN_FILE; without either, one is
 generated into ~/.cache/rlhf-cluster/serve_token (mode 0600) and its path printed.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import time
 
 from rlhf_cluster.lib.registry import default_registry_dir
@@ -64,13 +67,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{app.name}: serving {health.get('source', '?')}")
             except (httpx.HTTPError, ValueError) as e:
                 print(f"{app.name}: /healthz did not answer ({e})")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
+        print("stopping", flush=True)
+        if address:
+            from ray import serve
 
-        serve.shutdown()
+            serve.shutdown()
+        ray.shutdown()
 
 
 if __name__ == "__main__":

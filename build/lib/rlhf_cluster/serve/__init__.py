@@ -1,1 +1,0 @@
-"""Ray Serve applications (FastAPI ingress): reward scoring and checkpoints, over a registry."""
