@@ -44,10 +44,8 @@ from rlhf_cluster.lib.registry import (
     open_registry,
 )
 from rlhf_cluster.serve.common import (
-    TokenAuth,
+    guard_replica,
     install_guards,
-    load_scoped_tokens,
-    load_token,
     require_scope,
     require_token,
 )
@@ -122,9 +120,7 @@ class CheckpointsDeployment:
     def __init__(self, args: dict):
         args = CheckpointsAppArgs.model_validate(args)
         self.args = args
-        _limits["max_body_bytes"] = args.max_body_bytes
-        app.state.auth = TokenAuth(load_token(args.token_file), enabled=True,
-                                   scoped=load_scoped_tokens(args.tokens_file))
+        guard_replica(app, _limits, args)
         self.registry = open_registry(args.registry)
         roots = args.checkpoint_roots
         if roots is None:

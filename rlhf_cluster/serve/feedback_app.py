@@ -57,7 +57,11 @@ from rlhf_cluster.lib.feedback import (
     preference_rows,
     resolve,
 )
-from rlhf_cluster.serve.common import TokenAuth, install_guards, load_scoped_tokens, load_token, require_scope
+from rlhf_cluster.serve.common import (
+    guard_replica,
+    install_guards,
+    require_scope,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -209,9 +213,7 @@ class FeedbackDeployment:
     def __init__(self, args: dict):
         args = FeedbackAppArgs.model_validate(args)
         self.args = args
-        _limits["max_body_bytes"] = args.max_body_bytes
-        app.state.auth = TokenAuth(load_token(args.token_file), enabled=True,
-                                   scoped=load_scoped_tokens(args.tokens_file))
+        guard_replica(app, _limits, args)
         self.store = open_feedback_store(args.feedback)
         self.rounds = Rounds(args.rounds, feedback_location(args.feedback)) if args.rounds else None
         self._starting = asyncio.Lock()  # two POSTs at once start one round

@@ -37,7 +37,11 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest, Compl
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMClientError, VLLMError
 
-from rlhf_cluster.serve.common import TokenAuth, install_guards, load_scoped_tokens, load_token, require_scope
+from rlhf_cluster.serve.common import (
+    guard_replica,
+    install_guards,
+    require_scope,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -179,10 +183,8 @@ class PolicyDeployment:
     async def __init__(self, args: dict):
         args = PolicyAppArgs.model_validate(args)
         self.args = args
-        _limits["max_body_bytes"] = args.max_body_bytes
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(args.kv_cache_gib))))
-        app.state.auth = TokenAuth(load_token(args.token_file), enabled=args.require_token,
-                                   scoped=load_scoped_tokens(args.tokens_file))
+        guard_replica(app, _limits, args, args.require_token)
         from rlhf_cluster.lib.feedback import open_feedback_store
         from rlhf_cluster.lib.registry import open_registry
 

@@ -38,10 +38,8 @@ from ray import serve
 from rlhf_cluster.lib.data import DataError, encode_conversation
 from rlhf_cluster.lib.reward_functions import FunctionReward, RewardFunctionError
 from rlhf_cluster.serve.common import (
-    TokenAuth,
+    guard_replica,
     install_guards,
-    load_scoped_tokens,
-    load_token,
     require_scope,
     unprocessable,
 )
@@ -286,9 +284,7 @@ class RewardDeployment:
     def __init__(self, args: dict):
         args = RewardAppArgs.model_validate(args)
         self.args = args
-        _limits["max_body_bytes"] = args.max_body_bytes
-        app.state.auth = TokenAuth(load_token(args.token_file), enabled=args.require_token,
-                                   scoped=load_scoped_tokens(args.tokens_file))
+        guard_replica(app, _limits, args, args.require_token)
         torch.set_num_threads(max(1, int(args.num_cpus)))
         self.registry = None
         if args.follow_registry:
