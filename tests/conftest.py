@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
+
+from rlhf_cluster.actors.group import free_port
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -68,12 +69,6 @@ def ray_cluster():
              log_to_driver=False, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
     yield ray
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(port: int, workdir) -> subprocess.Popen:

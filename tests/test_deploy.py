@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
+from rlhf_cluster.actors.group import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("deploy_validate", ROOT / "deploy" / "validate.py")
@@ -368,12 +369,6 @@ def test_broken_dockerfile_fails_naming_the_problem(tmp_path, old, new, message)
 
 
 # --------------------------------------------------------------------------- the PPO RayJob on a real Ray cluster
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def ray_head(num_cpus: int = 4):
     """`ray start --head --block` in its own process group and temp dir; yields the dashboard URL.
