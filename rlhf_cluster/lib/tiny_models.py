@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from rlhf_cluster.lib import task
+from rlhf_cluster.lib.files import replaced_dir
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -121,8 +122,6 @@ def model_config(size: str, tokenizer: PreTrainedTokenizerFast, family: str = "l
 
 def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
     """Written beside `out`, then renamed: a crash never leaves half a model."""
-    from rlhf_cluster.lib.files import replaced_dir
-
     with replaced_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -196,11 +196,11 @@ def install_guards(app: FastAPI, limits: dict) -> None:
     app.add_middleware(GuardMiddleware, limits=limits)
 
 
-def guard_replica(app: FastAPI, limits: dict, args, require_token: bool = True) -> None:
+def guard_replica(app: FastAPI, limits: dict, args, token_required: bool = True) -> None:
     """A replica's request guards from its app's args: the body limit (`install_guards`' middleware reads `limits`)
     and the bearer tokens, the shared one and the named ones with their scopes."""
     limits["max_body_bytes"] = args.max_body_bytes
-    app.state.auth = TokenAuth(load_token(args.token_file), enabled=require_token,
+    app.state.auth = TokenAuth(load_token(args.token_file), enabled=token_required,
                                scoped=load_scoped_tokens(args.tokens_file))
 
 
