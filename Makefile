@@ -64,17 +64,17 @@ test-fast: install
 # The learning results: every method over 3 seeds and the over-optimisation sweep (under an hour on 2 cores);
 # writes docs/results/results.json, then docs/results.md and README's results block from it.
 results: install
-	$(PY) -m rlhf_cluster.results results_file=docs/results/results.json
+	$(PY) -m experiments results_file=docs/results/results.json
 
 # Vanilla GRPO and the preset (GRPO + dynamic sampling) on the built-in arithmetic task over 3 seeds, each other
 # stabiliser over seed 0; writes docs/results/verifiable.json and docs/results-verifiable.md (about 2 hours on
 # 2 cores; RESUME=true continues an interrupted suite).
 results-verifiable: install
-	$(PY) -m rlhf_cluster.results suite=verifiable precision=auto "verifiable.variant_seeds=[0]" \
+	$(PY) -m experiments suite=verifiable precision=auto "verifiable.variant_seeds=[0]" \
 		verifiable.resume=$(or $(RESUME),false) results_file=docs/results/verifiable.json
 
 results-quick: install
-	$(PY) -m rlhf_cluster.results --quick
+	$(PY) -m experiments --quick
 
 # The benchmarks also need the `bench` extra (TRL, the contender of bench/rl_step.py). Only the extra's
 # own pins are installed: a full `pip install -e .[cpu,dev,bench]` would bring torchvision back.
@@ -88,7 +88,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	touch $@
 
 lint: install
-	$(PY) -m ruff check rlhf_cluster deploy tests bench scripts
+	$(PY) -m ruff check rlhf_cluster deploy tests bench experiments tools scripts
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache bench/out

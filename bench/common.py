@@ -1,8 +1,8 @@
 """What the benchmarks share: paths, logging, the built-in assets, statistics, the records of the
-machine, versions and load that go into every result JSON, the header of every README table, and
-JSON writing. Imported by every benchmark module and by the runner (bench/run.py); imports no
-benchmark. Module-level imports stay light (stdlib only): vLLM's worker process imports
-bench.rollout_engines, and with it this module, for `VllmProbe`.
+versions and load that go into every result JSON (the machine's record is tools/machine.py, shared with
+experiments/), the header of every README table, and JSON writing. Imported by every benchmark module and
+by the runner (bench/run.py); imports no benchmark. Module-level imports stay light (stdlib only): vLLM's
+worker process imports bench.rollout_engines, and with it this module, for `VllmProbe`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import threading
@@ -83,23 +82,6 @@ def cpu_bf16() -> dict:
 
     found = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
     return {"flags": found, "bf16": bool(found)}
-
-
-
-def machine() -> dict:
-    info: dict = {"platform": platform.platform(), "python": platform.python_version(),
-                  "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        mem = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()}
-        info["memory_gib"] = round(mem["MemTotal"] / 2**20, 1)
-        info["memory_available_gib"] = round(mem["MemAvailable"] / 2**20, 1)
-    except (OSError, KeyError, ValueError):
-        pass
-    return info
 
 
 def versions() -> dict:

@@ -208,12 +208,12 @@ def _health(client) -> dict:
 
 
 def _limit(rm, encoded: list[list[int]], batch_sizes: list[int], seconds: float, threads: int) -> dict:
-    """Raw forward throughput (items/s) of rlhf_cluster.serve.reward_app.forward in this process with `threads` torch
+    """Raw forward throughput (items/s) of rlhf_cluster.serve.reward_model.forward in this process with `threads` torch
     threads, same items in the same order, for each batch size: as many batches as fit in about `seconds`
     (at least 3) after one untimed batch."""
     import torch
 
-    from rlhf_cluster.serve.reward_app import forward
+    from rlhf_cluster.serve.reward_model import forward
 
     out, before = {}, torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -278,7 +278,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     from rlhf_cluster.actors.group import free_port
     from rlhf_cluster.lib.tiny_models import count_parameters
     from rlhf_cluster.serve.launch import deploy, load_serve_config
-    from rlhf_cluster.serve.reward_app import encode_messages, forward, load_reward_model
+    from rlhf_cluster.serve.reward_model import encode_messages, forward, load_reward_model
 
     model_dir, which, assets = _model_dir(size)
     pool = _items(assets, POOL)
@@ -297,9 +297,11 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     port = free_port()
     tmp = tempfile.TemporaryDirectory(prefix="bench-reward-")
     t = time.perf_counter()
+    # require_token false: the figures are of scoring, comparable with the earlier ones (the token check is a few
+    # constant-time compares; bench/README.md)
     deploy(cfg, http_port=port, arg_overrides={"reward": {
         "models": {"reward": str(model_dir)}, "follow_registry": False, "registry": tmp.name, "dtype": dtype,
-        **(path_args or {})}})
+        "require_token": False, **(path_args or {})}})
     start_s = time.perf_counter() - t
     base = f"http://127.0.0.1:{port}"
     handle = serve.get_deployment_handle("RewardModel", app_name="reward")
@@ -358,7 +360,7 @@ def service_one_size(size: str, reps: int, requests: dict[tuple[int, int], int],
     # the model's forward by batch size, after Serve is gone (a reference curve; the ratios use the
     # limits measured right after each batched round)
     limit = _limit(rm, encoded, [1, 8, 16, 32, 64], limit_seconds, replica_threads)
-    log(f"reward_service/{size}: limit (rlhf_cluster.serve.reward_app.forward in-process, "
+    log(f"reward_service/{size}: limit (rlhf_cluster.serve.reward_model.forward in-process, "
         f"{replica_threads} torch thread) "
         + ", ".join(f"batch {k}: {v:.0f}" for k, v in limit.items()) + " items/s")
     ratios = {}
@@ -424,9 +426,9 @@ def bench_reward_service(quick: bool, dtype: str = "float32") -> tuple[dict, lis
               "throughput": "scored items / wall time of a round (common start to last response); median of rounds",
               "cpu": "user+system CPU seconds of the Serve proxy, the replica, the rest of this Ray cluster and "
                      "this process (clients + driver), per scored item; others = the rest of the machine",
-              "limit": "rlhf_cluster.serve.reward_app.forward in the benchmark process on the same items (right-padded "
-                       "batches in pool order), torch threads = the replica's (1); measured for ~limit_seconds "
-                       "right after each batched round at that round's mean batch size (Serve idle), "
+              "limit": "rlhf_cluster.serve.reward_model.forward in the benchmark process on the same items "
+                       "(right-padded batches in pool order), torch threads = the replica's (1); measured for "
+                       "~limit_seconds right after each batched round at that round's mean batch size (Serve idle), "
                        "batched/limit = median of those paired ratios; plus a curve over batch sizes after "
                        "Serve is shut down",
               "limit_seconds": 1.0 if quick else 1.5,
@@ -492,7 +494,7 @@ def readme_table(rec: dict) -> list[str]:
                              f"{x['mean_batch'] or 0:.1f} | {cpu['proxy']:.1f} | {cpu['replica']:.1f} | "
                              f"{cpu['clients']:.1f} | {cpu['ray_rest']:.1f} | {x['other_cpu_ms_per_item']:.1f} | "
                              f"{extra} |")
-        lines += ["", "Limit = the same model's `rlhf_cluster.serve.reward_app.forward` in the benchmark process, "
+        lines += ["", "Limit = the same model's `rlhf_cluster.serve.reward_model.forward` in the benchmark process, "
                       f"{r['limit_torch_threads']} torch thread like the replica, at the batched round's mean batch "
                       "size, measured right after each batched round; batched / limit is the median of those paired "
                       "ratios, batched / unbatched the ratio of median throughputs. The same forward after Serve was "

@@ -16,7 +16,8 @@
                      the bf16 matmul peak; only on a CPU with bf16 units (avx512_bf16 / amx_bf16)
     reward_service_bf16  the reward service with the app's `dtype: bfloat16` (same CPUs only)
     memory           a reference rank's resident memory, full copy vs ZeRO-3 shards over 2 and 4 ranks
-                     (`reference.partition`), on a ~300 M Llama built here, beside the memory plan (bench/memory.py)
+                     (`reference.partition`), on a ~300 M Llama built here, beside the memory plan; and the policy's
+                     log-prob + entropy + backward at Qwen's vocabulary, full logits vs chunks (bench/memory.py)
     packing          padded vs packed (`max_tokens_per_micro_batch`) micro-batches on a mixed-length batch:
                      the policy's PPO step and log-probs, the reference's log-probs, the reward's scores
                      (bench/packing.py)
@@ -56,12 +57,12 @@ from bench.common import (
     git_commit,
     is_shared,
     log,
-    machine,
     matmul_peak,
     other_work,
     versions,
     write_json,
 )
+from tools.machine import machine
 
 RESULTS_DIR = BENCH_DIR / "results"
 QUICK_DIR = BENCH_DIR / "out" / "quick"

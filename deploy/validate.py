@@ -1,6 +1,7 @@
 """Render the kustomizations under deploy/ and check them against the schemas and against the code.
 
     python deploy/validate.py              # both overlays and the Dockerfiles; exit 1 on any problem
+    python deploy/validate.py --tokens F   # a filled-in tokens file, before it goes into the rlhf-serve-tokens Secret
 
 Kustomize is not needed: `render` implements the subset the kustomizations use (`resources` and
 JSON 6902 `patches`) and rejects anything else. Each `check_*` function takes one manifest (a dict,
@@ -41,6 +42,7 @@ JOB_CONFIGS = {"rlhf_cluster.ppo": "PPOConfig", "rlhf_cluster.sft": "SFTConfig",
                "rlhf_cluster.reward": "RewardConfig", "rlhf_cluster.dpo": "DPOConfig"}
 JOB_FLAGS = {"rlhf_cluster.ppo": {"--resume"}}
 PLACEHOLDER = "CHANGE-ME"
+TOKENS_SECRET, TOKENS_KEY = "rlhf-serve-tokens", "tokens.yaml"  # the Serve apps' named tokens (secret.example.yaml)
 
 
 class DeployError(ValueError):
@@ -367,6 +369,7 @@ def check_rayservice(obj: dict) -> dict:
         if not hasattr(target, attr):
             raise DeployError(f"{name_of(obj)}: application {app['name']}: import_path {app['import_path']}: "
                               f"module {module} has no attribute {attr!r}")
+    check_serve_tokens(obj, cfg)
     diff = first_difference(cfg, expected_serve_config())
     if diff:
         raise DeployError(f"{name_of(obj)}: serveConfigV2 differs from configs/serve.yaml at {diff} "
@@ -386,6 +389,54 @@ def check_rayservice(obj: dict) -> dict:
         raise DeployError(f"{name_of(obj)}: set spec.upgradeStrategy.type")
     check_serve_apps_fit(obj, cfg)
     return cfg
+
+
+def check_serve_tokens(obj: dict, cfg: dict) -> None:
+    """Every Serve pod reads its named tokens from a Secret file ($RLHF_SERVE_TOKENS_FILE, read-only, only its owner
+    may read it), and no shared token is given admin, in a pod's $RLHF_SERVE_TOKEN_SCOPES or an app's token_scopes:
+    a token handed to clients must not also be the operator's."""
+    from rlhf_cluster.serve.common import TOKEN_SCOPES_ENV, TOKENS_FILE_ENV, parse_scopes
+
+    def scopes(value, where: str) -> frozenset[str]:
+        try:
+            return parse_scopes(value, where)
+        except ValueError as e:
+            raise DeployError(f"{name_of(obj)}: {e}") from None
+
+    for where, pod in pod_templates(obj):
+        env = {e["name"]: e for e in ray_container(pod).get("env", [])}
+        path = env.get(TOKENS_FILE_ENV, {}).get("value")
+        if not path:
+            raise DeployError(f"{name_of(obj)}: {where} pod: no {TOKENS_FILE_ENV}: the Serve apps need their named "
+                              f"tokens from the Secret {TOKENS_SECRET} (deploy/README.md)")
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        found = [(m, volumes.get(m["name"], {})) for m in ray_container(pod).get("volumeMounts", [])
+                 if _under(path, m["mountPath"])]
+        if not found or "secret" not in found[-1][1]:
+            raise DeployError(f"{name_of(obj)}: {where} pod: {TOKENS_FILE_ENV}={path} is not on a Secret volume")
+        mount, secret = found[-1][0], found[-1][1]["secret"]
+        if not mount.get("readOnly"):
+            raise DeployError(f"{name_of(obj)}: {where} pod: mount the tokens' Secret with readOnly: true")
+        rel = mount.get("subPath") or PurePosixPath(path).relative_to(mount["mountPath"]).as_posix()
+        items = {i["path"]: i for i in secret.get("items", [])}
+        if items and rel not in items:
+            raise DeployError(f"{name_of(obj)}: {where} pod: the tokens' Secret volume has no item at {rel}")
+        mode = items.get(rel, {}).get("mode", secret.get("defaultMode", 0o644))
+        if mode & 0o077:
+            raise DeployError(f"{name_of(obj)}: {where} pod: the tokens file's mode is {mode:04o}: only its owner may "
+                              "read it (defaultMode: 0400)")
+        if TOKEN_SCOPES_ENV in env:
+            value = env[TOKEN_SCOPES_ENV].get("value")
+            if value is None:
+                raise DeployError(f"{name_of(obj)}: {where} pod: give {TOKEN_SCOPES_ENV} as a value, so it is checked")
+            if "admin" in scopes(value, f"{where} pod: ${TOKEN_SCOPES_ENV}"):
+                raise DeployError(f"{name_of(obj)}: {where} pod: {TOKEN_SCOPES_ENV} gives the shared token admin; "
+                                  "operators get a named token in the tokens file")
+    for app in cfg["applications"]:
+        given = (app.get("args") or {}).get("token_scopes")
+        if given is not None and "admin" in scopes(given, f"application {app['name']}: token_scopes"):
+            raise DeployError(f"{name_of(obj)}: application {app['name']}: token_scopes gives the shared token admin; "
+                              "operators get a named token in the tokens file")
 
 
 def check_serve_apps_fit(obj: dict, cfg: dict) -> None:
@@ -449,12 +500,15 @@ def check_ports(obj: dict) -> None:
 
 
 def secret_refs(tree, found=None) -> set[tuple[str, str]]:
-    """Every (secret name, key) referenced through secretKeyRef anywhere in `tree`."""
+    """Every (secret name, key) referenced through secretKeyRef or a Secret volume's items anywhere in `tree`."""
     found = set() if found is None else found
     if isinstance(tree, dict):
         ref = tree.get("secretKeyRef")
         if isinstance(ref, dict):
             found.add((ref.get("name"), ref.get("key")))
+        volume = tree.get("secret")
+        if isinstance(volume, dict) and "secretName" in volume:
+            found.update((volume["secretName"], i.get("key")) for i in volume.get("items") or [{}])  # {}: any key
         for v in tree.values():
             secret_refs(v, found)
     elif isinstance(tree, list):
@@ -468,7 +522,8 @@ def check_references(objs: list[dict]) -> None:
     if any(o["kind"] == "Secret" for o in objs):
         raise DeployError("a Secret is part of the rendered manifests: secrets must not be committed")
     example = {(s["metadata"]["name"], k) for s in load_docs(SECRET_EXAMPLE) for k in s.get("stringData", {})}
-    missing = sorted(secret_refs(objs) - example)
+    names = {name for name, _ in example}
+    missing = sorted(((n, k) for n, k in secret_refs(objs) - example if k is not None or n not in names), key=str)
     if missing:
         raise DeployError(f"Secret {missing[0][0]!r} key {missing[0][1]!r} is referenced but not in "
                           f"{SECRET_EXAMPLE.name}")
@@ -579,6 +634,39 @@ def check_dockerfile(path: Path, extra: str, uninstall: list[str] | None = None)
             raise DeployError(f"{path.name}: {i} {a.split()[0]} looks like a secret baked into the image")
 
 
+def example_tokens() -> dict:
+    """The tokens file of secret.example.yaml, parsed: name -> {token, scopes}."""
+    secret = next(s for s in load_docs(SECRET_EXAMPLE) if s["metadata"]["name"] == TOKENS_SECRET)
+    return yaml.safe_load(secret["stringData"][TOKENS_KEY])
+
+
+def check_example_tokens() -> None:
+    """The example's tokens have scopes the apps know, and every token is the placeholder (which the apps refuse)."""
+    from rlhf_cluster.serve.common import parse_scopes
+
+    for name, spec in example_tokens().items():
+        try:
+            parse_scopes(spec.get("scopes"), f"{SECRET_EXAMPLE.name}: {name}.scopes")
+        except ValueError as e:
+            raise DeployError(str(e)) from None
+        if spec.get("token") != PLACEHOLDER:
+            raise DeployError(f"{SECRET_EXAMPLE.name}: {name}.token must be {PLACEHOLDER} in the example")
+
+
+def check_tokens_file(path: Path) -> str:
+    """A filled-in tokens file, checked as the apps load it (no placeholder left, no token shared by two names,
+    known scopes); its principals and scopes."""
+    from rlhf_cluster.serve.common import TokenAuth, load_scoped_tokens
+
+    try:
+        named = load_scoped_tokens(str(path))
+    except ValueError as e:
+        raise DeployError(str(e)) from None
+    if not named:
+        raise DeployError(f"tokens file {path}: no tokens")
+    return TokenAuth(None, scoped=named).describe()
+
+
 def makefile_uninstalls() -> list[str]:
     m = re.search(r"pip uninstall (?:-\w+ )*([\w\- ]+)", (ROOT / "Makefile").read_text())
     return m.group(1).split()
@@ -606,6 +694,7 @@ def check_all() -> list[str]:
             attempt(check_object, copy.deepcopy(obj))
     for s in load_docs(SECRET_EXAMPLE):
         attempt(validate_core, s)
+    attempt(check_example_tokens)
     attempt(check_dockerfile, DEPLOY / "Dockerfile", "gpu")
     attempt(check_dockerfile, DEPLOY / "Dockerfile.cpu", "cpu", makefile_uninstalls())
     return problems
@@ -613,6 +702,12 @@ def check_all() -> list[str]:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    if sys.argv[1:2] == ["--tokens"] and len(sys.argv) == 3:
+        try:
+            print(f"{sys.argv[2]}: {check_tokens_file(Path(sys.argv[2]))}")
+        except DeployError as e:
+            sys.exit(str(e))
+        sys.exit(0)
     found = check_all()
     print("\n".join(found) if found else "deploy/: every manifest and Dockerfile checks out")
     sys.exit(1 if found else 0)

@@ -24,7 +24,7 @@ TASK_TYPE = "CAUSAL_LM"
 
 def resolve(cfg: DPOConfig) -> dict:
     """Model and data paths; the built-in task and SFT policy fill what the config leaves null."""
-    from rlhf_cluster.sft import ensure_builtin_sft
+    from rlhf_cluster.prerequisites import ensure_builtin_sft
 
     return stages.resolve_paths(cfg, "preferences", lambda assets: ensure_builtin_sft(cfg.builtin))
 
@@ -36,12 +36,13 @@ def load_data(cfg: DPOConfig, paths: dict, tokenizer, log=None):
 def pair_logprobs(engine, pairs: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(chosen), log π(rejected)) per pair, summed over response tokens, one forward pass."""
     from rlhf_cluster.lib.data import pad_batch
-    from rlhf_cluster.lib.losses import sequence_logprobs
+    from rlhf_cluster.lib.logprobs import model_logprobs
 
     seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     ids, att = pad_batch([s.input_ids for s in seqs], pad_id)
     mask, _ = pad_batch([s.loss_mask for s in seqs], 0)
-    logps = sequence_logprobs(engine(input_ids=ids, attention_mask=att).logits, ids, mask)
+    token_logps, _ = model_logprobs(engine, ids, att)
+    logps = (token_logps * mask[:, 1:].float()).sum(-1)  # log π(response | prompt) = Σ_t m_t log p(x_t | x_<t)
     return logps[:len(pairs)], logps[len(pairs):]
 
 

@@ -80,8 +80,7 @@ def served(registry, kind: str, builtin_cfg) -> tuple[str, str | None]:
     entry = registry.serving(kind)
     if entry is not None:
         return entry.path, entry.id
-    from rlhf_cluster.reward import ensure_builtin_rm
-    from rlhf_cluster.sft import ensure_builtin_sft
+    from rlhf_cluster.prerequisites import ensure_builtin_rm, ensure_builtin_sft
 
     return str(ensure_builtin_rm(builtin_cfg) if kind == "reward" else ensure_builtin_sft(builtin_cfg)), None
 

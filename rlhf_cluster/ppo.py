@@ -46,7 +46,7 @@ from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PPOConfig
 from rlhf_cluster.lib.overoptimisation import overoptimising
 from rlhf_cluster.lib.tracking import Tracker
 from rlhf_cluster.rl.batch import trainer_item, unpadded
-from rlhf_cluster.rl.checkpoints import CheckpointStore, PoisonedState, latest_checkpoint, latest_of_run  # noqa: F401
+from rlhf_cluster.rl.checkpoints import CheckpointStore, PoisonedState, latest_of_run
 from rlhf_cluster.rl.evaluation import HeldOutEval
 from rlhf_cluster.rl.groups import RLGroups, plan_memory
 from rlhf_cluster.rl.learner import Learner
@@ -77,7 +77,7 @@ class PPORun:
             log(f"ptx data: {report}")
         steps = cfg.iterations * cfg.ppo_epochs * cfg.mini_batches * (2 if cfg.ptx_coef > 0 else 1)
         self.groups = RLGroups(cfg, policy_path, reward_path, trainer=cfg.trainer, train_steps=steps,
-                               with_critic=cfg.estimator == "gae", log=log)
+                               with_critic=cfg.needs_critic, log=log)
         self.faults = {"rollbacks": 0, "engine_failures": 0, "skipped_iterations": 0, "reward_errors": 0}
         self.weights = WeightSync(self.groups, cfg, self.faults, log)
         self.rng = random.Random(cfg.seed)  # data order and mini-batch order, in the order they are drawn
@@ -163,16 +163,10 @@ class PPORun:
         kl = A.kl_estimate(old_lp, s.ref_logprobs, cfg.kl_estimator) * mask
         # kl_mode reward: -beta KL on every token of the reward; loss: the reward is the score, KL is in the loss
         rewards = A.token_level_rewards(scores, kl, mask, self.kl_ctl.value if cfg.kl_mode == "reward" else 0.0)
-        n = cfg.rollout.samples_per_prompt
-        if cfg.estimator == "gae":
-            advantages, returns = A.gae(rewards, s.values * mask, mask, cfg.gamma, cfg.lam)
-        elif cfg.estimator == "grpo":
-            advantages = A.grpo_advantages(rewards.sum(-1), mask, n, scale_by_std=cfg.grpo_scale_by_std)
-        elif cfg.estimator == "rloo":
-            advantages = A.rloo_advantages(rewards.sum(-1), mask, n)
-        else:
-            advantages = A.reinforce_pp_advantages(rewards, mask, cfg.gamma)
-        if cfg.whiten_advantages and cfg.estimator == "gae":
+        estimator = A.estimator(cfg.estimator)
+        advantages, returns = estimator.fn(A.AdvantageInputs(
+            rewards, mask, s.values, cfg.rollout.samples_per_prompt, cfg.gamma, cfg.lam, cfg.grpo_scale_by_std))
+        if cfg.whiten_advantages and estimator.whiten:
             advantages = A.whiten(advantages, mask)
         fields = {"old_logprobs": old_lp, "advantages": advantages}
         if cfg.kl_mode == "loss":
@@ -529,30 +523,16 @@ def _rng_tuple(s: list) -> tuple:
 
 
 # --------------------------------------------------------------------------- entry point
-def resolve_models(cfg: PPOConfig, log=print) -> tuple[str, str | None]:
-    """The policy to start from and the reward model; the built-in ones are trained first if missing.
-    With a reward service and no reward.path, there is no local reward model (None)."""
-    if cfg.policy.path and (cfg.reward.path or cfg.reward_service or cfg.rewards):
-        return cfg.policy.path, cfg.reward.path
-    from rlhf_cluster.reward import ensure_builtin_sft_and_rm
-    from rlhf_cluster.sft import ensure_builtin_sft
-
-    if cfg.rewards:  # the reward comes from its sources: only the policy may be built in
-        log(f"using the built-in {cfg.builtin.task} SFT policy (trained first if missing)")
-        return cfg.policy.path or str(ensure_builtin_sft(cfg.builtin)), cfg.reward.path
-    log("using the built-in SFT policy and reward model (trained first if missing)")
-    sft, rm = ensure_builtin_sft_and_rm(cfg.builtin)
-    return cfg.policy.path or str(sft), cfg.reward.path or str(rm)
-
-
 def run(cfg: PPOConfig, resume: bool = False, log=print) -> dict:
     """Validate, connect, build the groups, train, report. Bad configs fail before any actor starts."""
+    from rlhf_cluster.prerequisites import resolve_models
+
     scaffold.connect(cfg, log_to_driver=False, log=log)
     policy_path, reward_path = resolve_models(cfg, log)
     scorer = (" + ".join(f"{r.weight:g} x {r.name} ({r.model or r.fn or r.url})" for r in cfg.rewards) if cfg.rewards
               else f"{cfg.reward_service.url} (reward service)" if cfg.reward_service else reward_path)
     log(f"policy: {policy_path}\nreward model: {scorer}\noutput: {Path(cfg.output_dir).resolve()}")
-    plan_memory(cfg, policy_path, reward_path, with_critic=cfg.estimator == "gae", log=log)
+    plan_memory(cfg, policy_path, reward_path, with_critic=cfg.needs_critic, log=log)
     if cfg.checkpoint_storage:  # reachable and writable before any actor starts
         from rlhf_cluster.lib.storage import StorageError, check_writable
 

@@ -27,8 +27,9 @@ from rlhf_cluster import scaffold
 from rlhf_cluster.actors.group import gather
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib.config import CONFIG_DIR, ConfigError, PPOConfig, RSConfig
-from rlhf_cluster.ppo import resolve_models
+from rlhf_cluster.prerequisites import resolve_models
 from rlhf_cluster.rl.batch import trainer_item
+from rlhf_cluster.rl.checkpoints import latest_checkpoint
 from rlhf_cluster.rl.evaluation import HeldOutEval
 from rlhf_cluster.rl.groups import RLGroups, plan_memory
 from rlhf_cluster.rl.rollout import PromptOrder, RolloutProducer, load_prompt_splits, reward_context
@@ -221,7 +222,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
     scaffold.connect(cfg, log_to_driver=False, check=lambda cpus, gpus: check_round_resources(cfg, cpus, gpus),
                      log=log)
     policy_path, reward_path = resolve_models(cfg, log)
-    plan_memory(cfg, policy_path, reward_path, with_critic="ppo" in cfg.rounds and cfg.estimator == "gae", log=log)
+    plan_memory(cfg, policy_path, reward_path, with_critic="ppo" in cfg.rounds and cfg.needs_critic, log=log)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_name = run_name or out.name
@@ -292,7 +293,7 @@ def run(cfg: RSConfig, log=print, run_name: str | None = None) -> dict:
                                                     "policy": {**fields["policy"], "path": str(best["hf"])},
                                                     "reward": {**fields["reward"], "path": reward_path}})
                 summary = ppo.run(ppo_cfg, log=log)
-                ckpt = ppo.latest_checkpoint(where)
+                ckpt = latest_checkpoint(where)
                 rows = [json.loads(line) for line in (where / "metrics.jsonl").read_text().splitlines()]
                 ev = next(r for r in reversed(rows) if "val/gold" in r)
                 stats = {"ppo_gold_initial": summary["gold_initial"]}

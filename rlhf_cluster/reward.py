@@ -5,7 +5,7 @@
 A sequence classifier with one output scores prompt + response at its last token. With no
 model given it starts from the built-in untrained `reward_base` (`builtin_init: reward_base`,
 the default: it measured better on the built-in task, see docs/stages.md) or from the built-in
-SFT policy's backbone (`builtin_init: sft`, trained and cached when missing). Measured on
+SFT policy's backbone (`builtin_init: sft`: the cached one that a PPO job or the pipeline trained first). Measured on
 held-out pairs with gold labels: pairwise accuracy, before and after training.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cluster import scaffold, stages
-from rlhf_cluster.lib.config import RewardConfig
+from rlhf_cluster.lib.config import ConfigError, RewardConfig
 from rlhf_cluster.lib.data import DataError
 
 TASK_TYPE = "SEQ_CLS"
@@ -25,10 +25,17 @@ TASK_TYPE = "SEQ_CLS"
 def resolve(cfg: RewardConfig) -> dict:
     """Model and data paths; the built-in task fills what the config leaves null (the aspect's
     preference pairs; the model `builtin_init` names)."""
-    from rlhf_cluster.sft import ensure_builtin_sft
-
     def builtin_model(assets):
-        return ensure_builtin_sft(cfg.builtin) if cfg.builtin_init == "sft" else assets.reward_base
+        if cfg.builtin_init == "reward_base":
+            return assets.reward_base
+        from rlhf_cluster.lib.builtin import builtin_model_dir
+
+        sft = builtin_model_dir(cfg.builtin, "sft")
+        if not (sft / "config.json").exists():  # a job runs no other job: the SFT stage comes first
+            raise ConfigError(f"builtin_init: sft starts from the built-in SFT policy, which is not trained yet "
+                              f"({sft}): set model.path to an SFT policy (`python -m rlhf_cluster.sft` writes one "
+                              "to <output_dir>/model), or run the pipeline, whose reward stage starts from its own")
+        return sft
 
     prefix = "preferences" if cfg.aspect == "overall" else f"preferences_{cfg.aspect}"
     return stages.resolve_paths(cfg, prefix, builtin_model)
@@ -125,31 +132,6 @@ def run_reward(cfg: RewardConfig, fail_at_step: int | None = None) -> Path:
                           eval_accuracy_after=history[-1].get("eval_accuracy"),
                           eval_loss_after=history[-1].get("eval_loss"))
     return stages.finish_stage("reward", run)
-
-
-def ensure_builtin_sft_and_rm(builtin_cfg=None) -> tuple[Path, Path]:
-    """The built-in SFT policy and reward model (what PPO starts from), trained once and cached
-    next to the built-in assets with the presets in configs/; returns (sft_dir, rm_dir)."""
-    from rlhf_cluster.lib.config import BuiltinConfig
-    from rlhf_cluster.sft import ensure_builtin_sft
-
-    builtin_cfg = builtin_cfg or BuiltinConfig()
-    return ensure_builtin_sft(builtin_cfg), ensure_builtin_rm(builtin_cfg)
-
-
-def ensure_builtin_rm(builtin_cfg) -> Path:
-    """The built-in reward model of `builtin_cfg.size`, trained once with configs/reward-tiny.yaml from
-    that size's reward_base (it needs no SFT policy) and cached; the results harness compares sizes."""
-    from rlhf_cluster.lib.builtin import cache_root, locked
-    from rlhf_cluster.lib.config import CONFIG_DIR, load_config
-
-    root = cache_root(builtin_cfg)
-    with locked(root / "reward.lock"):
-        if not (root / "reward" / "model" / "config.json").exists():
-            cfg = load_config(RewardConfig, CONFIG_DIR / "reward-tiny.yaml", [f"output_dir={root / 'reward'}"])
-            cfg.builtin = builtin_cfg
-            run_reward(cfg)
-    return root / "reward" / "model"
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -63,14 +63,15 @@ def connect(cfg: JobConfig, log_to_driver: bool = True,
 
 def main(name: str, config_cls: type[JobConfig], run: Callable, argv: list[str] | None,
          default_config: Path | None = None, description: str = "",
-         add_flags: Callable[[argparse.ArgumentParser], None] | None = None):
+         add_flags: Callable[[argparse.ArgumentParser], None] | None = None, prog: str | None = None):
     """Parse the command line, load the typed config, call `run(cfg, **flags)` and map errors to exit codes.
 
-    `add_flags` adds the job's own flags (e.g. PPO's --resume); their values reach `run` as keywords.
+    `add_flags` adds the job's own flags (e.g. PPO's --resume); their values reach `run` as keywords. `prog` is the
+    command --help shows, for a program outside the package (python -m experiments).
     """
     from rlhf_cluster.lib.config import keys_help
 
-    ap = argparse.ArgumentParser(prog=f"python -m rlhf_cluster.{name}", description=description,
+    ap = argparse.ArgumentParser(prog=prog or f"python -m rlhf_cluster.{name}", description=description,
                                  epilog=keys_help(config_cls), formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = f" (default: {default_config.name})" if default_config else "; keys not given take their defaults"
     ap.add_argument("--config", default=str(default_config) if default_config else None,

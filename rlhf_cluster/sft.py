@@ -60,16 +60,18 @@ def train_loop(config: dict) -> None:
     """One Ray Train worker: a DeepSpeed engine on the policy, trained by the shared loop."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cluster.lib.losses import sft_loss
+    from rlhf_cluster.lib.logprobs import model_logprobs
+    from rlhf_cluster.lib.losses import masked_nll
 
     cfg, paths, tokenizer, train, held = stages.start_worker(config, SFTConfig, load_data)
     engine = stages.stage_engine(cfg, AutoModelForCausalLM, paths["model"], TASK_TYPE, len(train))
 
     def loss_on(items: list) -> tuple[torch.Tensor, int]:
         b = collate(items, tokenizer.pad_token_id)
-        logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                        position_ids=b["position_ids"]).logits
-        return sft_loss(logits, b["input_ids"], b["loss_mask"]), int(b["loss_mask"][:, 1:].sum())
+        logp, _ = model_logprobs(engine, b["input_ids"], b["attention_mask"], b["position_ids"])
+        # losses.sft_loss without the logits: -Σ m log p(x_t | x_<t) / Σ m over the response tokens
+        mask = b["loss_mask"][:, 1:].float()
+        return masked_nll(logp, mask), int(mask.sum())
 
     def train_step(idx: list[int]):
         loss, _ = loss_on([train[i] for i in idx])
@@ -106,25 +108,6 @@ def run_sft(cfg: SFTConfig, llm=None, fail_at_step: int | None = None) -> Path:
                           eval_loss_after=run["history"][-1].get("eval_loss"))
     stages.add_gold_eval(run, cfg, llm)
     return stages.finish_stage("sft", run)
-
-
-def ensure_builtin_sft(builtin_cfg=None) -> Path:
-    """The built-in SFT policy, trained once with configs/sft-tiny.yaml (sft-arithmetic.yaml for the
-    arithmetic task) and cached next to the
-    built-in assets (a second call, from any process, trains nothing)."""
-    from rlhf_cluster.lib.builtin import cache_root, locked
-    from rlhf_cluster.lib.config import CONFIG_DIR, BuiltinConfig, load_config
-
-    builtin_cfg = builtin_cfg or BuiltinConfig()
-    root = cache_root(builtin_cfg)
-    with locked(root / "sft.lock"):
-        if not (root / "sft" / "model" / "config.json").exists():
-            overrides = [f"output_dir={root / 'sft'}", "gold_eval=false"]  # PPO jobs need no vLLM start here
-            preset = "sft-arithmetic.yaml" if builtin_cfg.task == "arithmetic" else "sft-tiny.yaml"
-            cfg = load_config(SFTConfig, CONFIG_DIR / preset, overrides)
-            cfg.builtin = builtin_cfg
-            run_sft(cfg)
-    return root / "sft" / "model"
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,20 +1,23 @@
 """Shared, real fixtures: built-in assets, a local Ray cluster, a redis-server, one vLLM engine.
 
-Each is session-scoped because each start costs seconds to tens of seconds.
+Each is session-scoped because each start costs seconds to tens of seconds. Fixtures only: the plain helpers the
+tests share are in tests/helpers.py (a test module never imports this file).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import time
 
 import pytest
 
 from rlhf_cluster.actors.group import free_port
+from tests.helpers import start_redis
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# the Serve tests give their apps tokens through the apps' args; a serve token of the shell running the tests would
+# reach the local cluster's replicas (they inherit this environment) and change who may call what
+for _name in ("RLHF_SERVE_TOKEN", "RLHF_SERVE_TOKEN_FILE", "RLHF_SERVE_TOKEN_SCOPES", "RLHF_SERVE_TOKENS_FILE"):
+    os.environ.pop(_name, None)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +40,7 @@ def builtin_assets(builtin_cfg):
 def builtin_sft_rm(builtin_cfg, builtin_assets, ray_cluster):
     """(SFT policy dir, reward model dir) trained once per session with the tiny presets,
     exactly as the PPO job builds them when they are missing."""
-    from rlhf_cluster.reward import ensure_builtin_sft_and_rm
+    from rlhf_cluster.prerequisites import ensure_builtin_sft_and_rm
 
     return ensure_builtin_sft_and_rm(builtin_cfg)
 
@@ -69,28 +72,6 @@ def ray_cluster():
              log_to_driver=False, runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}})
     yield ray
     ray.shutdown()
-
-
-def start_redis(port: int, workdir) -> subprocess.Popen:
-    """A real redis-server on a loopback port with AOF on (as deploy/base/redis.yaml runs it),
-    returned once it answers PING."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed (make test installs it)")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-                            stdout=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"redis-server did not start on port {port}")
 
 
 @pytest.fixture(scope="session")

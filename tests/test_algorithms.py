@@ -221,6 +221,25 @@ def test_reinforce_pp():
           [[-1.227881, -0.350823, 1.403293], [0.526235, -0.350823, 0.0]])
 
 
+def test_the_estimator_table_rows_are_the_functions_above():
+    rewards = t([[0.0, -0.1, 1.0], [0.2, 0.3, 0.0], [0.0, 0.0, 2.0], [0.5, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    values = t([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0], [0.0, 0.1, 0.2], [0.3, 9.0, 9.0]])
+    x = A.AdvantageInputs(rewards, mask, values, group_size=2, gamma=0.9, lam=0.8, scale_by_std=False)
+    adv, ret = A.ESTIMATORS["gae"].fn(x)
+    expected = A.gae(rewards, values * mask, mask, 0.9, 0.8)
+    close(adv, expected[0].tolist())
+    close(ret, expected[1].tolist())
+    close(A.ESTIMATORS["grpo"].fn(x)[0], A.grpo_advantages(rewards.sum(-1), mask, 2, scale_by_std=False).tolist())
+    close(A.ESTIMATORS["rloo"].fn(x)[0], A.rloo_advantages(rewards.sum(-1), mask, 2).tolist())
+    close(A.ESTIMATORS["reinforce_pp"].fn(x)[0], A.reinforce_pp_advantages(rewards, mask, 0.9).tolist())
+    assert [n for n, e in A.ESTIMATORS.items() if e.needs_critic] == ["gae"]
+    assert [n for n, e in A.ESTIMATORS.items() if e.needs_groups] == ["grpo", "rloo"]
+    assert all(e.fn(x)[1] is None for e in A.ESTIMATORS.values() if not e.needs_critic)
+    with pytest.raises(ValueError, match="unknown advantage estimator 'gea'; expected one of gae, grpo, rloo"):
+        A.estimator("gea")
+
+
 # ------------------------------------------------------------------------------------------------- KL controllers
 
 

@@ -179,6 +179,19 @@ def test_precision_fills_the_models_without_a_dtype_and_says_so():
         PPOConfig(precision="fp16")
 
 
+def test_torch_held_below_avx512_counts_as_no_bf16_units(tmp_path, monkeypatch):
+    from rlhf_cluster.lib.precision import choose, cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert choose("auto", False, cpu_flags(info))[0] == "bfloat16"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # how docs/reliability.md runs a CPU without AVX-512
+    assert cpu_flags(info) == {"fpu", "avx2"} and choose("auto", False, cpu_flags(info))[0] == "float32"
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512_bf16")
+    assert "amx_bf16" in cpu_flags(info)
+
+
 def test_this_machines_auto_precision():
     """On this CPU: bf16 exactly when its flags show bf16 units (the development machines differ)."""
     from rlhf_cluster.lib.precision import BF16_CPU_FLAGS, cpu_flags
@@ -193,18 +206,30 @@ def test_this_machines_auto_precision():
 
 
 JOB_CONFIGS = ["SFTConfig", "RewardConfig", "DPOConfig", "EvalConfig", "PPOConfig", "RSConfig", "PipelineConfig",
-               "ResultsConfig"]
+               "FeedbackRoundConfig", "ResultsConfig"]
+# a linter's or type checker's comment written as a field's docstring (`"""type: ignore[...]"""`) is no description
+NOT_A_DESCRIPTION = re.compile(r"(type|mypy|pyright|pylint|ruff|fmt)\s*:|noqa\b|pragma\b", re.IGNORECASE)
+
+
+def test_job_configs_are_every_jobs_config():
+    """JOB_CONFIGS holds the config class of every job: what each job module passes to scaffold.main."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = [f for d in ("rlhf_cluster", "experiments") for f in (root / d).rglob("*.py")]
+    used = {m for f in code for m in re.findall(r"scaffold\.main\(\s*\"\w+\",\s*(\w+)", f.read_text())}
+    assert used == set(JOB_CONFIGS)
 
 
 @pytest.mark.parametrize("name", JOB_CONFIGS)
 def test_every_config_key_is_documented(name):
     """--help lists every key of every job with its type, default and description (the field's docstring,
-    or its base class's): a key added without one fails here."""
+    or its base class's): a key added without one, or with a linter comment as its docstring, fails here."""
     from rlhf_cluster.lib import config as C
 
     cls = getattr(C, name)
     rows = C.config_keys(cls, cls())
-    assert rows and [k for k, _, _, text in rows if not text] == []
+    assert rows and [k for k, _, _, text in rows if not text or NOT_A_DESCRIPTION.match(text)] == []
     keys = [k for k, *_ in rows]
     assert len(keys) == len(set(keys))
 

@@ -140,6 +140,32 @@ def test_secrets_are_an_example_only():
         assert all(V.PLACEHOLDER in value for value in secret["stringData"].values()), secret["metadata"]["name"]
 
 
+def test_the_example_tokens_are_one_per_role_and_refused_until_filled_in(tmp_path):
+    """secret.example.yaml's tokens file: one named token per role with its scopes, each the placeholder, which the
+    apps (and `validate.py --tokens`) refuse; a filled-in copy passes and is described without its tokens."""
+    example = V.example_tokens()
+    assert {name: spec["scopes"] for name, spec in example.items()} == {
+        "app": ["generate"], "trainer": ["score"], "annotator": ["feedback"], "reader": ["read"],
+        "ops": ["promote", "read"], "admin": ["admin"]}
+    V.check_example_tokens()
+    path = tmp_path / "tokens.yaml"
+    path.write_text(yaml.safe_dump(example))
+    with pytest.raises(DeployError, match="admin.token is still the example.s CHANGE-ME"):
+        V.check_tokens_file(path)
+    filled = {name: {**spec, "token": f"{name}-{'x' * 30}"} for name, spec in example.items()}
+    path.write_text(yaml.safe_dump(filled))
+    described = V.check_tokens_file(path)
+    assert described.startswith("admin [admin]; annotator [feedback]; app [generate]; ops [promote, read]")
+    assert "x" * 30 not in described
+    filled["trainer"]["scopes"] = ["scoring"]
+    path.write_text(yaml.safe_dump(filled))
+    with pytest.raises(DeployError, match="trainer.scopes: unknown scope 'scoring'"):
+        V.check_tokens_file(path)
+    cli = subprocess.run([sys.executable, str(ROOT / "deploy" / "validate.py"), "--tokens", str(path)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "unknown scope 'scoring'" in cli.stderr
+
+
 # --------------------------------------------------------------------------- entrypoints vs the code
 def test_entrypoints_validate_against_the_job_configs(overlays):
     from rlhf_cluster.lib.config import PPOConfig, RewardConfig, SFTConfig
@@ -264,6 +290,52 @@ def test_rayservice_needs_redis_fault_tolerance_from_a_secret(overlays):
         V.check_rayservice(svc)
 
 
+def test_serve_pods_read_named_tokens_from_a_read_only_secret_file(overlays):
+    """Every pod of the RayService has $RLHF_SERVE_TOKENS_FILE on a read-only mount of the tokens' Secret that only
+    its owner may read; the shipped manifest has no shared token at all."""
+    svc = get(overlays["cpu-dev"], "RayService", "rlhf-serve")
+    cfg = V.check_rayservice(copy.deepcopy(svc))
+    for where, pod in V.pod_templates(svc):
+        env = {e["name"]: e for e in V.ray_container(pod)["env"]}
+        assert env["RLHF_SERVE_TOKENS_FILE"]["value"] == "/etc/rlhf/tokens.yaml", where
+        assert "RLHF_SERVE_TOKEN" not in env and "RLHF_SERVE_TOKEN_SCOPES" not in env, where
+        assert V.mounts(pod)["/etc/rlhf"]["secret"]["defaultMode"] == 0o400, where
+    assert all("token_scopes" not in (a.get("args") or {}) for a in cfg["applications"])
+
+    def broken(change):
+        obj = copy.deepcopy(svc)
+        change(V.pod_templates(obj)[1][1])  # the serve worker group's pod
+        return obj
+
+    def env_of(pod):
+        return V.ray_container(pod)["env"]
+
+    def mount_of(pod):
+        return next(m for m in V.ray_container(pod)["volumeMounts"] if m["name"] == "serve-tokens")
+
+    def volume_of(pod):
+        return next(v for v in pod["spec"]["volumes"] if v["name"] == "serve-tokens")
+
+    for change, message in [
+        (lambda pod: env_of(pod).pop(), "serve pod: no RLHF_SERVE_TOKENS_FILE"),
+        (lambda pod: env_of(pod)[-1].update(value="/etc/tokens.yaml"), "/etc/tokens.yaml is not on a Secret volume"),
+        (lambda pod: mount_of(pod).pop("readOnly"), "readOnly: true"),
+        (lambda pod: volume_of(pod)["secret"].update(defaultMode=0o644), "mode is 0644: only its owner"),
+        (lambda pod: volume_of(pod)["secret"]["items"][0].update(path="t.yaml"), "no item at tokens.yaml"),
+        (lambda pod: env_of(pod).append({"name": "RLHF_SERVE_TOKEN_SCOPES", "value": "generate,admin"}),
+         "RLHF_SERVE_TOKEN_SCOPES gives the shared token admin"),
+        (lambda pod: env_of(pod).append({"name": "RLHF_SERVE_TOKEN_SCOPES", "value": "generate,scroe"}),
+         r"RLHF_SERVE_TOKEN_SCOPES: unknown scope 'scroe'"),
+    ]:
+        with pytest.raises(DeployError, match=message):
+            V.check_rayservice(broken(change))
+    obj = copy.deepcopy(svc)
+    obj["spec"]["serveConfigV2"] = obj["spec"]["serveConfigV2"].replace(
+        "      require_token: true        # generation", "      token_scopes: [admin]\n      require_token: true  # x")
+    with pytest.raises(DeployError, match="application policy: token_scopes gives the shared token admin"):
+        V.check_rayservice(obj)
+
+
 def test_sync_serve_config_regenerates_the_block(tmp_path):
     sync = importlib.util.spec_from_file_location("sync_serve", ROOT / "deploy" / "sync_serve_config.py")
     mod = importlib.util.module_from_spec(sync)
@@ -312,8 +384,13 @@ def test_references_must_resolve(overlays):
     objs = copy.deepcopy(overlays["cpu-dev"])
     svc = get(objs, "RayService", "rlhf-serve")
     env = V.ray_container(svc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"])["env"]
-    env[-1]["valueFrom"]["secretKeyRef"]["key"] = "bearer"
-    with pytest.raises(DeployError, match="Secret 'rlhf-serve' key 'bearer' is referenced but not in"):
+    next(e for e in env if e["name"] == "REDIS_URL")["valueFrom"]["secretKeyRef"]["key"] = "bearer"
+    with pytest.raises(DeployError, match="Secret 'rlhf-redis' key 'bearer' is referenced but not in"):
+        V.check_references([o for o in objs if o["kind"] != "RayService"] + [svc])
+    svc = get(objs, "RayService", "rlhf-serve")
+    volume = next(v for v in V.cluster_spec(svc)["headGroupSpec"]["template"]["spec"]["volumes"] if "secret" in v)
+    volume["secret"]["secretName"] = "rlhf-serve-tokenz"
+    with pytest.raises(DeployError, match="Secret 'rlhf-serve-tokenz' key 'tokens.yaml' is referenced but not in"):
         V.check_references([o for o in objs if o["kind"] != "RayService"] + [svc])
     objs = [o for o in copy.deepcopy(overlays["gpu"]) if o["kind"] != "PersistentVolumeClaim" or
             o["metadata"]["name"] != "rlhf-inputs"]

@@ -13,8 +13,9 @@ import textwrap
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from rlhf_cluster.actors.group import free_port
 from rlhf_cluster.lib import feedback as F
-from tests.conftest import free_port, start_redis
+from tests.helpers import start_redis
 
 FEEDBACK = TypeAdapter(F.Feedback)
 PROMPT = [{"role": "user", "content": "List 3 fruits."}]
@@ -34,9 +35,9 @@ def store(request, tmp_path):
     proc.wait(10)
 
 
-def add(store, body: dict, key: str | None = None) -> tuple[dict, bool]:
+def add(store, body: dict, key: str | None = None, annotator: str = "annotator") -> tuple[dict, bool]:
     fb = FEEDBACK.validate_python(body)
-    record = {"id": F.new_record_id(), **F.resolve(fb, store.get_answer)}
+    record = {"id": F.new_record_id(), **F.resolve(fb, store.get_answer, annotator)}
     return store.add(record, F.body_hash(fb.model_dump(mode="json")), key)
 
 
@@ -45,7 +46,7 @@ def test_comparisons_resolve_against_served_answers(store):
     ref = {"answer_id": "chatcmpl-1"}
     rec, created = add(store, {"type": "comparison", "chosen": {**ref, "choice": 0}, "rejected": {**ref, "choice": 1},
                                "strength": "significantly_better"})
-    assert created and rec["prompt"] == PROMPT
+    assert created and rec["prompt"] == PROMPT and rec["annotator"] == "annotator" and "annotator_note" not in rec
     assert rec["chosen"] == {"response": "apple, pear, plum.", "answer_id": "chatcmpl-1", "choice": 0,
                              "policy": {"id": "pol-v1", "step": 3}}
     assert rec["rejected"]["response"] == "no." and rec["aspect"] == "helpfulness"
@@ -69,6 +70,10 @@ def test_comparisons_resolve_against_served_answers(store):
         with pytest.raises(F.FeedbackError, match=match):
             add(store, body)
         assert name
+    rec, _ = add(store, {"type": "rating", "response": ref, "rating": 5, "annotator_note": "batch 3"}, annotator="ann2")
+    assert (rec["annotator"], rec["annotator_note"]) == ("ann2", "batch 3")  # the server's name, the client's note
+    with pytest.raises(ValidationError, match="'annotator' is set by the server"):
+        FEEDBACK.validate_python({"type": "rating", "response": ref, "rating": 5, "annotator": "someone-else"})
     for body in ({"type": "rating", "response": ref, "rating": 9},      # out of 1..7
                  {"type": "comparison", "chosen": ref},                 # rejected missing
                  {"type": "comparison", "chosen": {"answer_id": "a", "response": "b"}, "rejected": ref},
@@ -76,7 +81,7 @@ def test_comparisons_resolve_against_served_answers(store):
                  {"type": "safety", "response": ref, "safe": True, "extra": 1}):
         with pytest.raises(ValidationError):
             FEEDBACK.validate_python(body)
-    assert store.count() == 2  # nothing invalid was stored
+    assert store.count() == 3  # nothing invalid was stored
 
 
 def test_idempotency_keys_and_cursors(store):

@@ -1,5 +1,8 @@
-"""The tree's layers hold: library <- actors <- RL parts <- jobs (the Serve apps on the library alone), no import
-upward, no circles, no private names borrowed across modules. Every import is read with `ast`, those inside
+"""The tree's layers hold: library <- actors <- RL parts <- job parts <- jobs <- orchestrators (the Serve apps on the
+library alone), and above the package bench/ and experiments/, which share tools/ and import neither each other nor
+upward; no circles, no private names borrowed across modules. A job never imports another job: the SFT and reward
+stages that other jobs start from are run for them by `prerequisites`, and only orchestrators compose jobs. In tests/,
+no module imports conftest (shared helpers are in tests/helpers.py). Every import is read with `ast`, those inside
 functions too."""
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("rlhf_cluster", "bench")
+PACKAGES = ("rlhf_cluster", "bench", "experiments", "tools")
 
 
 def module_name(path: Path) -> str:
@@ -21,23 +24,45 @@ SUBPACKAGES = {"rlhf_cluster.lib": "library", "rlhf_cluster.actors": "actors", "
                "rlhf_cluster.serve": "serve"}
 
 
+# the package's top-level modules, by what they are (a new one must be placed here)
+TOP_LEVEL = {
+    "rlhf_cluster": "library", "rlhf_cluster.scaffold": "job parts", "rlhf_cluster.stages": "job parts",
+    "rlhf_cluster.sft": "stage jobs", "rlhf_cluster.reward": "stage jobs",  # what prerequisites runs
+    "rlhf_cluster.prerequisites": "prerequisites",
+    "rlhf_cluster.dpo": "jobs", "rlhf_cluster.evaluate": "jobs", "rlhf_cluster.ppo": "jobs",
+    # rejection sampling's rounds may be PPO rounds (Llama 2's schedule), so it composes the PPO job
+    "rlhf_cluster.rejection_sampling": "orchestrators", "rlhf_cluster.pipeline": "orchestrators",
+    "rlhf_cluster.feedback_round": "orchestrators",
+}
+JOB_LAYERS = ("stage jobs", "jobs")
+
+
 def layer(module: str) -> str:
     for prefix, name in SUBPACKAGES.items():
         if module == prefix or module.startswith(prefix + "."):
             return name
     if module.startswith("rlhf_cluster"):
-        return "jobs"
-    return module.split(".")[0]  # bench
+        return TOP_LEVEL.get(module, "unplaced")
+    return module.split(".")[0]  # bench, experiments, tools
 
 
-# what each layer may import from the project (itself included)
+# what each layer may import from the project (itself included; a job never another job: test below)
+BELOW_JOBS = {"library", "actors", "rl", "job parts"}
 ALLOWED = {
     "library": {"library"},
     "actors": {"library", "actors"},
     "rl": {"library", "actors", "rl"},
     "serve": {"library", "serve"},
-    "jobs": {"library", "actors", "rl", "jobs"},
-    "bench": {"library", "actors", "rl", "serve", "jobs", "bench"},
+    "job parts": {"library", "actors", "rl", "job parts"},
+    "stage jobs": BELOW_JOBS,
+    "prerequisites": BELOW_JOBS | {"stage jobs"},
+    "jobs": BELOW_JOBS | {"prerequisites"},
+    "orchestrators": BELOW_JOBS | {"stage jobs", "prerequisites", "jobs", "orchestrators"},
+    "bench": {"library", "actors", "rl", "serve", "job parts", "stage jobs", "prerequisites", "jobs", "orchestrators",
+              "tools", "bench"},
+    "experiments": {"library", "actors", "rl", "job parts", "stage jobs", "prerequisites", "jobs", "orchestrators",
+                    "tools", "experiments"},
+    "tools": {"tools"},
 }
 
 
@@ -72,6 +97,15 @@ def test_no_import_runs_up_a_layer():
             if layer(target) not in ALLOWED[layer(module)]:
                 bad.append(f"{path.relative_to(REPO)}:{line}: {layer(module)} imports {layer(target)} ({target})")
     assert not bad, "imports that run up a layer:\n" + "\n".join(bad)
+
+
+def test_every_top_level_module_is_placed_and_no_job_imports_another():
+    mods = modules()
+    unplaced = [m for m in mods if layer(m) == "unplaced"]
+    assert not unplaced, f"place these modules in TOP_LEVEL: {unplaced}"
+    bad = [f"{mods[m].relative_to(REPO)}:{line}: job {m} imports job {t}" for m in mods if layer(m) in JOB_LAYERS
+           for line, t, _ in project_imports(mods[m]) if layer(t) in JOB_LAYERS and t != m]
+    assert not bad, "a job runs no other job (prerequisites or an orchestrator does):\n" + "\n".join(bad)
 
 
 def test_no_import_circles():
@@ -118,3 +152,42 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     assert (2, "rlhf_cluster.ppo", []) in imports
     assert layer("rlhf_cluster.ppo") not in ALLOWED[layer(module_name(lib / "bad.py"))]
     assert any(n == ["_x"] for _, _, n in imports)
+
+
+def test_the_reward_models_code_needs_no_server():
+    """A reward model's code and the reward service's bodies run outside a replica (bench/, the tests), so they
+    import neither Ray Serve nor FastAPI; rlhf_cluster/serve/reward_app.py serves them."""
+    for name in ("reward_model", "reward_schemas"):
+        tree = ast.parse((REPO / "rlhf_cluster" / "serve" / f"{name}.py").read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        server = [m for m in imported if m.split(".")[0] in ("ray", "fastapi", "starlette")]
+        assert not server, f"rlhf_cluster/serve/{name}.py imports {server}"
+
+
+def conftest_imports(path: Path) -> list[int]:
+    """The lines of `path` that import a conftest module (`import conftest`, `from tests.conftest import x`,
+    `from tests import conftest`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [f"{node.module or ''}.{a.name}" for a in node.names]
+        else:
+            continue
+        if any(n.rpartition(".")[2] == "conftest" for n in names):
+            found.append(node.lineno)
+    return found
+
+
+def test_no_test_module_imports_conftest(tmp_path):
+    """pytest imports tests/conftest.py as the module `conftest`: importing it again as tests.conftest runs a second
+    copy of it. Fixtures come from pytest, plain helpers from tests/helpers.py."""
+    bad = [f"{p.relative_to(REPO)}:{line}" for p in sorted((REPO / "tests").rglob("*.py"))
+           for line in conftest_imports(p)]
+    assert not bad, "imports of conftest (take the helper from tests/helpers.py):\n" + "\n".join(bad)
+    probe = tmp_path / "test_probe.py"  # the walk is not vacuous
+    probe.write_text("import conftest\nfrom tests.conftest import f\nfrom tests import conftest\n"
+                     "from tests.helpers import f\ndef g():\n    from conftest import h\n")
+    assert conftest_imports(probe) == [1, 2, 3, 6]

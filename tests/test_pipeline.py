@@ -148,7 +148,7 @@ def tiny_pipeline(tmp_path: Path, builtin_cfg, sft_dir: Path) -> Path:
 def test_pipeline_trains_aspect_rms_combines_them_and_resumes(builtin_cfg, builtin_assets, ray_cluster, tmp_path):
     from rlhf_cluster.lib.registry import open_registry
     from rlhf_cluster.pipeline import run
-    from rlhf_cluster.sft import ensure_builtin_sft
+    from rlhf_cluster.prerequisites import ensure_builtin_sft
 
     sft_dir = ensure_builtin_sft(builtin_cfg)  # the session's SFT policy (trained once, shared with other tests)
     cfg = load_config(PipelineConfig, tiny_pipeline(tmp_path, builtin_cfg, sft_dir))

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, load_config
 from rlhf_cluster.lib.faults import POINTS
-from rlhf_cluster.ppo import latest_checkpoint, run
+from rlhf_cluster.ppo import run
 from rlhf_cluster.rl.batch import padded, response_part, trainer_item, unpadded
+from rlhf_cluster.rl.checkpoints import latest_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -157,7 +157,8 @@ def test_file_registry_writes_atomically(tmp_path, ckpt):
 def test_redis_reconnects_with_backoff_and_keeps_entries_across_restart(tmp_path, ckpt):
     """`kill -9` of redis-server (AOF on, fsync every second) and a restart lose no committed entry,
     and a call made while it is down succeeds once it is back; with no server at all the error says so."""
-    from tests.conftest import free_port, start_redis
+    from rlhf_cluster.actors.group import free_port
+    from tests.helpers import start_redis
 
     port = free_port()
     proc = start_redis(port, tmp_path)
@@ -187,7 +188,8 @@ def test_a_registration_made_while_redis_is_down_waits_then_lands(tmp_path, ckpt
     backoff) instead of failing, and lands, whole, once the server is back. Timed: the write is started with the
     server killed, is still waiting 2 s later, and returns only after the restart; the stored entry equals the one
     sent, and the serving pointer set after it is there too."""
-    from tests.conftest import free_port, start_redis
+    from rlhf_cluster.actors.group import free_port
+    from tests.helpers import start_redis
 
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"

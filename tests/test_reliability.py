@@ -13,9 +13,11 @@ import time
 
 import pytest
 
+from rlhf_cluster.actors.group import free_port
 from rlhf_cluster.lib.config import CONFIG_DIR, PPOConfig, load_config
-from rlhf_cluster.ppo import latest_checkpoint, run
-from tests.conftest import free_port, start_redis
+from rlhf_cluster.ppo import run
+from rlhf_cluster.rl.checkpoints import latest_checkpoint
+from tests.helpers import start_redis
 
 pytestmark = [pytest.mark.ray, pytest.mark.long]
 

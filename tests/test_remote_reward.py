@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import ray
 
-from rlhf_cluster.actors.group import ActorGroup
+from rlhf_cluster.actors.group import ActorGroup, free_port
 from rlhf_cluster.actors.scorers import RemoteRewardModel, RewardModel
 from rlhf_cluster.lib.config import GroupResources
 from rlhf_cluster.lib.data import encode_conversation
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.ray
 TOKEN = "remote-reward-token-" + "y" * 20

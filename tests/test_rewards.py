@@ -27,6 +27,19 @@ def test_exact_match_reads_the_final_answer():
     assert final_answer("The answer is 5<|end|>") == "5" and final_answer("x = 3</s>") == "3"
     assert final_answer("nothing here") is None and normalise("1,000.") == "1000" == normalise(1000.0)
     assert normalise(" Paris ") == "paris" and normalise("4/2") == normalise("2")
+    assert normalise(1e-05) == normalise("0.00001") and normalise("2.5e3") == "2500"
+
+
+def test_a_hostile_label_or_answer_cannot_make_exact_match_compute_for_long():
+    """Fraction("1e100000000") would compute 10**100000000 holding the GIL for minutes, past any timeout."""
+    import time
+
+    t0 = time.monotonic()
+    huge = "9" * 10**6
+    assert exact_match(["q"] * 4, ["answer: 1e100000000", "\\boxed{1e100000000}", huge, "7"],
+                       ["1e100000000", "1e100000000", huge, "1e100000000"]) == [1.0, 1.0, 1.0, 0.0]
+    assert normalise("1e100000000") == "1e100000000"  # read as text: equal only to the same text
+    assert time.monotonic() - t0 < 1.0
 
 
 def test_reward_sources_are_checked_before_anything_starts():
@@ -205,17 +218,29 @@ def test_a_failing_function_is_a_clear_error_and_the_actor_lives_on(ray_cluster,
 
 
 @pytest.mark.ray
-def test_a_run_skips_the_iteration_a_function_fails_and_goes_on(ray_cluster, builtin_assets, tmp_path):
-    """PPO (GRPO) on labelled prompts with a function reward: the iteration whose reward call fails is
-    skipped and counted, the run keeps its state and finishes; the labels reached the function."""
+def test_a_run_skips_the_iteration_a_function_fails_and_goes_on(ray_cluster, builtin_assets, tmp_path, monkeypatch):
+    """PPO on labelled prompts with a function reward: the iteration whose reward call fails is skipped and
+    counted, the run keeps its state and finishes; the labels reached the function. Its advantages come from a
+    test-only estimator registered as one row of lib/algorithms.py's table: adding an estimator is one function
+    and one row, and the job runs it."""
+    from rlhf_cluster.lib import algorithms as A
     from rlhf_cluster.ppo import run
     from tests.reward_fns import CALLS
 
+    seen = []
+
+    def batch_mean_baseline(x: A.AdvantageInputs):
+        """A = score - the batch's mean score, on every token (no critic, no groups)."""
+        scores = x.rewards.sum(-1)
+        seen.append(scores)
+        return (scores - scores.mean()).unsqueeze(-1) * x.mask.to(scores.dtype), None
+
+    monkeypatch.setitem(A.ESTIMATORS, "batch_mean_baseline", A.Estimator(batch_mean_baseline))
     CALLS.unlink(missing_ok=True)
     out = tmp_path / "fn-run"
     cfg = load_config(PPOConfig, None, [
         f"policy.path={builtin_assets.base}", f"output_dir={out}", f"registry={out / 'registry'}",
-        f"data.train={MATH}", f"data.eval={MATH}", "estimator=grpo", "rollout.samples_per_prompt=2",
+        f"data.train={MATH}", f"data.eval={MATH}", "estimator=batch_mean_baseline", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=8", "prompts_per_iteration=4", "iterations=3", "eval_every=3", "checkpoint_every=1",
         "trainer.num_ranks=1", "ray.num_cpus=4",
         "rewards=[{name: short, fn: 'tests.reward_fns:fails_on_second_batch'}]"])
@@ -229,6 +254,8 @@ def test_a_run_skips_the_iteration_a_function_fails_and_goes_on(ray_cluster, bui
     assert any("7 samples kept, skipped 1 missing_label" in line for line in lines)  # the unlabelled prompt
     assert 0.0 < rows[0]["reward/rm_score"] <= 1.0  # the function's 1 - length / 100
     assert rows[0]["reward/short"] == pytest.approx(rows[0]["reward/rm_score"])  # the one source, tracked
+    assert len(seen) == 2  # the two iterations that were not skipped took their advantages from the row
+    assert all(s.dim() == 1 and len(s) >= 2 and s.isfinite().all() for s in seen)  # one total reward per sample
 
 
 # --------------------------------------------------------------------------- the arithmetic task's data

@@ -10,9 +10,13 @@ import pytest
 from rlhf_cluster import scaffold
 from rlhf_cluster.lib.config import CONFIG_DIR
 
-# job module -> the function its main() hands the config to
+# job module -> the function its main() hands the config to; "experiments" is the results harness's command line
 JOBS = {"ppo": "run", "rejection_sampling": "run", "pipeline": "run", "sft": "run_sft", "reward": "run_reward",
-        "dpo": "run_dpo", "evaluate": "run", "results": "run"}
+        "dpo": "run_dpo", "evaluate": "run", "experiments": "run"}
+
+
+def _job(name: str):
+    return importlib.import_module("experiments.__main__" if name == "experiments" else f"rlhf_cluster.{name}")
 
 
 def _exit(main, argv, capsys) -> tuple[int, str]:
@@ -26,7 +30,7 @@ def _exit(main, argv, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_a_config_error_exits_2_naming_the_key(name, capsys, monkeypatch):
-    job = importlib.import_module(f"rlhf_cluster.{name}")
+    job = _job(name)
     monkeypatch.setattr(job, JOBS[name], lambda cfg, **_: pytest.fail("a bad config reached the run"))
     code, err = _exit(job.main, ["bogus_key.sub=1"], capsys)
     assert code == scaffold.EXIT_BAD_INPUT == 2
@@ -35,14 +39,14 @@ def test_a_config_error_exits_2_naming_the_key(name, capsys, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_a_missing_config_file_exits_2(name, capsys, tmp_path):
-    job = importlib.import_module(f"rlhf_cluster.{name}")
+    job = _job(name)
     code, err = _exit(job.main, ["--config", str(tmp_path / "nope.yaml")], capsys)
     assert code == 2 and f"config file {tmp_path / 'nope.yaml'} does not exist" in err
 
 
 @pytest.mark.parametrize("name", sorted(JOBS))
 def test_a_failed_run_exits_1_and_other_errors_are_not_swallowed(name, capsys, monkeypatch):
-    job = importlib.import_module(f"rlhf_cluster.{name}")
+    job = _job(name)
 
     def fails(cfg, **_):
         raise scaffold.RunFailed("gave up after 3 rollbacks")
@@ -119,7 +123,7 @@ def test_the_service_stops_within_10_s_of_ctrl_c_and_leaves_no_process(tmp_path)
 
     import psutil
 
-    from tests.conftest import free_port
+    from rlhf_cluster.actors.group import free_port
 
     def alive(p: psutil.Process) -> bool:
         try:

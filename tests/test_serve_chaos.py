@@ -22,7 +22,7 @@ import torch
 
 from rlhf_cluster.lib.registry import make_entry
 from tests import serve_fixtures
-from tests.serve_fixtures import PAIRS, TOKEN, Direct, auth, items, poison_replica, reward_app, running_replicas
+from tests.helpers import PAIRS, TOKEN, Direct, auth, items, poison_replica, reward_app, running_replicas
 
 pytestmark = [pytest.mark.ray, pytest.mark.chaos]
 
@@ -68,7 +68,7 @@ def test_replicas_poisoned_and_killed_under_load_are_replaced_and_a_promotion_la
         results, stop, t0 = [], threading.Event(), time.monotonic()
 
         def score_loop():
-            with httpx.Client(base_url=c.base_url, timeout=60) as cc:
+            with httpx.Client(base_url=c.base_url, timeout=60, headers=auth("trainer")) as cc:
                 while not stop.is_set():
                     start = time.monotonic()
                     status, tries, r = call(cc, "POST", "/chaos/v1/score", json=items(PAIRS))

@@ -20,7 +20,7 @@ import torch
 
 from rlhf_cluster.lib.registry import make_entry, manifest_sha256
 from tests import serve_fixtures
-from tests.serve_fixtures import PAIRS, Direct, auth, items
+from tests.helpers import NAMED, PAIRS, TOKEN, Direct, auth, items, serve_log_text
 
 pytestmark = pytest.mark.ray
 
@@ -55,6 +55,33 @@ def test_checkpoints_need_the_token(service):
         assert c.request(method, path).status_code == 401, path
         assert c.request(method, path, headers=auth("not-the-token-at-all")).status_code == 403, path
     assert c.get("/v1/checkpoints/healthz").status_code == 200
+
+
+def test_reads_need_read_and_writes_promote(service):
+    """Each named token (tests/helpers.py NAMED) on every route: reads (list, entry, manifest, download) need
+    "read", writes "promote"; a token without it gets 403 naming the scope, one with it gets past auth (here to 404 for
+    an unknown id). The shared TOKEN is admin in this service: every route. No log line holds a token."""
+    c = service["client"]
+    reads = [("GET", "/v1/checkpoints"), ("GET", "/v1/checkpoints/no-such"), ("GET", "/v1/checkpoints/no-such/files"),
+             ("GET", "/v1/checkpoints/no-such/files/config.json")]
+    writes = [("POST", "/v1/checkpoints/no-such/promote"), ("DELETE", "/v1/checkpoints/no-such")]
+    allowed = {"trainer": set(), "app": set(), "annotator": set(), "reader": {"read"}, "ops": {"read", "promote"}}
+    for name, scopes in allowed.items():
+        for scope, routes in (("read", reads), ("promote", writes)):
+            for method, path in routes:
+                r = c.request(method, path, headers=auth(name))
+                if scope in scopes:
+                    assert r.status_code in (200, 404), (name, path, r.status_code, r.text)
+                else:
+                    assert r.status_code == 403 and r.json()["error"] == f"this token lacks the {scope!r} scope", \
+                        (name, path, r.text)
+    assert c.get("/v1/checkpoints", headers=auth("reader")).status_code == 200
+    assert c.post("/v1/checkpoints/no-such/promote", headers=auth()).status_code == 404
+    line = ("rlhf-cluster checkpoints: principals annotator [feedback]; app [generate]; ops [promote, read]; "
+            "reader [read]; trainer [score]; shared [admin] (the shared token's scopes: the app's token_scopes)")
+    log = serve_log_text(line)
+    assert line in log
+    assert not [name for name, (token, _) in NAMED.items() if token in log] and TOKEN not in log
 
 
 @pytest.mark.usefixtures("as_started")

@@ -22,21 +22,23 @@ import httpx
 import pytest
 import torch
 
+from rlhf_cluster.actors.group import free_port
 from rlhf_cluster.lib import feedback as F
 from rlhf_cluster.lib import task
 from rlhf_cluster.lib.registry import FileRegistry, make_entry
-from tests.conftest import free_port, start_redis
-from tests.serve_fixtures import TOKEN, auth, schemathesis_run
+from tests.helpers import TOKEN, auth, schemathesis_run, serve_log_text, start_redis
 
 pytestmark = pytest.mark.ray
 
 GEN, ANNOTATOR, OPS = ("gen-token-" + "g" * 20), ("annotator-" + "a" * 20), ("ops-token-" + "o" * 20)
+SCORER, READER, ADMIN = ("scorer-token-" + "s" * 20), ("reader-token-" + "r" * 20), ("admin-token-" + "m" * 20)
 PROMPT = [{"role": "user", "content": "List 3 fruits."}]
 
 
 @pytest.fixture(scope="module")
 def loop(ray_cluster, builtin_assets, builtin_sft_rm, tmp_path_factory):
-    """Policy, feedback and checkpoints apps behind the shared TOKEN and three scoped tokens; a SQLite store."""
+    """Policy, feedback and checkpoints apps behind named tokens, one per scope, and the shared TOKEN with the
+    default scopes (no token_scopes, no $RLHF_SERVE_TOKEN_SCOPES); a SQLite store."""
     import yaml
     from ray import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,7 +49,8 @@ def loop(ray_cluster, builtin_assets, builtin_sft_rm, tmp_path_factory):
     (tmp / "token").write_text(TOKEN + "\n")
     (tmp / "tokens.yaml").write_text(yaml.safe_dump({
         "app": {"token": GEN, "scopes": ["generate"]}, "annotator": {"token": ANNOTATOR, "scopes": ["feedback"]},
-        "ops": {"token": OPS, "scopes": ["promote"]}}))
+        "ops": {"token": OPS, "scopes": ["promote"]}, "trainer": {"token": SCORER, "scopes": ["score"]},
+        "reader": {"token": READER, "scopes": ["read"]}, "admin": {"token": ADMIN, "scopes": ["admin"]}}))
     sft, rm = builtin_sft_rm
     v2 = tmp / "pol_v2"  # the SFT policy with perturbed weights: another policy of the same architecture
     model = AutoModelForCausalLM.from_pretrained(sft)
@@ -133,12 +136,58 @@ def test_the_openai_client_chats_and_every_answer_is_kept(loop):
     assert r.status_code == 422 and "cannot read the request" in r.text
 
 
+def test_each_token_reaches_only_its_routes(loop):
+    """Scopes across the policy, feedback and checkpoints apps, each call answered before any work is done (403, or
+    a cheap 200/404/422 once past auth). A "score" token (a trainer's) can neither chat nor promote nor read; a
+    "feedback" token cannot read checkpoints, a "read" token can; the shared TOKEN, with no scopes configured, is
+    a client's (generate, score, feedback): it lists models and sends feedback but cannot read checkpoints, promote,
+    start rounds or export. The replicas' logs name the principals and where the shared token's scopes came from,
+    and hold no token."""
+    c = loop["client"]
+
+    def error(method, path, token, **kw):
+        r = c.request(method, path, headers=auth(token), **kw)
+        return r.status_code, (r.json().get("error") if r.status_code == 403 else None)
+
+    def lacks(scope):
+        return 403, f"this token lacks the {scope!r} scope"
+
+    chat_body = {"json": {"model": "policy", "messages": PROMPT, "max_tokens": 4}}
+    assert error("POST", "/policy/v1/chat/completions", SCORER, **chat_body) == lacks("generate")
+    assert error("POST", "/v1/checkpoints/pol-v1/promote", SCORER) == lacks("promote")
+    assert error("GET", "/v1/checkpoints", SCORER) == lacks("read")
+    assert error("POST", "/v1/feedback", SCORER, json={"type": "vote"}) == lacks("feedback")
+    assert error("GET", "/v1/checkpoints/pol-v1", ANNOTATOR) == lacks("read")
+    assert error("GET", "/v1/checkpoints/pol-v1/files/config.json", ANNOTATOR) == lacks("read")
+    assert error("GET", "/v1/checkpoints/pol-v1", READER) == (200, None)
+    assert error("GET", "/v1/checkpoints/pol-v1/files/config.json", READER) == (200, None)
+    assert error("POST", "/v1/checkpoints/pol-v1/promote", READER) == lacks("promote")
+
+    assert error("GET", "/policy/v1/models", TOKEN) == (200, None)
+    assert error("POST", "/v1/feedback", TOKEN, json={"type": "vote"}) == (422, None)  # past auth: a bad body
+    assert error("GET", "/v1/checkpoints", TOKEN) == lacks("read")
+    assert error("POST", "/v1/checkpoints/pol-v1/promote", TOKEN) == lacks("promote")
+    assert error("DELETE", "/v1/checkpoints/pol-v1", TOKEN) == lacks("promote")
+    assert error("POST", "/v1/feedback/rounds", TOKEN) == lacks("promote")
+    assert error("GET", "/v1/feedback/export", TOKEN) == lacks("admin")
+    assert error("GET", "/v1/feedback/export.parquet", TOKEN) == lacks("admin")
+    for method, path in (("GET", "/v1/checkpoints"), ("GET", "/v1/feedback/rounds"), ("GET", "/policy/v1/models")):
+        assert error(method, path, ADMIN) == (200, None), path  # admin: every scope
+
+    line = ("rlhf-cluster feedback: principals admin [admin]; annotator [feedback]; app [generate]; ops [promote]; "
+            "reader [read]; trainer [score]; shared [feedback, generate, score] (the shared token's scopes: the "
+            "default: $RLHF_SERVE_TOKEN_SCOPES is unset)")
+    log = serve_log_text(line)
+    assert line in log
+    assert not [t for t in (TOKEN, GEN, ANNOTATOR, OPS, SCORER, READER, ADMIN) if t in log]
+
+
 def test_feedback_is_validated_stored_once_and_exported(loop):
     c = loop["client"]
     answer = chat(loop, n=2, temperature=1.0, seed=5)
     ref = {"answer_id": answer["id"]}
     body = {"type": "comparison", "chosen": {**ref, "choice": 0}, "rejected": {**ref, "choice": 1},
-            "strength": "better", "annotator": "t1"}
+            "strength": "better", "annotator_note": "t1"}
     if answer["choices"][0]["message"]["content"] == answer["choices"][1]["message"]["content"]:
         body["rejected"] = {"response": "no."}
         body["prompt"] = PROMPT
@@ -147,6 +196,7 @@ def test_feedback_is_validated_stored_once_and_exported(loop):
     assert first.status_code == 201, first.text
     record = first.json()
     assert record["chosen"]["answer_id"] == answer["id"] and record["chosen"]["policy"]["id"] == "pol-v1"
+    assert (record["annotator"], record["annotator_note"]) == ("annotator", "t1")  # the token's principal, stamped
     again = c.post("/v1/feedback", json=body, headers={**auth(ANNOTATOR), **key})
     assert again.status_code == 200 and again.json()["id"] == record["id"]  # a retry stores nothing twice
     conflict = c.post("/v1/feedback", json={**body, "strength": "slightly_better"}, headers={**auth(ANNOTATOR), **key})
@@ -159,6 +209,7 @@ def test_feedback_is_validated_stored_once_and_exported(loop):
         "another prompt": ({**body, "prompt": "Count to 3.", "rejected": {"response": "1 2 3"}}, 422,
                            "another prompt"),
         "unknown type": ({"type": "vote"}, 422, "invalid request"),
+        "annotator chosen by the client": ({**body, "annotator": "someone-else"}, 422, "set by the server"),
         "rating out of range": ({"type": "rating", "response": ref, "rating": 0}, 422, "invalid request"),
         "oversized": ({**body, "edited": "x" * (300 << 10)}, 413, "limit"),
     }
@@ -174,22 +225,25 @@ def test_feedback_is_validated_stored_once_and_exported(loop):
                headers=auth(ANNOTATOR))
     assert r.status_code == 201
 
-    # export: the operator's; preference rows in the reward stage's format, then nothing new after the cursor
-    assert c.get("/v1/feedback/export", headers=auth(ANNOTATOR)).status_code == 403
-    r = c.get("/v1/feedback/export", headers=auth(OPS))
+    # export: every user's prompts and answers, so the admin's; preference rows in the reward stage's format, then
+    # nothing new after the cursor
+    for token in (ANNOTATOR, OPS):
+        denied = c.get("/v1/feedback/export", headers=auth(token))
+        assert denied.status_code == 403 and denied.json()["error"] == "this token lacks the 'admin' scope"
+    r = c.get("/v1/feedback/export", headers=auth(ADMIN))
     rows = [json.loads(line) for line in r.text.splitlines()]
     mine = [row for row in rows if row["feedback_id"] == record["id"]]
     assert mine and mine[0]["chosen"] == [{"role": "assistant", "content": record["chosen"]["response"]}]
     assert mine[0]["prompt"] == PROMPT and mine[0]["strength"] == "better"
     cursor = r.headers["x-next-cursor"]
-    assert c.get("/v1/feedback/export", params={"since": cursor}, headers=auth(OPS)).text == ""
-    records = c.get("/v1/feedback/export", params={"format": "records"}, headers=auth(OPS)).text.splitlines()
+    assert c.get("/v1/feedback/export", params={"since": cursor}, headers=auth(ADMIN)).text == ""
+    records = c.get("/v1/feedback/export", params={"format": "records"}, headers=auth(ADMIN)).text.splitlines()
     assert len(records) == loop["store"].count()
     import io
 
     import pyarrow.parquet as pq
 
-    r = c.get("/v1/feedback/export.parquet", headers=auth(OPS))
+    r = c.get("/v1/feedback/export.parquet", headers=auth(ADMIN))
     assert pq.read_table(io.BytesIO(r.content)).num_rows == len(rows)
     assert c.get("/v1/feedback/healthz").json()["records"] == loop["store"].count()
 
@@ -197,10 +251,10 @@ def test_feedback_is_validated_stored_once_and_exported(loop):
 @pytest.mark.parametrize("prefix", ["/policy", "/v1/feedback"])
 def test_schemathesis_finds_no_server_error(loop, prefix):
     """Requests generated from each app's own OpenAPI spec (vLLM's request models for the policy), valid and
-    invalid, with the shared token: never a 5xx."""
+    invalid, with an admin token: never a 5xx."""
     # POST /rounds would start a real round (minutes of training) in the background: its 4xx answers are tested
     # by hand (test_rounds_start_as_ray_jobs_one_at_a_time)
-    errors, reached = schemathesis_run(loop["base"] + prefix, auth(), max_examples=10, skip=("POST /rounds",))
+    errors, reached = schemathesis_run(loop["base"] + prefix, auth(ADMIN), max_examples=10, skip=("POST /rounds",))
     assert not errors, errors[:5]
     assert reached and sum(reached.values()) >= len(reached) // 2, reached
 
@@ -290,7 +344,7 @@ def annotate(client: httpx.Client, prompts: list[str], rng: random.Random, noise
         r = client.post("/v1/feedback", headers={**auth(ANNOTATOR), "Idempotency-Key": f"{a['id']}-judged"}, json={
             "type": "comparison", "chosen": {"answer_id": a["id"], "choice": best},
             "rejected": {"answer_id": a["id"], "choice": 1 - best},
-            "strength": task.preference_strength(abs(g[0] - g[1])), "annotator": "gold-with-noise"})
+            "strength": task.preference_strength(abs(g[0] - g[1])), "annotator_note": "gold-with-noise"})
         assert r.status_code == 201, r.text
         sent += 1
     return {"sent": sent, "ties": ties}
@@ -427,9 +481,10 @@ def test_a_promotion_under_concurrent_chats_fails_none(loop):
     before = c.get("/policy/healthz").json()["version"]["id"]
     assert before != "pol-v2"
     swaps = c.get("/policy/healthz").json()["swaps"]
-    r = c.post("/v1/checkpoints/pol-v2/promote", headers=auth(GEN))  # reading needs any token, promoting "promote"
+    r = c.post("/v1/checkpoints/pol-v2/promote", headers=auth(GEN))  # reading needs "read", promoting "promote"
     assert r.status_code == 403 and "promote" in r.json()["error"]
-    assert c.get("/v1/checkpoints/pol-v2", headers=auth(GEN)).status_code == 200
+    assert c.get("/v1/checkpoints/pol-v2", headers=auth(GEN)).status_code == 403
+    assert c.get("/v1/checkpoints/pol-v2", headers=auth(READER)).status_code == 200
     results, stop = [], threading.Event()
 
     def client():

@@ -23,7 +23,7 @@ import torch
 
 from rlhf_cluster.lib.registry import FileRegistry, make_entry
 from tests import serve_fixtures
-from tests.serve_fixtures import (
+from tests.helpers import (
     BAD_SCORE_BODIES,
     PAIRS,
     TOKEN,
@@ -35,6 +35,7 @@ from tests.serve_fixtures import (
     running_replicas,
     schemathesis_run,
     serve_details,
+    serve_log_text,
 )
 
 pytestmark = pytest.mark.ray
@@ -132,25 +133,43 @@ def _access_lines(app: str) -> list[str]:
             for line in f.read_text(errors="replace").splitlines() if "POST /" in line and " 200 " in line]
 
 
-def test_scoring_can_require_the_token(service, builtin_assets):
-    """Scoring behind the bearer token (401 without, 403 with a wrong one), and the app's `access_log: false`
-    reaches Serve: this app's replica writes no access line, the shared reward app (configs/serve.yaml:
-    access_log true) one per request."""
+def test_scoring_needs_a_score_token_by_default(service, builtin_assets):
+    """A reward app with configs/serve.yaml's require_token (true, as the code's default): scoring is 401 without a
+    token and 403 with a wrong one or one without "score" (a feedback or read token); a "score" token scores, and a
+    "generate" token still does (deprecated: one warning line naming the principal). The module's shared app opted
+    out (require_token: false) and says so in its log, naming the risk. Also the app's `access_log: false` reaches
+    Serve: this app's replica writes no access line, the shared reward app (access_log true) one per request."""
+    from rlhf_cluster.serve.launch import load_serve_config
+
+    shipped = next(a for a in load_serve_config().applications if a.name == "reward").args
+    assert shipped["require_token"] is True
     args = {**service["common"], "models": {"a": str(builtin_assets.reward_base), "b": str(builtin_assets.reward_base)},
-            "require_token": True, "follow_registry": False, "num_cpus": 0.5, "max_batch_size": 3,
-            "access_log": False}
+            "follow_registry": False, "num_cpus": 0.5, "max_batch_size": 3, "access_log": False}
     with reward_app("secure", args):
         c = service["client"]
         assert c.get("/secure/healthz").json()["batching"]["max_batch_size"] == 3  # args -> user_config
         assert c.post("/secure/v1/score", json=items(PAIRS[:2])).status_code == 401
+        assert c.post("/secure/get_reward", json={"query": ["x"]}).status_code == 401
         assert c.post("/secure/v1/score", json=items(PAIRS[:2]), headers=auth("wrong" * 5)).status_code == 403
         assert c.post("/secure/get_reward", json={"query": ["x"]}, headers={"Authorization": TOKEN}).status_code == 401
-        r = c.post("/secure/v1/score", json=items(PAIRS[:2]), headers=auth())
+        for name in ("annotator", "reader", "ops"):
+            r = c.post("/secure/v1/score", json=items(PAIRS[:2]), headers=auth(name))
+            assert r.status_code == 403 and r.json()["error"] == "this token lacks the 'score' scope", (name, r.text)
+        r = c.post("/secure/v1/score", json=items(PAIRS[:2]), headers=auth("trainer"))
         assert r.status_code == 200
         body = r.json()  # two models: their mean, and each one's scores
         assert body["per_model"]["a"] == body["per_model"]["b"]
         torch.testing.assert_close(body["scores"], body["per_model"]["a"])
-        assert service["client"].post("/v1/score", json=items(PAIRS[:1]), headers=auth()).status_code == 200
+        for name in ("app", "trainer", TOKEN):  # "generate" (deprecated), "score", the shared admin token
+            assert c.post("/secure/get_reward", json={"query": ["x"]}, headers=auth(name)).status_code == 200, name
+        assert c.post("/secure/v1/score", json=items(PAIRS[:1]), headers=auth("app")).status_code == 200
+        warning = "principal 'app' used its 'generate' scope on a route that needs 'score': deprecated, give it 'score'"
+        log = serve_log_text(warning)
+        assert log.count(warning) == 1
+        assert ("rlhf-cluster reward service: require_token is false: its routes answer anyone who can reach this "
+                "port, without a token (free use of the reward models' CPU/GPU, and of any reward functions on the "
+                "caller's text); keep that to a private network") in log
+        assert service["client"].post("/v1/score", json=items(PAIRS[:1])).status_code == 200
         deadline = time.time() + 30  # Serve writes access lines through a buffered handler
         while not _access_lines("reward") and time.time() < deadline:
             time.sleep(0.5)
@@ -173,7 +192,7 @@ def test_reconfigure_can_load_other_models(service, second_rm, builtin_assets, t
             handle.reconfigure.remote({"models": {"rm": str(second_rm.parent / "nope")}}).result()
         assert c.get("/reconfigure/healthz").json()["models"]["rm"]["checkpoint_id"] == "rm-v1"
         handle.reconfigure.remote({"models": {"extra": str(second_rm)}}).result()
-        body = c.post("/reconfigure/v1/score", json=items(PAIRS)).json()
+        body = c.post("/reconfigure/v1/score", json=items(PAIRS), headers=auth("trainer")).json()
         torch.testing.assert_close(torch.tensor(body["per_model"]["extra"]), Direct(second_rm)(PAIRS))
         torch.testing.assert_close(torch.tensor(body["per_model"]["rm"]), Direct(builtin_assets.reward_base)(PAIRS))
 
@@ -217,10 +236,12 @@ def test_health_check_fails_when_a_served_model_stops_scoring(builtin_assets, na
     import asyncio
     import dataclasses
 
-    from rlhf_cluster.serve.reward_app import RewardDeployment, load_reward_model
+    from rlhf_cluster.serve.reward_app import RewardDeployment
+    from rlhf_cluster.serve.reward_model import load_reward_model
 
     cls = RewardDeployment.func_or_class.__mro__[1]  # the class under @serve.ingress's wrapper
-    replica = cls({"models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False})
+    replica = cls({"models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False,
+                   "require_token": False})  # no HTTP here: no token to check
 
     async def run():
         await replica.check_health()
@@ -255,7 +276,7 @@ def test_a_replica_whose_model_goes_bad_answers_503_and_is_replaced(service, bui
     with reward_app("poisoned", args):
         first = c.get("/poisoned/healthz").json()["replica"]
         poison_replica(next(iter(running_replicas("poisoned"))))
-        r = c.post("/poisoned/v1/score", json=items(PAIRS))
+        r = c.post("/poisoned/v1/score", json=items(PAIRS), headers=auth("trainer"))
         assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.text)
         assert "non-finite score" in r.json()["error"] and "being replaced" in r.json()["error"]
         deadline = time.monotonic() + 180
@@ -265,7 +286,7 @@ def test_a_replica_whose_model_goes_bad_answers_503_and_is_replaced(service, bui
                 break
             assert time.monotonic() < deadline, h.text
             time.sleep(0.5)
-        r = c.post("/poisoned/v1/score", json=items(PAIRS))
+        r = c.post("/poisoned/v1/score", json=items(PAIRS), headers=auth("trainer"))
         assert r.status_code == 200 and torch.allclose(torch.tensor(r.json()["scores"]), want, atol=1e-4), r.text
 
 
@@ -307,7 +328,7 @@ def test_requests_in_flight_survive_a_redeploy(service, builtin_assets):
         results, stop = [], threading.Event()
 
         def client_loop():
-            with httpx.Client(base_url=c.base_url, timeout=120) as cc:
+            with httpx.Client(base_url=c.base_url, timeout=120, headers=auth("trainer")) as cc:
                 while not stop.is_set():
                     try:
                         r = cc.post("/drain/v1/score", json=items(PAIRS * 8))
@@ -547,16 +568,12 @@ def test_the_app_scores_in_bfloat16_when_asked(builtin_assets):
     In this process, on the deployment's own class; an unknown dtype is refused by the app's arguments."""
     from pydantic import ValidationError
 
-    from rlhf_cluster.serve.reward_app import (
-        RewardAppArgs,
-        RewardDeployment,
-        encode_messages,
-        forward,
-        load_reward_model,
-    )
+    from rlhf_cluster.serve.reward_app import RewardAppArgs, RewardDeployment
+    from rlhf_cluster.serve.reward_model import encode_messages, forward, load_reward_model
 
     cls = RewardDeployment.func_or_class.__mro__[1]
-    replica = cls({"models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False, "dtype": "bfloat16"})
+    replica = cls({"models": {"rm": str(builtin_assets.reward_base)}, "follow_registry": False, "dtype": "bfloat16",
+                   "require_token": False})  # no HTTP here: no token to check
     rm = replica.models["rm"]
     assert next(rm.model.parameters()).dtype == torch.bfloat16
     ref = load_reward_model("rm", str(builtin_assets.reward_base))

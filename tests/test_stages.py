@@ -43,7 +43,12 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
                    f"output_dir={tmp_path}")
     assert too_big.returncode == 2
     assert "trainer asks for 32 CPUs but the cluster has 4" in too_big.stderr
-    for run in (unknown, too_big):
+    # a job runs no other job: the reward stage from the built-in SFT policy needs that policy trained already
+    no_sft = _cli("rlhf_cluster.reward", "builtin_init=sft", f"builtin.cache_dir={tmp_path / 'cache'}",
+                  f"output_dir={tmp_path / 'rm'}")
+    assert no_sft.returncode == 2
+    assert "builtin_init: sft starts from the built-in SFT policy, which is not trained yet" in no_sft.stderr
+    for run in (unknown, too_big, no_sft):
         assert "Started a local Ray instance" not in run.stdout + run.stderr
     assert not (tmp_path / "ray").exists()
 

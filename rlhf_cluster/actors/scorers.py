@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 from rlhf_cluster.actors.group import Worker, split_evenly
-from rlhf_cluster.lib.losses import token_logprobs
+from rlhf_cluster.lib.logprobs import model_logprobs
 from rlhf_cluster.lib.packing import micro_batch_rows, packed_batch, take
 from rlhf_cluster.lib.reward_functions import FunctionReward, RewardFunctionError
 
@@ -84,9 +84,7 @@ class ReferenceModel(_Scorer):
     def logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         out: dict[int, list[float]] = {}
         for b in self._batches(sequences):
-            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                position_ids=b.position_ids).logits
-            lp = token_logprobs(logits, b.input_ids)
+            lp, _ = model_logprobs(self.model, b.input_ids, b.attention_mask, b.position_ids)
             out |= take(b, lp, {i: len(sequences[i]) - 1 for i in b.places})
         return [out[i] for i in range(len(sequences))]
 

@@ -20,6 +20,7 @@ from rlhf_cluster.actors.group import Worker
 from rlhf_cluster.lib import algorithms as A
 from rlhf_cluster.lib import faults
 from rlhf_cluster.lib.config import TrainerConfig
+from rlhf_cluster.lib.logprobs import model_logprobs
 from rlhf_cluster.lib.packing import Packed, micro_batch_rows, packed_batch, place, take
 
 PER_TOKEN_FIELDS = ("loss_mask", "old_logprobs", "advantages", "returns", "old_values", "ref_logprobs",
@@ -357,9 +358,8 @@ class PolicyTrainer(_DeepSpeedRank):
     model_class = "AutoModelForCausalLM"
 
     def _forward(self, ids, att, pos, with_entropy=False):
-        logits = self.engine(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, :-1]
-        logp = A.logprobs_from_logits(logits, ids[:, 1:])
-        return logp, (A.entropy_from_logits(logits) if with_entropy else None)
+        # from the last hidden states a chunk of tokens at a time: no [tokens, vocab] logits (lib/logprobs.py)
+        return model_logprobs(self.engine, ids, att, pos, with_entropy)
 
     @torch.no_grad()
     def logprobs(self, items: list[dict]) -> list[list[float]]:

@@ -5,6 +5,9 @@ Actors call these; tests check them against hand-computed numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -292,6 +295,48 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gam
         running = (rewards[..., t] + gamma * running) * mask[..., t]
         rtg.append(running)
     return whiten(torch.stack(rtg[::-1], dim=-1), mask)
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an estimator may use: token rewards [B, T] (the KL penalty on every token, the score on the last), the
+    response mask, the critic's values (None without a critic), the samples per prompt (contiguous) and options."""
+    rewards: torch.Tensor
+    mask: torch.Tensor
+    values: torch.Tensor | None
+    group_size: int
+    gamma: float = 1.0
+    lam: float = 0.95
+    scale_by_std: bool = True
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator: fn(inputs) -> (advantages [B, T], the critic's returns [B, T] or None), and what it
+    needs from the run: a critic (the job starts one and trains it on the returns), groups of samples per prompt
+    (samples_per_prompt >= 2; what dynamic sampling filters), and whether `whiten_advantages` applies."""
+    fn: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor | None]]
+    needs_critic: bool = False
+    needs_groups: bool = False
+    whiten: bool = False
+
+
+# `estimator:` in a PPO config names a row; adding an estimator is one function above and one row here.
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator(lambda x: gae(x.rewards, x.values * x.mask, x.mask, x.gamma, x.lam),
+                     needs_critic=True, whiten=True),
+    "grpo": Estimator(lambda x: (grpo_advantages(x.rewards.sum(-1), x.mask, x.group_size,
+                                                 scale_by_std=x.scale_by_std), None), needs_groups=True),
+    "rloo": Estimator(lambda x: (rloo_advantages(x.rewards.sum(-1), x.mask, x.group_size), None), needs_groups=True),
+    "reinforce_pp": Estimator(lambda x: (reinforce_pp_advantages(x.rewards, x.mask, x.gamma), None)),
+}
+
+
+def estimator(name: str) -> Estimator:
+    """The row `name`, or an error that lists the rows."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,12 @@ def cache_root(cfg: BuiltinConfig) -> Path:
     return Path(root) / f"builtin-v2-{cfg.size}-seed{cfg.seed}-noise{cfg.label_noise:g}"
 
 
+def builtin_model_dir(cfg: BuiltinConfig, stage: str) -> Path:
+    """Where the built-in `stage` ("sft" or "reward") model trained on this task is cached (rlhf_cluster.prerequisites
+    trains it there)."""
+    return cache_root(cfg) / stage / "model"
+
+
 @contextmanager
 def locked(path: Path):
     """One builder at a time across processes (Ray workers, parallel jobs)."""

@@ -94,7 +94,15 @@ class ResponseRef(BaseModel):
 class _Feedback(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: Prompt | None = None  # needed when a response is given as text; else the answers' own prompt
-    annotator: Annotated[str, Field(max_length=128)] | None = None
+    annotator_note: Annotated[str, Field(max_length=128)] | None = None  # the client's own note, stored as given
+
+    @model_validator(mode="before")
+    @classmethod
+    def _annotator_is_the_servers(cls, data):
+        if isinstance(data, dict) and "annotator" in data:
+            raise ValueError("'annotator' is set by the server: every record names the principal of the token that "
+                             "sent it; a note of the client's own goes in 'annotator_note'")
+        return data
 
 
 class Comparison(_Feedback):
@@ -138,8 +146,9 @@ def body_hash(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def resolve(feedback: BaseModel, get_answer) -> dict:
-    """The record to store: every response as text with its provenance, and the one prompt they answer.
+def resolve(feedback: BaseModel, get_answer, annotator: str) -> dict:
+    """The record to store: every response as text with its provenance, the one prompt they answer, and the
+    annotator: the principal whose token sent it (never a name the client chose).
 
     get_answer(answer_id) -> the stored answer dict or None. Raises FeedbackError naming what is wrong."""
     given = as_messages(feedback.prompt) if feedback.prompt is not None else None
@@ -160,7 +169,9 @@ def resolve(feedback: BaseModel, get_answer) -> dict:
         return {"response": answer["responses"][ref.choice], "answer_id": ref.answer_id, "choice": ref.choice,
                 "policy": answer.get("policy")}
 
-    record: dict[str, Any] = {"type": feedback.type, "annotator": feedback.annotator}
+    record: dict[str, Any] = {"type": feedback.type, "annotator": annotator}
+    if feedback.annotator_note is not None:
+        record["annotator_note"] = feedback.annotator_note
     if isinstance(feedback, Comparison):
         record |= {"chosen": one(feedback.chosen, "chosen"), "rejected": one(feedback.rejected, "rejected"),
                    "strength": feedback.strength, "aspect": feedback.aspect, "edited": feedback.edited}

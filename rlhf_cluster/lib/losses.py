@@ -2,6 +2,9 @@
 
 No Ray, no DeepSpeed: the stages call these inside their workers, tests check them
 against hand-computed numbers. Every loss returns a scalar averaged over the batch.
+The stages and actors take token log-probs from the hidden states a chunk at a time
+(lib/logprobs.py); the logits forms here define the objectives, and are what the tests
+hold that path to.
 
 Notation: σ is the logistic sigmoid, r_c / r_r are reward-model scores of the chosen and
 rejected responses, π_c / ref_c are summed response log-probs under the policy / reference.
@@ -24,8 +27,11 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 
 def sequence_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for t = 1..T-1 of right-padded sequences under `model`: [B, T] -> [B, T-1]."""
-    return token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids)
+    """log p(x_t | x_<t) for t = 1..T-1 of right-padded sequences under `model`: [B, T] -> [B, T-1], from its
+    hidden states a chunk of tokens at a time (lib/logprobs.py: no [B, T, vocab] logits)."""
+    from rlhf_cluster.lib.logprobs import model_logprobs
+
+    return model_logprobs(model, input_ids, attention_mask)[0]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

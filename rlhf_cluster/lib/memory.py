@@ -14,8 +14,9 @@ sequence (prompt + response budget), L layers, h hidden size, a attention heads,
                                            attention materialises its scores: GPU kernels do not keep them);
                                            with gradient checkpointing L T h b (each layer's input) + one
                                            layer's worth; inference keeps one layer's worth
-  logits       3 T V 4                     fp32 logits, log-softmax and its gradient (inference: 2 T V 4;
-                                           a reward or value head: none)
+  logits       3 C V 4                     fp32 logits, log-softmax and its gradient of one chunk of C = min(T,
+                                           lib/logprobs.default_chunk(V)) tokens: log-probs are taken a chunk at
+                                           a time (inference: 2 C V 4; a reward or value head: none)
   KV cache     rollout.kv_cache_gib on CPU; on a GPU vLLM takes gpu_memory_utilization of the device,
                weights included
   process      the measured resident size of an idle actor of the kind (torch, transformers, DeepSpeed or
@@ -92,6 +93,13 @@ def _bytes(dtype: str) -> int:
     return 2 if dtype == "bfloat16" else 4
 
 
+def _chunk(tokens: int, vocab: int) -> int:
+    """Tokens whose logits are live at once: log-probs are taken a chunk at a time (lib/logprobs.py)."""
+    from rlhf_cluster.lib.logprobs import default_chunk
+
+    return min(tokens, default_chunk(vocab))
+
+
 def _layer_activations(shape: ModelShape, tokens: int, seq: int, b: int, on_gpu: bool) -> int:
     """What one layer keeps for backward over `tokens` tokens (Korthikanti et al.'s count, scaled to b bytes)."""
     scores = 0 if on_gpu else 5 * shape.heads * seq / shape.hidden
@@ -109,7 +117,7 @@ def trainer_need(name: str, shape: ModelShape, t, dtype: str, tokens: int, seq: 
     optim = trainable * (8 + (4 if b == 2 else 0)) // (n if t.zero_stage >= 1 else 1)
     layer = _layer_activations(shape, tokens, seq, b, t.num_gpus_per_rank > 0)
     act = (shape.layers * tokens * shape.hidden * b + layer if t.gradient_checkpointing else shape.layers * layer)
-    logits = 3 * tokens * shape.vocab * 4 if shape.lm_head else 0
+    logits = 3 * _chunk(tokens, shape.vocab) * shape.vocab * 4 if shape.lm_head else 0
     need = GroupNeed(name, n, t.num_gpus_per_rank,
                      {"weights": weights, "gradients": grads, "optimizer": optim, "activations": act + logits})
     if t.offload:  # ZeRO-Offload: optimizer state (and with ZeRO-3 the parameters) live in host memory
@@ -125,7 +133,7 @@ def scorer_need(name: str, shape: ModelShape, g, dtype: str, tokens: int, seq: i
     (the layer's gathered weights, one layer's worth, are left out as for the ZeRO-3 trainer)."""
     b = _bytes(dtype)
     act = _layer_activations(shape, tokens, seq, b, g.num_gpus_per_rank > 0)
-    logits = 2 * tokens * shape.vocab * 4 if shape.lm_head else 0
+    logits = 2 * _chunk(tokens, shape.vocab) * shape.vocab * 4 if shape.lm_head else 0
     weights = shape.params * b // (g.num_ranks if g.partition else 1)
     need = GroupNeed(name, g.num_ranks, g.num_gpus_per_rank, {"weights": weights, "activations": act + logits})
     if g.offload:

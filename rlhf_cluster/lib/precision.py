@@ -8,6 +8,7 @@ is set keeps it. Trainers keep fp32 master weights under DeepSpeed's bf16 (rlhf_
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -15,14 +16,20 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """This machine's CPU flags (empty where /proc/cpuinfo is not there)."""
+    """The CPU flags torch may use here: /proc/cpuinfo's (empty where it is not there), less the AVX-512 and AMX
+    ones when torch is held below AVX-512 (`ATEN_CPU_CAPABILITY=avx2` or `default`): bf16 is then emulated."""
+    flags: set[str] = set()
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.partition(":")[2].split())
+                flags = set(line.partition(":")[2].split())
+                break
     except OSError:
         pass
-    return set()
+    capped = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if capped and not capped.startswith("avx512"):
+        flags = {f for f in flags if not f.startswith(("avx512", "amx"))}
+    return flags
 
 
 def choose(precision: str, on_gpu: bool, flags: set[str]) -> tuple[str, str]:

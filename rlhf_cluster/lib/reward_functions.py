@@ -100,6 +100,9 @@ _MARKUP = re.compile(r"<[^<>\s]*>")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _STATED = re.compile(r"(?:answer(?: is)?|####)\s*[:=]?\s*([^\n]+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# what normalise reads as a number: bounded digits and exponent, because Fraction("1e100000000") computes
+# 10**100000000 while holding the GIL (minutes), and a timeout cannot stop it
+_PLAIN_NUMBER = re.compile(r"-?\d{1,40}(?:\.\d{1,40})?(?:[eE][-+]?\d{1,3})?(?:/\d{1,40})?")
 
 
 def final_answer(response: str) -> str | None:
@@ -117,13 +120,17 @@ def final_answer(response: str) -> str | None:
 
 def normalise(answer) -> str:
     """Exact-match form: numbers as reduced fractions (2, 2.0, 4/2 and 1,000 vs 1000 compare equal), other
-    text lower-cased without spaces, `$` and a trailing period."""
+    text lower-cased without spaces, `$` and a trailing period. Only numbers of at most 40 digits per part and
+    exponents of at most 3 digits count as numbers: a label or response from a client cannot make it compute for
+    long."""
     text = str(answer).strip().rstrip(".").replace("$", "").strip()
     number = text.replace(",", "").replace(" ", "")
-    try:
-        return str(Fraction(number))
-    except (ValueError, ZeroDivisionError):
-        return re.sub(r"\s+", "", text.lower())
+    if _PLAIN_NUMBER.fullmatch(number):
+        try:
+            return str(Fraction(number))
+        except ZeroDivisionError:
+            pass
+    return re.sub(r"\s+", "", text.lower())
 
 
 def exact_match(prompts: list[str], responses: list[str], labels: list) -> list[float]:

@@ -6,8 +6,10 @@ The apps of configs/serve.yaml: reward (/v1/score, /get_reward), checkpoints (/v
 Joins the cluster of $RAY_ADDRESS or starts a local one, deploys the config and blocks until Ctrl-C (or SIGTERM).
 Then a local cluster is stopped at once, every process it started with it (the replicas' graceful shutdown is for
 redeploys, not for an operator stopping the service); on a joined cluster the apps are shut down gracefully.
-The bearer token comes from $RLHF_SERVE_TOKEN or $RLHF_SERVE_TOKEN_FILE; without either, one is
-generated into ~/.cache/rlhf-cluster/serve_token (mode 0600) and its path printed.
+The shared bearer token comes from $RLHF_SERVE_TOKEN or $RLHF_SERVE_TOKEN_FILE, with the scopes of
+$RLHF_SERVE_TOKEN_SCOPES (unset: generate, score, feedback); without either, this launcher uses its own token,
+generated once into ~/.cache/rlhf-cluster/serve_token (mode 0600), and gives it the admin scope unless
+$RLHF_SERVE_TOKEN_SCOPES says otherwise. It prints which token and which scopes. Named tokens: $RLHF_SERVE_TOKENS_FILE.
 """
 
 from __future__ import annotations
@@ -19,21 +21,36 @@ import signal
 import time
 
 from rlhf_cluster.lib.registry import default_registry_dir
-from rlhf_cluster.serve.common import TOKEN_ENV, TOKEN_FILE_ENV
+from rlhf_cluster.serve.common import TOKEN_ENV, TOKEN_FILE_ENV, TOKEN_SCOPES_ENV, shared_token_scopes
 from rlhf_cluster.serve.launch import DEFAULT_CONFIG, deploy, load_serve_config
 
 
 def ensure_token() -> None:
+    """Say which shared token the apps take, and with which scopes. The caller's ($RLHF_SERVE_TOKEN /
+    $RLHF_SERVE_TOKEN_FILE) keeps the scopes it is given (by default a client's, no operator routes). Without one,
+    this launcher's own token is made admin: the service binds 127.0.0.1 for the user who started it, whose quick
+    start (README) chats, sends feedback and starts rounds with that one token."""
+    ours = False
     if os.environ.get(TOKEN_ENV) or os.environ.get(TOKEN_FILE_ENV):
-        return
-    path = default_registry_dir().parent / "serve_token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32))
-    os.environ[TOKEN_FILE_ENV] = str(path)  # inherited by a local cluster's workers
-    print(f"bearer token: {path} (curl -H \"Authorization: Bearer $(cat {path})\" ...)")
+        where = f"${TOKEN_ENV}" if os.environ.get(TOKEN_ENV) else os.environ[TOKEN_FILE_ENV]
+    else:
+        path = default_registry_dir().parent / "serve_token"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_urlsafe(32))
+        os.environ[TOKEN_FILE_ENV] = str(path)  # inherited by a local cluster's workers, as are the scopes
+        if TOKEN_SCOPES_ENV not in os.environ:
+            os.environ[TOKEN_SCOPES_ENV], ours = "admin", True
+        where = f"{path} (curl -H \"Authorization: Bearer $(cat {path})\" ...)"
+    try:
+        scopes, source = shared_token_scopes()
+    except ValueError as e:
+        raise SystemExit(f"python -m rlhf_cluster.serve: {e}") from None
+    if ours:
+        source = f"this launcher's own token: ${TOKEN_SCOPES_ENV} set to admin"
+    print(f"bearer token: {where}; scopes: {', '.join(sorted(scopes))} ({source})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,12 +9,12 @@
     DELETE /v1/checkpoints/{id}                      forget it (files stay)
 
 The app is mounted at route_prefix /v1/checkpoints (configs/serve.yaml), so its routes are
-written relative to it. Every route but /healthz needs the bearer token: entries name server paths, downloads are
-weights. Registered paths must lie under `checkpoint_roots`, so the token cannot be used to
+written relative to it. Every route but /healthz needs a token: reads (list, get, files, downloads) the "read" scope,
+since entries name server paths and downloads are weights; writes (register, promote, delete) the "promote" scope.
+Registered paths must lie under `checkpoint_roots`, so the token cannot be used to
 publish arbitrary server directories; file paths must resolve inside the checkpoint directory.
 Promoting a reward or policy checkpoint first has the reward or policy app load it (the swap is atomic there), and
-only then moves the registry's serving pointer, so the pointer always names a loadable model. Writes (register,
-promote, delete) need a token with the "promote" scope.
+only then moves the registry's serving pointer, so the pointer always names a loadable model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi import Depends, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,18 +44,16 @@ from rlhf_cluster.lib.registry import (
     open_registry,
 )
 from rlhf_cluster.serve.common import (
+    GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    AppArgs,
     guard_replica,
-    install_guards,
+    guarded_app,
     require_scope,
-    require_token,
 )
 
 logger = logging.getLogger("ray.serve")
 
 CheckpointId = Annotated[str, PathParam(pattern=ID_PATTERN)]
-# A replica being stopped waits up to this long for its requests (downloads included): as long as the HTTP
-# request_timeout_s in configs/serve.yaml, so no request the proxy still waits for is cut off.
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 300.0
 
 
 class RegisterRequest(BaseModel):
@@ -71,12 +69,11 @@ class RegisterRequest(BaseModel):
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # when given, must match the files
 
 
-class CheckpointsAppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CheckpointsAppArgs(AppArgs):
+    """Arguments of `app_builder`; the tokens are common.py's."""
+
     registry: str | None = None                     # redis://... or a directory; null: $REDIS_URL / default
     checkpoint_roots: list[str] | None = None       # null: ./runs and the default cache directory
-    token_file: str | None = None
-    tokens_file: str | None = None                  # named tokens with scopes (common.py); writes need "promote"
     reward_app: str = "reward"                      # application and deployment told to load promoted RMs
     reward_deployment: str = "RewardModel"
     policy_app: str = "policy"                      # application and deployment told to load promoted policies
@@ -105,11 +102,9 @@ def safe_relative(path: str) -> str:
     return path
 
 
-app = FastAPI(title="rlhf-cluster checkpoints", version="1",
-              description="Checkpoint registry: list, download, register and promote checkpoints.")
-_limits = {"max_body_bytes": 64 << 10}
-install_guards(app, _limits)
-auth = [Depends(require_token)]
+app, _limits = guarded_app("rlhf-cluster checkpoints",
+                           "Checkpoint registry: list, download, register and promote checkpoints.", CheckpointsAppArgs)
+reader = [Depends(require_scope("read"))]       # list, get, files, downloads
 operator = [Depends(require_scope("promote"))]  # writes: register, promote, delete
 
 
@@ -146,16 +141,16 @@ class CheckpointsDeployment:
     def healthz(self):
         return {"status": "ok"}
 
-    @app.get("/", response_model=list[Entry], dependencies=auth)
+    @app.get("/", response_model=list[Entry], dependencies=reader)
     def list_checkpoints(self, run: Annotated[str | None, Query(max_length=256)] = None, kind: Kind | None = None,
                          stage: Annotated[str | None, Query(max_length=64)] = None):
         return self._call(self.registry.list, run=run, kind=kind, stage=stage)
 
-    @app.get("/{id}", response_model=Entry, dependencies=auth)
+    @app.get("/{id}", response_model=Entry, dependencies=reader)
     def get_checkpoint(self, id: CheckpointId):
         return self._call(self.registry.get, id)
 
-    @app.get("/{id}/files", dependencies=auth)
+    @app.get("/{id}/files", dependencies=reader)
     def manifest(self, id: CheckpointId):
         """The files as they are now, and whether they still hash to the registered sha256."""
         entry = self._call(self.registry.get, id)
@@ -163,7 +158,7 @@ class CheckpointsDeployment:
         sha = manifest_sha256(manifest)
         return {"id": id, "sha256": sha, "matches_registered": sha == entry.sha256, "files": manifest}
 
-    @app.get("/{id}/files/{path:path}", dependencies=auth, response_class=FileResponse)
+    @app.get("/{id}/files/{path:path}", dependencies=reader, response_class=FileResponse)
     def download(self, id: CheckpointId, path: str):
         rel = safe_relative(path)
         root = self._checkpoint_dir(self._call(self.registry.get, id))

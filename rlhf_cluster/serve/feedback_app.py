@@ -18,9 +18,9 @@
     DELETE /v1/feedback/rounds/{id}   stop a round that has not ended (202; 409 if it has). The feedback it
                                       would have taken waits for the next round
 
-Sending feedback needs a token with the "feedback" scope; exporting and rounds need "promote"
-(rlhf_cluster/serve/common.py). Unknown answer ids, self-comparisons, a prompt that is not the answers' own,
-oversized bodies: 4xx naming the problem.
+Sending feedback needs a token with the "feedback" scope; rounds need "promote"; exporting (every user's prompts and
+answers) needs "admin" (rlhf_cluster/serve/common.py). Unknown answer ids, self-comparisons, a prompt that is not the
+answers' own, oversized bodies: 4xx naming the problem.
 The store is the one the policy app keeps its answers in (SQLite by default, Redis in a cluster).
 """
 
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Response
+from fastapi import Body, Depends, Header, HTTPException, Query, Response
 from fastapi import Path as FPath
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -58,8 +58,10 @@ from rlhf_cluster.lib.feedback import (
     resolve,
 )
 from rlhf_cluster.serve.common import (
+    AppArgs,
+    Principal,
     guard_replica,
-    install_guards,
+    guarded_app,
     require_scope,
 )
 
@@ -76,23 +78,21 @@ class RoundArgs(BaseModel):
     runtime_env: dict = {}             # the job's runtime_env (env_vars, ...)
 
 
-class FeedbackAppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FeedbackAppArgs(AppArgs):
+    """Arguments of `app_builder`; the tokens are common.py's."""
+
     feedback: str | None = None        # redis://..., a SQLite file; null: $RLHF_FEEDBACK / $REDIS_URL / default
     rounds: RoundArgs | None = RoundArgs()  # null: no rounds over HTTP (POST /v1/feedback/rounds answers 404)
-    token_file: str | None = None
-    tokens_file: str | None = None
     max_body_bytes: int = Field(256 << 10, ge=1024)
     max_export: int = Field(100_000, ge=1)
     num_cpus: float = Field(0.1, gt=0.0)
 
 
-app = FastAPI(title="rlhf-cluster feedback", version="1",
-              description="Preferences about served answers, stored durably and exported for reward training.")
-_limits = {"max_body_bytes": 256 << 10}
-install_guards(app, _limits)
-writer = [Depends(require_scope("feedback"))]
-operator = [Depends(require_scope("promote"))]
+app, _limits = guarded_app("rlhf-cluster feedback",
+                           "Preferences about served answers, stored durably and exported for reward training.",
+                           FeedbackAppArgs)
+operator = [Depends(require_scope("promote"))]  # rounds
+exporter = [Depends(require_scope("admin"))]    # every user's prompts and answers
 Cursor = Annotated[str | None, Query(max_length=64, pattern=r"^[0-9-]+$")]
 
 
@@ -220,16 +220,17 @@ class FeedbackDeployment:
         logger.info("feedback app: store %s; rounds %s", self.store.describe(),
                     self.rounds.entrypoint if self.rounds else "off")
 
-    def _add(self, feedback, key: str | None) -> tuple[dict, bool]:
-        record = resolve(feedback, self.store.get_answer)
+    def _add(self, feedback, key: str | None, annotator: str) -> tuple[dict, bool]:
+        record = resolve(feedback, self.store.get_answer, annotator)
         record = {"id": new_record_id(), **record}
         return self.store.add(record, body_hash(feedback.model_dump(mode="json")), key)
 
-    @app.post("/", status_code=201, dependencies=writer)
+    @app.post("/", status_code=201)
     async def send(self, response: Response, feedback: Annotated[Feedback, Body()],
+                   principal: Annotated[Principal, Depends(require_scope("feedback"))],
                    idempotency_key: Annotated[str | None, Header(pattern=KEY_PATTERN)] = None):
         try:
-            record, created = await asyncio.to_thread(self._add, feedback, idempotency_key)
+            record, created = await asyncio.to_thread(self._add, feedback, idempotency_key, principal.name)
         except (FeedbackError, StoreUnavailable) as e:
             raise _error(e) from None
         if not created:
@@ -244,7 +245,7 @@ class FeedbackDeployment:
         rows = records if fmt == "records" else preference_rows(records, aspect)
         return rows, (records[-1]["cursor"] if records else since)
 
-    @app.get("/export", dependencies=operator)
+    @app.get("/export", dependencies=exporter)
     async def export(self, since: Cursor = None, format: Literal["preferences", "records"] = "preferences",
                      aspect: Literal["helpfulness", "safety"] | None = None,
                      limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000):
@@ -252,7 +253,7 @@ class FeedbackDeployment:
         text = "".join(json.dumps(r) + "\n" for r in rows)
         return Response(text, media_type="application/x-ndjson", headers={"x-next-cursor": cursor or ""})
 
-    @app.get("/export.parquet", dependencies=operator)
+    @app.get("/export.parquet", dependencies=exporter)
     async def export_parquet(self, since: Cursor = None, format: Literal["preferences", "records"] = "preferences",
                              aspect: Literal["helpfulness", "safety"] | None = None,
                              limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000):

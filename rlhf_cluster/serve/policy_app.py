@@ -28,9 +28,9 @@ import os
 import time
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from ray import serve
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
@@ -38,14 +38,16 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMClientError, VLLMError
 
 from rlhf_cluster.serve.common import (
+    GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    ReplicatedAppArgs,
     guard_replica,
-    install_guards,
+    guarded_app,
+    promoted_change,
     require_scope,
 )
 
 logger = logging.getLogger("ray.serve")
 
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 300.0
 PROBE = [{"role": "user", "content": "Hello."}]
 
 
@@ -71,8 +73,9 @@ class TextCompletionRequest(_Readable, CompletionRequest):
     pass
 
 
-class PolicyAppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PolicyAppArgs(ReplicatedAppArgs):
+    """Arguments of `app_builder`; the tokens, body limit and replica settings are common.py's."""
+
     model: str | None = None            # a model directory; null: the registry's promoted policy, else built-in SFT
     model_name: str = Field("policy", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # what clients send as "model"
     registry: str | None = None         # redis://... or a directory; null: $REDIS_URL / default directory
@@ -80,17 +83,10 @@ class PolicyAppArgs(BaseModel):
     feedback: str | None = None         # the feedback store: redis://..., a SQLite file; null: the default
     record_answers: bool = True
     require_token: bool = True          # generation needs a token with the "generate" scope
-    token_file: str | None = None
-    tokens_file: str | None = None
     dtype: str = "float32"
     max_model_len: int | None = Field(None, ge=16)  # null: the model's own (max_position_embeddings)
     kv_cache_gib: float = Field(1.0, gt=0.0)  # CPU: VLLM_CPU_KVCACHE_SPACE
     seed: int = 0
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, gt=0.0)
-    max_ongoing_requests: int = Field(64, ge=1)
-    graceful_shutdown_timeout_s: float = Field(GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0.0)
 
 
 class Engine:
@@ -169,10 +165,9 @@ def sse_events(chunk: str) -> list[dict]:
     return out
 
 
-app = FastAPI(title="rlhf-cluster policy service", version="1",
-              description="The promoted policy behind an OpenAI-compatible API; answers are kept for feedback.")
-_limits = {"max_body_bytes": 1 << 20}
-install_guards(app, _limits)
+app, _limits = guarded_app("rlhf-cluster policy service",
+                           "The promoted policy behind an OpenAI-compatible API; answers are kept for feedback.",
+                           PolicyAppArgs)
 generate = [Depends(require_scope("generate"))]
 
 
@@ -184,7 +179,8 @@ class PolicyDeployment:
         args = PolicyAppArgs.model_validate(args)
         self.args = args
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(args.kv_cache_gib))))
-        guard_replica(app, _limits, args, args.require_token)
+        guard_replica(app, _limits, args, args.require_token,
+                      "anyone may generate, and every answer is stored for feedback")
         from rlhf_cluster.lib.feedback import open_feedback_store
         from rlhf_cluster.lib.registry import open_registry
 
@@ -251,13 +247,9 @@ class PolicyDeployment:
         """Every health_check_period_s: follow the registry's policy pointer (the load runs in the background)."""
         if self.registry is None or self.args.model or self._load_lock.locked():
             return
-        try:
-            entry = await asyncio.to_thread(self.registry.serving, "policy")
-        except Exception as e:  # a registry outage must not mark the replica unhealthy
-            logger.warning("registry unavailable: %s", e)
-            return
-        if entry and entry.id != self.engine.version.get("id") and entry.id not in self._failed_ids:
-            self._spawn(self.load_checkpoint(entry.model_dump()))
+        entry = await promoted_change(self.registry, "policy", self.engine.version.get("id"), self._failed_ids)
+        if entry is not None:
+            self._spawn(self.load_checkpoint(entry))
 
     # ------------------------------------------------------------------ answers
     def _record(self, kind: str, body, answer_id: str, responses: list[str], version: dict) -> bool:
@@ -367,7 +359,4 @@ def app_builder(args: PolicyAppArgs) -> serve.Application:
     """import_path target: `rlhf_cluster.serve.policy_app:app_builder` with the application's `args:`."""
     if isinstance(args, dict):
         args = PolicyAppArgs.model_validate(args)
-    return PolicyDeployment.options(
-        num_replicas=args.num_replicas, max_ongoing_requests=args.max_ongoing_requests,
-        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s, ray_actor_options={"num_cpus": args.num_cpus},
-    ).bind(args.model_dump())
+    return PolicyDeployment.options(**args.replica_options()).bind(args.model_dump())

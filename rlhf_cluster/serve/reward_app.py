@@ -9,10 +9,13 @@
     GET  /healthz      loaded models and batching settings; 503 naming the problem when the last health
                        check failed (a served model no longer gives a finite score to the probe item)
 
-A reward model is any transformers AutoModelForSequenceClassification directory with one output.
-A (prompt, response) pair is rendered with the model's own chat template exactly as reward
-training renders it (rlhf_cluster.lib.data.encode_conversation), and the score is the model's output
-at the last token. Items from concurrent requests are batched with @serve.batch.
+Scoring needs a token with the "score" scope (rlhf_cluster/serve/common.py; "generate" is still accepted, with a
+warning in the log, for one release); `require_token: false` opens it to anyone who reaches the port.
+
+This module is the deployment: its args, routes, batching, health and hot swap. The request and response bodies are
+in reward_schemas.py; loading, encoding and running a reward model (any transformers
+AutoModelForSequenceClassification directory with one output) in reward_model.py. Items from concurrent requests
+are batched with @serve.batch.
 
 Hot swap: `load_checkpoint` (called by the checkpoints app on promotion, by `reconfigure`, or
 when the registry's serving pointer changes) loads the new model next to the old one and then
@@ -25,105 +28,36 @@ import asyncio
 import logging
 import math
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
-from rlhf_cluster.lib.data import DataError, encode_conversation
+from rlhf_cluster.lib.data import DataError
 from rlhf_cluster.lib.reward_functions import FunctionReward, RewardFunctionError
 from rlhf_cluster.serve.common import (
+    GRACEFUL_SHUTDOWN_TIMEOUT_S,
+    ReplicatedAppArgs,
     guard_replica,
-    install_guards,
+    guarded_app,
+    promoted_change,
     require_scope,
     unprocessable,
 )
+from rlhf_cluster.serve.reward_model import (
+    RewardModel,
+    encode_messages,
+    encode_query,
+    forward_items,
+    load_reward_model,
+    probe,
+)
+from rlhf_cluster.serve.reward_schemas import GetRewardRequest, GetRewardResponse, ScoreRequest, ScoreResponse
 
 logger = logging.getLogger("ray.serve")
-
-MAX_ITEMS = 512          # items per request
-MAX_CHARS = 16_384       # characters per string
-MAX_MESSAGES = 32        # turns per conversation
-# A replica being stopped (redeploy, scale-down, shutdown) takes no new requests and waits up to this
-# long for the ones it has: as long as the HTTP request_timeout_s (configs/serve.yaml), so no request
-# the proxy still waits for is cut off. It exits as soon as it is idle (checked every 2 s).
-GRACEFUL_SHUTDOWN_TIMEOUT_S = 300.0
-PROBE_TEXT = "Hello."    # scored by every model when loaded and at every Serve health check
-
-Text = Annotated[str, Field(max_length=MAX_CHARS)]
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: Text
-
-
-class Item(BaseModel):
-    """Either prompt + response, or a whole conversation ending with the assistant turn to score."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompt: Text | None = None
-    response: Text | None = None
-    messages: Annotated[list[Message], Field(min_length=2, max_length=MAX_MESSAGES)] | None = None
-
-    @model_validator(mode="after")
-    def _one_form(self) -> Item:
-        either = "give either both 'prompt' and 'response', or 'messages'"
-        if self.messages is None:
-            if self.prompt is None or self.response is None:
-                raise ValueError(either)
-            return self
-        if self.prompt is not None or self.response is not None:
-            raise ValueError(either)
-        if self.messages[0].role == "assistant":
-            raise ValueError("'messages' must start with a user or system turn")
-        if self.messages[-1].role != "assistant":
-            raise ValueError("'messages' must end with the assistant turn to score")
-        return self
-
-    def conversation(self) -> list[dict]:
-        if self.messages is not None:
-            return [m.model_dump() for m in self.messages]
-        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.response}]
-
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    items: Annotated[list[Item], Field(min_length=1, max_length=MAX_ITEMS)]
-
-
-class ScoreResponse(BaseModel):
-    scores: list[float]
-    per_model: dict[str, list[float]] | None = None
-
-
-class GetRewardRequest(BaseModel):
-    """OpenRLHF's remote reward-model request; unknown extra fields are ignored as OpenRLHF forks add some."""
-
-    model_config = ConfigDict(extra="ignore")
-    query: Annotated[list[Annotated[str, Field(max_length=2 * MAX_CHARS)]], Field(min_length=1, max_length=MAX_ITEMS)]
-    prompts: list[Annotated[str, Field(max_length=2 * MAX_CHARS)]] | None = None
-    labels: list[Any] | None = None  # ground truth for rule-based rewards; unused by a learned RM
-
-    @model_validator(mode="after")
-    def _same_lengths(self) -> GetRewardRequest:
-        for name in ("prompts", "labels"):
-            value = getattr(self, name)
-            if value is not None and len(value) != len(self.query):
-                raise ValueError(f"'{name}' has {len(value)} entries but 'query' has {len(self.query)}")
-        return self
-
-
-class GetRewardResponse(BaseModel):
-    rewards: list[float]
-    scores: list[float]
-    extra_logs: dict[str, list[float]]
 
 
 class UserConfig(BaseModel):
@@ -135,10 +69,10 @@ class UserConfig(BaseModel):
     models: dict[str, str] | None = None
 
 
-class RewardAppArgs(BaseModel):
-    """Arguments of `app_builder` (the `args:` of the application in configs/serve.yaml)."""
+class RewardAppArgs(ReplicatedAppArgs):
+    """Arguments of `app_builder` (the `args:` of the application in configs/serve.yaml); the tokens, body limit and
+    replica settings are common.py's."""
 
-    model_config = ConfigDict(extra="forbid")
     models: dict[str, str] = {}          # name -> model directory; empty (and no functions): the built-in one
     # name -> "package.module:function" (rlhf_cluster/lib/reward_functions.py): verifiers on /get_reward,
     # called with the request's prompts, the responses (each query after its prompt) and its labels
@@ -149,19 +83,12 @@ class RewardAppArgs(BaseModel):
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=8)   # default: the model's max_position_embeddings
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    require_token: bool = False          # bearer token on the scoring routes
-    token_file: str | None = None
-    tokens_file: str | None = None       # named tokens with scopes (common.py); scoring needs "generate"
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, gt=0.0)
+    require_token: bool = True           # scoring needs a token with the "score" scope ("generate": deprecated)
     # the dtype the models score in: bfloat16 pays on CPUs with bf16 units (avx512_bf16 / amx_bf16) and on GPUs;
     # scores then differ from float32's at bf16's precision (2e-3 on the built-in model's; tests/test_serve_reward.py)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    max_ongoing_requests: int = Field(64, ge=1)
     # Serve's access log line per request; false drops it (no measurable throughput gain: bench/README.md)
     access_log: bool = True
-    graceful_shutdown_timeout_s: float = Field(GRACEFUL_SHUTDOWN_TIMEOUT_S, ge=0.0)
 
     @model_validator(mode="after")
     def _functions_load(self) -> RewardAppArgs:
@@ -172,92 +99,10 @@ class RewardAppArgs(BaseModel):
         return self
 
 
-@dataclass(frozen=True)
-class RewardModel:
-    name: str
-    path: str
-    model: torch.nn.Module
-    tokenizer: object
-    max_tokens: int
-    checkpoint_id: str | None = None
-    sha256: str | None = None
-
-    def info(self) -> dict:
-        return {"path": self.path, "checkpoint_id": self.checkpoint_id, "sha256": self.sha256,
-                "max_tokens": self.max_tokens}
-
-
-def load_reward_model(name: str, path: str, max_tokens: int | None = None, checkpoint_id: str | None = None,
-                      sha256: str | None = None, dtype: str = "float32") -> RewardModel:
-    """Load a reward model directory; checks it has one output, (when given) the sha256 of its files, and that
-    it scores: a probe item must give a finite score, so a model that cannot score (e.g. the NaN weights of
-    a diverged run) is refused here, never served."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    if not Path(path).is_dir():  # else transformers takes it for a Hub repo id and says so
-        raise FileNotFoundError(f"reward model {name!r}: {path} is not a directory")
-    if sha256 is not None:
-        from rlhf_cluster.lib.registry import checkpoint_sha256
-
-        actual = checkpoint_sha256(path)
-        if actual != sha256:
-            raise ValueError(f"checkpoint {checkpoint_id or path}: files have sha256 {actual}, "
-                             f"registered {sha256}; refusing to load a changed checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    if model.config.num_labels != 1:
-        raise ValueError(f"reward model {path} has {model.config.num_labels} outputs; a reward model has 1")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
-    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    rm = RewardModel(name, str(path), model, tokenizer, min(limit, max_tokens or limit), checkpoint_id, sha256)
-    probe(rm)
-    return rm
-
-
-def probe(rm: RewardModel) -> float:
-    """Score PROBE_TEXT; ValueError naming the model unless that gives a finite score."""
-    try:
-        score = forward(rm, [encode_query(rm, PROBE_TEXT)])[0]
-    except Exception as e:
-        raise ValueError(f"reward model {rm.name!r} ({rm.path}) cannot score: {type(e).__name__}: {e}") from e
-    if not math.isfinite(score):
-        raise ValueError(f"reward model {rm.name!r} ({rm.path}) gives a non-finite score ({score}) to a probe item")
-    return score
-
-
-def encode_messages(rm: RewardModel, messages: list[dict]) -> list[int]:
-    return encode_conversation(rm.tokenizer, messages)[0]
-
-
-def encode_query(rm: RewardModel, text: str) -> list[int]:
-    """OpenRLHF sends prompt+response as rendered text; like its server, end it with exactly one EOS."""
-    tok = rm.tokenizer
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    drop = {tok.pad_token_id, tok.eos_token_id} - {None}
-    while ids and ids[-1] in drop:
-        ids.pop()
-    return ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-
-
-@torch.inference_mode()
-def forward(rm: RewardModel, batch: list[list[int]]) -> list[float]:
-    """Right-padded batch; the sequence-classification head reads the last non-pad token."""
-    width = max(len(ids) for ids in batch)
-    pad = rm.model.config.pad_token_id
-    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ids in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-    return rm.model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
-
-
-app = FastAPI(title="rlhf-cluster reward service", version="1",
-              description="Scores (prompt, response) pairs with reward models; OpenRLHF-compatible /get_reward.")
-_limits = {"max_body_bytes": 1 << 20}  # per replica process; set from the app's args in __init__
-install_guards(app, _limits)
+app, _limits = guarded_app("rlhf-cluster reward service",
+                           "Scores (prompt, response) pairs with reward models; OpenRLHF-compatible /get_reward.",
+                           RewardAppArgs)
+scorer = [Depends(require_scope("score", "generate"))]  # "generate" scored until "score" existed: accepted, logged
 
 
 def default_model(builtin=None) -> tuple[dict[str, str], str]:
@@ -284,7 +129,8 @@ class RewardDeployment:
     def __init__(self, args: dict):
         args = RewardAppArgs.model_validate(args)
         self.args = args
-        guard_replica(app, _limits, args, args.require_token)
+        guard_replica(app, _limits, args, args.require_token,
+                      "free use of the reward models' CPU/GPU, and of any reward functions on the caller's text")
         torch.set_num_threads(max(1, int(args.num_cpus)))
         self.registry = None
         if args.follow_registry:
@@ -379,13 +225,10 @@ class RewardDeployment:
         self.unready = None
         if self.registry is None or self.primary is None or self._load_lock.locked():
             return
-        try:
-            entry = await asyncio.to_thread(self.registry.serving, "reward")
-        except Exception as e:  # a registry outage must not mark the replica unhealthy
-            logger.warning("registry unavailable: %s", e)
-            return
-        if entry and entry.id != self.models[self.primary].checkpoint_id and entry.id not in self._failed_ids:
-            self._follow_task = asyncio.create_task(self.load_checkpoint(entry.model_dump()))  # keep a reference
+        entry = await promoted_change(self.registry, "reward", self.models[self.primary].checkpoint_id,
+                                      self._failed_ids)
+        if entry is not None:
+            self._follow_task = asyncio.create_task(self.load_checkpoint(entry))  # keep a reference
 
     # ------------------------------------------------------------------ batching
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -393,20 +236,7 @@ class RewardDeployment:
         """items: (models, {name: token ids}); items encoded against different model sets are run separately."""
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(items))
-        return await asyncio.to_thread(self._forward_items, items)
-
-    @staticmethod
-    def _forward_items(items):
-        out: list[dict[str, float]] = [{} for _ in items]
-        groups: dict[int, list[int]] = {}
-        for i, (models, _) in enumerate(items):
-            groups.setdefault(id(models), []).append(i)
-        for idxs in groups.values():
-            models = items[idxs[0]][0]
-            for name, rm in models.items():
-                for i, score in zip(idxs, forward(rm, [items[i][1][name] for i in idxs])):
-                    out[i][name] = score
-        return out
+        return await asyncio.to_thread(forward_items, items)
 
     async def _score(self, encode, inputs: list, field: str) -> dict[str, list[float]]:
         """Encode every input for every model (422 when too long), then score through the batcher."""
@@ -461,8 +291,7 @@ class RewardDeployment:
         return HTTPException(503, f"{why}; this replica is being replaced, try again", headers={"Retry-After": "1"})
 
     # ------------------------------------------------------------------ routes
-    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
-              dependencies=[Depends(require_scope("generate"))])
+    @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, dependencies=scorer)
     async def score(self, body: ScoreRequest):
         if not self.models:
             raise unprocessable("this service hosts reward functions only "
@@ -471,7 +300,7 @@ class RewardDeployment:
         scores = [sum(s) / len(s) for s in zip(*per_model.values())]
         return ScoreResponse(scores=scores, per_model=per_model if len(per_model) > 1 else None)
 
-    @app.post("/get_reward", response_model=GetRewardResponse, dependencies=[Depends(require_scope("generate"))])
+    @app.post("/get_reward", response_model=GetRewardResponse, dependencies=scorer)
     async def get_reward(self, body: GetRewardRequest):
         per_source = {f"rm_{name}": s for name, s in (await self._score(encode_query, body.query, "query")).items()
                       } if self.models else {}
@@ -520,8 +349,6 @@ def app_builder(args: RewardAppArgs) -> serve.Application:
     if isinstance(args, dict):
         args = RewardAppArgs.model_validate(args)
     return RewardDeployment.options(
-        num_replicas=args.num_replicas, max_ongoing_requests=args.max_ongoing_requests,
-        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s, ray_actor_options={"num_cpus": args.num_cpus},
-        logging_config={"enable_access_log": args.access_log},
+        **args.replica_options(), logging_config={"enable_access_log": args.access_log},
         user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
     ).bind(args.model_dump(exclude={"max_batch_size", "batch_wait_timeout_s"}))  # those go via reconfigure
