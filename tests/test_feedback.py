@@ -36,9 +36,7 @@ def store(request, tmp_path):
 
 
 def add(store, body: dict, key: str | None = None, annotator: str = "annotator") -> tuple[dict, bool]:
-    fb = FEEDBACK.validate_python(body)
-    record = {"id": F.new_record_id(), **F.resolve(fb, store.get_answer, annotator)}
-    return store.add(record, F.body_hash(fb.model_dump(mode="json")), key)
+    return F.add_feedback(store, FEEDBACK.validate_python(body), annotator, key)
 
 
 def test_comparisons_resolve_against_served_answers(store):
@@ -92,6 +90,8 @@ def test_idempotency_keys_and_cursors(store):
     assert created and not created_again and again == first  # a retry gives back the stored record
     with pytest.raises(F.KeyConflict, match="client-key-1"):
         add(store, {**body, "rating": 2}, key="client-key-1")
+    with pytest.raises(F.KeyConflict, match="client-key-1"):  # the same body from another principal: not a retry
+        add(store, body, key="client-key-1", annotator="someone-else")
     second, _ = add(store, {**body, "rating": 2})
     third, _ = add(store, {"type": "safety", "response": {"answer_id": "chatcmpl-1", "choice": 1}, "safe": False})
     assert [r["id"] for r in store.since()] == [first["id"], second["id"], third["id"]]

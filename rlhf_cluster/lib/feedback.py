@@ -253,6 +253,14 @@ def new_record_id() -> str:
     return "fb-" + uuid.uuid4().hex[:24]
 
 
+def add_feedback(store, feedback: BaseModel, annotator: str, key: str | None = None) -> tuple[dict, bool]:
+    """Resolve `feedback` sent by `annotator` (a principal) and store it once per idempotency key: (the record,
+    whether it was created). The key's body is the feedback and who sent it, so another principal reusing a key is
+    a conflict, not a retry that silently drops its record."""
+    record = {"id": new_record_id(), **resolve(feedback, store.get_answer, annotator)}
+    return store.add(record, body_hash({**feedback.model_dump(mode="json"), "annotator": annotator}), key)
+
+
 class SQLiteStore:
     """The embedded store: one SQLite file; every write is a transaction committed with a full fsync."""
 

@@ -50,12 +50,10 @@ from rlhf_cluster.lib.feedback import (
     FeedbackError,
     KeyConflict,
     StoreUnavailable,
-    body_hash,
+    add_feedback,
     feedback_location,
-    new_record_id,
     open_feedback_store,
     preference_rows,
-    resolve,
 )
 from rlhf_cluster.serve.common import (
     AppArgs,
@@ -221,9 +219,7 @@ class FeedbackDeployment:
                     self.rounds.entrypoint if self.rounds else "off")
 
     def _add(self, feedback, key: str | None, annotator: str) -> tuple[dict, bool]:
-        record = resolve(feedback, self.store.get_answer, annotator)
-        record = {"id": new_record_id(), **record}
-        return self.store.add(record, body_hash(feedback.model_dump(mode="json")), key)
+        return add_feedback(self.store, feedback, annotator, key)
 
     @app.post("/", status_code=201)
     async def send(self, response: Response, feedback: Annotated[Feedback, Body()],
